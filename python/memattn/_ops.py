@@ -1,0 +1,300 @@
+"""memattn's torch.library custom ops: the only place Python calls the C++ kernels.
+
+Two ops, both functional (no mutation), so torch.compile, torch.export and AOT autograd treat
+them as opaque nodes with known output shapes:
+
+- ``memattn::attention_forward(q, k, v, attn_mask, key_padding_mask, ...) -> (out, lse)``
+- ``memattn::attention_backward(grad_out, q, k, v, out, lse, ...) -> (grad_q, grad_k, grad_v,
+  grad_attn_mask)``
+
+The forward op is differentiable (``register_autograd``): it saves its inputs, ``out`` and
+``lse`` and nothing else, and its backward calls the backward op. ``lse`` is an output for
+callers that merge partial attentions; it is not differentiable.
+
+Every output is allocated here with torch (the core never allocates), so torch's caching
+allocator and streams are respected. Inputs are passed with their strides as they are: the core
+reads any strides, so a non-contiguous view costs no copy here.
+
+Shapes: q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv], out [B, Hq, Lq, Dv],
+lse [B, Hq, Lq] float32, attn_mask 4-D with each dim 1 or full, key_padding_mask [B, Lk].
+"""
+
+import torch
+from torch import Tensor
+
+from memattn import _memattn
+
+__all__ = ["attention_backward", "attention_forward", "tensor_spec"]
+
+
+def _concrete(n) -> int:
+    """A size or stride as a Python int, without specialising a symbolic size.
+
+    While torch.compile traces with dynamic shapes, sizes are SymInts; ``int(s)`` would add a
+    guard and recompile for every new size. Validation only needs the value seen while tracing
+    (the real call validates again), so read the hint instead.
+    """
+    if isinstance(n, int):
+        return n
+    from torch.fx.experimental.symbolic_shapes import hint_int
+
+    return hint_int(n)
+
+
+def tensor_spec(t: Tensor) -> tuple[str, tuple[int, ...], tuple[int, ...], str]:
+    """``(dtype name, shape, strides, device type)``: what ``_memattn.validate`` / ``plan`` take.
+
+    Meta tensors are described as CPU tensors: they carry no data, and shape propagation on
+    the meta device (e.g. models built under ``torch.device("meta")``) should validate shapes
+    and dtypes like a CPU call instead of failing on the device.
+    """
+    device = t.device.type
+    if device == "meta":
+        device = "cpu"
+    return (
+        str(t.dtype).removeprefix("torch."),
+        tuple(_concrete(s) for s in t.shape),
+        tuple(_concrete(s) for s in t.stride()),
+        device,
+    )
+
+
+def _optional_spec(t: Tensor | None):
+    return None if t is None else tensor_spec(t)
+
+
+def _validate(q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale):
+    _memattn.validate(
+        tensor_spec(q),
+        tensor_spec(k),
+        tensor_spec(v),
+        _optional_spec(attn_mask),
+        _optional_spec(key_padding_mask),
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_p=dropout_p,
+        scale=scale,
+    )
+
+
+def _is_bshd(q: Tensor) -> bool:
+    """True when q is a [B, H, L, D] view of contiguous [B, L, H, D] memory (nn.MHA's layout)."""
+    return not q.is_contiguous() and q.transpose(1, 2).is_contiguous()
+
+
+def _empty_out(q: Tensor, v: Tensor) -> Tensor:
+    """out [B, Hq, Lq, Dv] in q's dtype, laid out like q when q is a transposed [B, L, H, D]
+    view, so callers that transpose back to [B, L, H, Dv] get a free view instead of a copy."""
+    B, Hq, Lq, _ = q.shape
+    Dv = v.shape[3]
+    if _is_bshd(q):
+        return q.new_empty((B, Lq, Hq, Dv)).transpose(1, 2)
+    return q.new_empty((B, Hq, Lq, Dv))
+
+
+def _empty_lse(q: Tensor) -> Tensor:
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+def _empty_grad_mask(q: Tensor, attn_mask: Tensor | None, needs_grad: bool) -> Tensor:
+    """float32 zeros the 4-D shape of attn_mask (the kernel adds dL/dmask into it; a size-1 dim
+    receives the sum over that dim), or an empty tensor when the mask needs no gradient.
+
+    A dim that has the full size with stride 0 (an expanded view) gets the full size here: the
+    gradient of each of its elements is different. ``functional.attention`` narrows such dims
+    to size 1 before calling the op, so through the public API they never reach this point.
+    """
+    if not needs_grad or attn_mask is None:
+        return q.new_empty((0,), dtype=torch.float32)
+    return q.new_zeros(attn_mask.shape, dtype=torch.float32)
+
+
+def _seed_value(dropout_seed: Tensor | None) -> int:
+    return 0 if dropout_seed is None else int(dropout_seed.item())
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+@torch.library.custom_op("memattn::attention_forward", mutates_args=())
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    causal_alignment: str,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    """Runs the core's forward into freshly allocated ``out`` and ``lse`` (see module doc).
+
+    ``attn_mask`` is already 4-D here; ``dropout_seed`` is an int64 CPU tensor of one element
+    (or None without dropout) keying the Philox stream.
+    """
+    out = _empty_out(q, v)
+    lse = _empty_lse(q)
+    _memattn.forward(
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out,
+        lse,
+        _detached(attn_mask),
+        _detached(key_padding_mask),
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_p=dropout_p,
+        dropout_seed=_seed_value(dropout_seed),
+        scale=scale,
+        num_threads=torch.get_num_threads(),
+    )
+    return out, lse
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(
+    q,
+    k,
+    v,
+    attn_mask,
+    key_padding_mask,
+    is_causal,
+    causal_alignment,
+    dropout_p,
+    dropout_seed,
+    scale,
+):
+    # Validating here makes a bad call fail while torch.compile traces, before anything runs.
+    _validate(q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale)
+    return _empty_out(q, v), _empty_lse(q)
+
+
+@torch.library.custom_op("memattn::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    causal_alignment: str,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
+    scale: float | None,
+    attn_mask_needs_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the forward op: ``(grad_q, grad_k, grad_v, grad_attn_mask)``.
+
+    grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` is float32 with the 4-D
+    mask's shape when ``attn_mask_needs_grad``, else an empty tensor.
+    """
+    grad_q = torch.empty_like(q)
+    grad_k = torch.empty_like(k)
+    grad_v = torch.empty_like(v)
+    mask_needs_grad = attn_mask_needs_grad and attn_mask is not None
+    grad_mask = _empty_grad_mask(q, attn_mask, mask_needs_grad)
+    _memattn.backward(
+        grad_out.detach(),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        grad_q,
+        grad_k,
+        grad_v,
+        grad_mask if mask_needs_grad else None,
+        _detached(attn_mask),
+        _detached(key_padding_mask),
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_p=dropout_p,
+        dropout_seed=_seed_value(dropout_seed),
+        scale=scale,
+        num_threads=torch.get_num_threads(),
+    )
+    return grad_q, grad_k, grad_v, grad_mask
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    attn_mask,
+    key_padding_mask,
+    is_causal,
+    causal_alignment,
+    dropout_p,
+    dropout_seed,
+    scale,
+    attn_mask_needs_grad,
+):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        _empty_grad_mask(q, attn_mask, attn_mask_needs_grad),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, seed, scale) = (
+        inputs
+    )
+    out, lse = output
+    # Only out and lse besides the inputs: the backward recomputes the probabilities from lse.
+    ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, seed, out, lse)
+    ctx.options = (is_causal, causal_alignment, dropout_p, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, attn_mask, key_padding_mask, seed, out, lse = ctx.saved_tensors
+    is_causal, causal_alignment, dropout_p, scale = ctx.options
+    mask_needs_grad = (
+        attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+    )
+    grad_q, grad_k, grad_v, grad_mask = torch.ops.memattn.attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        attn_mask,
+        key_padding_mask,
+        is_causal,
+        causal_alignment,
+        dropout_p,
+        seed,
+        scale,
+        mask_needs_grad,
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_q if needs[0] else None,
+        grad_k if needs[1] else None,
+        grad_v if needs[2] else None,
+        grad_mask.to(attn_mask.dtype) if mask_needs_grad else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)

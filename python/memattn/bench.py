@@ -1,0 +1,808 @@
+"""`memattn bench`: memattn against PyTorch's SDPA backends, per DESIGN.md §5.
+
+Protocol
+- Every implementation runs in the same process, on the same inputs, with the same number of
+  threads (``torch.get_num_threads()``; memattn follows it too), one after the other per case.
+- Timing: warm-up calls, then the median of several timed calls. CPU: ``time.perf_counter``.
+  CUDA: ``triton.testing.do_bench`` (median, L2 flushed) when Triton is there, else CUDA events.
+- FLOPs: forward ``4 * Hq * D * (allowed (query, key) pairs, summed over the batch)``; without
+  causal that is ``B * Lq * Lk`` pairs; causal counts the pairs the alignment allows (``Lq*Lk/2``
+  only when ``Lq == Lk``, roughly); padded keys are not counted. Forward + backward is 3.5x the
+  forward.
+- Sweep: a token budget per batch (``B = tokens // L``) and a hidden size (``Hq = hidden // D``).
+  §5's 16k tokens and hidden 2048 are the CUDA defaults; on CPU the defaults are 4096 tokens and
+  hidden 512, so the full sweep finishes in minutes on a small machine. Both are flags, and the
+  values used are written with the results.
+- Peak memory of a forward pass over L (B=1, H=8, D=64, fp32): on CPU each number comes from a
+  fresh process (see ``memattn._memory``); on CUDA from torch's allocator statistics.
+
+Results: JSON (every number, plus device, CPU model, threads, versions, date and command) and a
+markdown section in ``bench/RESULTS.md`` that is replaced each time the same device runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "Case",
+    "allowed_pairs",
+    "case_flops",
+    "make_cases",
+    "run_bench",
+    "update_results_markdown",
+]
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+CPU_IMPLS = ("memattn", "sdpa_flash", "sdpa_math")
+CUDA_IMPLS = ("memattn", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases and FLOPs
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked attention call. q [B, Hq, Lq, D], k/v [B, Hk, Lk, D]."""
+
+    kind: str  # "self", "cross", "padded", "gqa", "decode"
+    B: int
+    Hq: int
+    Hk: int
+    Lq: int
+    Lk: int
+    D: int
+    dtype: str  # short name: fp32, bf16, fp16, fp64
+    causal: bool = False
+    # Fraction of keys padded on average (key_padding_mask); 0 = no mask.
+    pad_frac: float = 0.0
+
+    def label(self) -> str:
+        shape = f"{self.B}x{self.Hq}x{self.Lq}x{self.D}"
+        if self.Lk != self.Lq:
+            shape = f"{self.B}x{self.Hq}x{self.Lq}x{self.Lk}x{self.D}"
+        extra = []
+        if self.Hk != self.Hq:
+            extra.append(f"gqa {self.Hq}:{self.Hk}")
+        if self.pad_frac:
+            extra.append(f"pad {self.pad_frac:.0%}")
+        if self.causal:
+            extra.append("causal")
+        return f"{self.kind} {self.dtype} {shape}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def key_lengths(case: Case) -> list[int]:
+    """Unpadded key count per batch element: from Lk down to about Lk*(1-2*pad_frac)."""
+    if not case.pad_frac:
+        return [case.Lk] * case.B
+    out = []
+    for b in range(case.B):
+        frac = case.pad_frac * 2 * b / max(case.B - 1, 1) if case.B > 1 else case.pad_frac
+        out.append(max(1, case.Lk - round(case.Lk * frac)))
+    return out
+
+
+def allowed_pairs(
+    Lq: int, Lk: int, causal: bool, alignment: str = "top_left", Lk_valid: int | None = None
+) -> int:
+    """(query, key) pairs a call computes: keys j < Lk_valid and, if causal, j <= i + offset."""
+    valid = Lk if Lk_valid is None else Lk_valid
+    if not causal:
+        return Lq * valid
+    offset = 0 if alignment == "top_left" else Lk - Lq
+    total = 0
+    for i in range(Lq):
+        total += max(0, min(valid, i + offset + 1))
+    return total
+
+
+def case_flops(case: Case, backward: bool) -> float:
+    pairs = sum(allowed_pairs(case.Lq, case.Lk, case.causal, Lk_valid=n) for n in key_lengths(case))
+    fwd = 4.0 * case.Hq * case.D * pairs
+    return fwd * 3.5 if backward else fwd
+
+
+def make_cases(
+    *,
+    dtypes: Sequence[str],
+    lengths: Sequence[int],
+    head_dims: Sequence[int],
+    tokens: int,
+    hidden: int,
+    causal: Sequence[bool] = (False, True),
+    extras: bool = True,
+) -> list[Case]:
+    cases = []
+    for dt in dtypes:
+        for D in head_dims:
+            H = max(1, hidden // D)
+            for L in lengths:
+                B = max(1, tokens // L)
+                for c in causal:
+                    cases.append(Case("self", B, H, H, L, L, D, dt, c))
+        if extras:
+            D = 64 if 64 in head_dims or not head_dims else head_dims[0]
+            H = max(1, hidden // D)
+            Lbig = max(lengths)
+            Lmid = sorted(lengths)[len(lengths) // 2]
+            Lsmall = min(lengths)
+            cases += [
+                # Cross-attention: image tokens to a short text (4096x77 in §5), and the reverse
+                # aspect (1024x4096).
+                Case("cross", max(1, tokens // Lbig), H, H, Lbig, 77, D, dt),
+                Case("cross", max(1, tokens // Lbig), H, H, Lsmall, Lbig, D, dt),
+                # A padded batch: key_padding_mask, 25% of keys padded on average.
+                Case("padded", max(2, tokens // Lmid), H, H, Lmid, Lmid, D, dt, pad_frac=0.25),
+                # GQA 4:1 (§5: 32:8).
+                Case("gqa", max(1, tokens // Lmid), H, max(1, H // 4), Lmid, Lmid, D, dt),
+                # Decode: one query against a long cache.
+                Case("decode", max(1, tokens // Lbig) * 4, H, H, 1, Lbig, D, dt),
+            ]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+
+
+def _torch_dtype(short: str) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[short])
+
+
+def make_inputs(case: Case, device: str, *, requires_grad: bool, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = _torch_dtype(case.dtype)
+
+    def rnd(*shape: int) -> Any:
+        t = torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    inputs: dict[str, Any] = {
+        "q": rnd(case.B, case.Hq, case.Lq, case.D),
+        "k": rnd(case.B, case.Hk, case.Lk, case.D),
+        "v": rnd(case.B, case.Hk, case.Lk, case.D),
+        "key_padding_mask": None,
+        "is_causal": case.causal,
+    }
+    if case.pad_frac:
+        kpm = torch.zeros(case.B, case.Lk, dtype=torch.bool)
+        for b, n in enumerate(key_lengths(case)):
+            kpm[b, n:] = True
+        inputs["key_padding_mask"] = kpm.to(device)
+    return inputs
+
+
+_SDPA_BACKENDS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_math": "MATH",
+}
+
+
+def impl_fn(name: str) -> Callable[..., Any]:
+    """A function (q, k, v, key_padding_mask, is_causal) -> out for one implementation."""
+    import torch.nn.functional as F
+
+    if name == "memattn":
+        import memattn
+
+        def run_memattn(q: Any, k: Any, v: Any, key_padding_mask: Any, is_causal: bool) -> Any:
+            return memattn.attention(
+                q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal
+            )
+
+        return run_memattn
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _SDPA_BACKENDS[name])
+
+    def run_sdpa(q: Any, k: Any, v: Any, key_padding_mask: Any, is_causal: bool) -> Any:
+        # SDPA has no key_padding_mask: the user builds a broadcast bool mask (True = attend).
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        kw = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, **kw
+            )
+
+    return run_sdpa
+
+
+def _step_fn(name: str, inputs: dict[str, Any], backward: bool) -> Callable[[], Any]:
+    """A zero-argument callable doing one forward (or forward + backward) of `name`."""
+    fn = impl_fn(name)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    kpm, causal = inputs["key_padding_mask"], inputs["is_causal"]
+    if not backward:
+        return lambda: fn(q, k, v, kpm, causal)
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    grad = torch.randn(q.shape[:-1] + v.shape[-1:], generator=g).to(q.device, q.dtype)
+
+    def step() -> Any:
+        q.grad = k.grad = v.grad = None
+        out = fn(q, k, v, kpm, causal)
+        out.backward(grad)
+        return out
+
+    return step
+
+
+def memory_target(
+    impl: str,
+    B: int,
+    Hq: int,
+    Hk: int,
+    Lq: int,
+    Lk: int,
+    D: int,
+    dtype: str,
+    causal: bool = False,
+    pad_frac: float = 0.0,
+    backward: bool = False,
+    seed: int = 0,
+) -> Callable[[], Any]:
+    """Builds the inputs of one case and returns the call to measure (used by _memory's child)."""
+    import torch
+
+    case = Case("mem", B, Hq, Hk, Lq, Lk, D, dtype, causal, pad_frac)
+    inputs = make_inputs(case, "cpu", requires_grad=backward, seed=seed)
+    step = _step_fn(impl, inputs, backward)
+    if backward:
+        return step
+
+    def fwd() -> Any:
+        with torch.no_grad():
+            return step()
+
+    return fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    device: str,
+    warmup: int,
+    reps: int,
+    max_seconds: float,
+) -> list[float]:
+    """Milliseconds of each timed call of fn (after warm-up). Fewer reps (at least 3) when a
+    call is so slow that `reps` of them would take longer than `max_seconds`."""
+    import torch
+
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return [float(do_bench(fn, warmup=25, rep=100, return_mode="median"))]
+        except ImportError:
+            pass
+        for _ in range(max(1, warmup)):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        fn()
+    first_s = (time.perf_counter() - t0) / max(1, warmup)
+    n = reps if first_s * reps <= max_seconds else max(3, int(max_seconds / max(first_s, 1e-9)))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+class Progress:
+    """One progress line on stderr: rewritten in place on a terminal, one line per step in logs."""
+
+    def __init__(self, total: int, *, enabled: bool = True, label: str = "") -> None:
+        self.total, self.done, self.label = total, 0, label
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, msg: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        line = f"[{self.done}/{self.total} {elapsed:6.1f}s] {self.label}{msg}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line[:160])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    lengths: list[int] = field(default_factory=lambda: [512, 2048, 4096])
+    head_dims: list[int] = field(default_factory=lambda: [64, 128])
+    causal: list[bool] = field(default_factory=lambda: [False, True])
+    passes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])
+    tokens: int = 4096
+    hidden: int = 512
+    extras: bool = True
+    impls: list[str] = field(default_factory=lambda: list(CPU_IMPLS))
+    warmup: int = 1
+    reps: int = 5
+    max_seconds_per_impl: float = 20.0
+    memory_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
+    memory_heads: int = 8
+    memory_head_dim: int = 64
+    memory_budget_frac: float = 0.6
+    quick: bool = False
+
+
+def quick_config(device: str) -> BenchConfig:
+    """A small sweep that runs in seconds (CI smoke test; checks the whole pipeline)."""
+    return BenchConfig(
+        device=device,
+        dtypes=["fp32"],
+        lengths=[128, 256],
+        head_dims=[64],
+        tokens=512,
+        hidden=128,
+        extras=False,
+        impls=list(CPU_IMPLS if device == "cpu" else CUDA_IMPLS),
+        warmup=1,
+        reps=3,
+        memory_lengths=[256, 512, 1024],
+        memory_heads=2,
+        quick=True,
+    )
+
+
+def _mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _math_bytes_estimate(B: int, H: int, Lq: int, Lk: int, elem: int) -> int:
+    # The math path holds the scores and their softmax, both [B, H, Lq, Lk], at once.
+    return 2 * B * H * Lq * Lk * elem
+
+
+def _sdpa_available(name: str, device: str) -> str | None:
+    """None when the SDPA backend can be asked for on this device, else why not."""
+    if device == "cpu" and name in ("sdpa_efficient", "sdpa_cudnn"):
+        return "CPU has no such backend"
+    return None
+
+
+def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[dict[str, Any]]:
+    import torch
+
+    rows = []
+    for case in cases:
+        for pass_ in cfg.passes:
+            backward = pass_ == "fwd+bwd"
+            if backward and case.kind == "decode":
+                continue
+            flops = case_flops(case, backward)
+            row: dict[str, Any] = {
+                "case": asdict(case),
+                "label": case.label(),
+                "pass": pass_,
+                "flops": flops,
+                "results": {},
+            }
+            inputs = make_inputs(case, cfg.device, requires_grad=backward)
+            outs: dict[str, Any] = {}
+            for name in cfg.impls:
+                progress.step(f"{pass_} {case.label()} {name}")
+                why_not = _sdpa_available(name, cfg.device) if name != "memattn" else None
+                if why_not:
+                    row["results"][name] = {"error": why_not}
+                    continue
+                step = _step_fn(name, inputs, backward)
+                try:
+                    with torch.no_grad() if not backward else contextlib.nullcontext():
+                        outs[name] = step().detach()
+                        times = time_call(
+                            step,
+                            device=cfg.device,
+                            warmup=cfg.warmup,
+                            reps=cfg.reps,
+                            max_seconds=cfg.max_seconds_per_impl,
+                        )
+                except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                    row["results"][name] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+                    outs.pop(name, None)
+                    continue
+                ms = statistics.median(times)
+                row["results"][name] = {
+                    "median_ms": ms,
+                    "min_ms": min(times),
+                    "reps": len(times),
+                    "gflop_per_s": flops / (ms * 1e-3) / 1e9,
+                }
+            torch_ok = {
+                n: r["median_ms"]
+                for n, r in row["results"].items()
+                if n != "memattn" and "median_ms" in r
+            }
+            if torch_ok:
+                best = min(torch_ok, key=torch_ok.__getitem__)
+                row["best_torch"] = best
+                if "median_ms" in row["results"].get("memattn", {}):
+                    row["speedup_vs_best_torch"] = (
+                        torch_ok[best] / row["results"]["memattn"]["median_ms"]
+                    )
+                if "memattn" in outs and best in outs:
+                    diff = (outs["memattn"].float() - outs[best].float()).abs().max().item()
+                    row["max_abs_diff_vs_best_torch"] = diff
+            rows.append(row)
+            del inputs, outs
+    return rows
+
+
+def run_memory(cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
+    import torch
+
+    from memattn import _memory
+
+    rows = []
+    threads = torch.get_num_threads()
+    budget = int(_mem_available_bytes() * cfg.memory_budget_frac)
+    H, D = cfg.memory_heads, cfg.memory_head_dim
+    for L in cfg.memory_lengths:
+        row: dict[str, Any] = {
+            "B": 1,
+            "H": H,
+            "L": L,
+            "D": D,
+            "dtype": "fp32",
+            "results": {},
+            "output_bytes": 1 * H * L * D * 4,
+        }
+        for name in cfg.impls:
+            progress.step(f"memory L={L} {name}")
+            why_not = _sdpa_available(name, cfg.device) if name != "memattn" else None
+            if why_not:
+                row["results"][name] = {"ok": False, "error": why_not}
+                continue
+            kwargs = {
+                "impl": name,
+                "B": 1,
+                "Hq": H,
+                "Hk": H,
+                "Lq": L,
+                "Lk": L,
+                "D": D,
+                "dtype": "fp32",
+            }
+            if name == "sdpa_math":
+                need = _math_bytes_estimate(1, H, L, L, 4)
+                if need > budget:
+                    row["results"][name] = {
+                        "ok": False,
+                        "error": f"skipped: needs about {need / 2**30:.1f} GiB for the "
+                        f"{L}x{L} scores, over the {budget / 2**30:.1f} GiB budget",
+                    }
+                    continue
+            if cfg.device == "cpu":
+                warm = dict(kwargs, Lq=64, Lk=64)
+                res = _memory.cpu_peak_in_subprocess(
+                    "memattn.bench:memory_target",
+                    kwargs,
+                    warmup_kwargs=warm,
+                    threads=threads,
+                    limit_bytes=budget,
+                )
+            else:
+                case = Case("mem", 1, H, H, L, L, D, "fp32")
+                inputs = make_inputs(case, "cuda", requires_grad=False)
+                step = _step_fn(name, inputs, backward=False)
+                try:
+                    with torch.no_grad():
+                        step()
+                        res = _memory.cuda_peak(step)
+                except (RuntimeError, NotImplementedError) as e:
+                    res = {"ok": False, "error": f"{type(e).__name__}: {_first_line(e)}"}
+                del inputs
+            row["results"][name] = res
+        rows.append(row)
+    return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def bench_meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
+    from memattn.doctor import system_meta
+
+    meta = system_meta()
+    meta["device"] = cfg.device
+    meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta["command"] = command
+    try:
+        import memattn
+
+        info = memattn.build_info()
+        meta["memattn_cpu_isa"] = info.get("cpu_isa_selected")
+        meta["memattn_cuda_built"] = info.get("cuda_built")
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        meta["memattn_build_error"] = str(e)
+    if cfg.device == "cuda":
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta
+
+
+def run_bench(
+    cfg: BenchConfig, *, command: str, show_progress: bool = True, memory: bool = True
+) -> dict[str, Any]:
+    cases = make_cases(
+        dtypes=cfg.dtypes,
+        lengths=cfg.lengths,
+        head_dims=cfg.head_dims,
+        tokens=cfg.tokens,
+        hidden=cfg.hidden,
+        causal=cfg.causal,
+        extras=cfg.extras,
+    )
+    n_timing = sum(
+        len(cfg.impls)
+        for c in cases
+        for p in cfg.passes
+        if not (p == "fwd+bwd" and c.kind == "decode")
+    )
+    n_memory = len(cfg.memory_lengths) * len(cfg.impls) if memory else 0
+    progress = Progress(n_timing + n_memory, enabled=show_progress, label="bench ")
+    t0 = time.perf_counter()
+    try:
+        rows = run_timing(cfg, cases, progress)
+        mem_rows = run_memory(cfg, progress) if memory else []
+    finally:
+        progress.close()
+    return {
+        "schema": "memattn-bench/1",
+        "meta": bench_meta(cfg, command),
+        "config": asdict(cfg),
+        "rows": rows,
+        "memory": mem_rows,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_ms(r: dict[str, Any]) -> str:
+    if "median_ms" not in r:
+        err = r.get("error", "failed")
+        return "n/a" if "no such backend" in err else "fail"
+    ms = r["median_ms"]
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _fmt_rate(r: dict[str, Any], device: str) -> str:
+    if "gflop_per_s" not in r:
+        return "-"
+    g = r["gflop_per_s"]
+    return f"{g / 1e3:.0f}" if device == "cuda" else f"{g:.1f}"
+
+
+def _fmt_mib(r: dict[str, Any]) -> str:
+    if not r.get("ok"):
+        err = r.get("error", "failed")
+        return "skipped" if err.startswith("skipped") else "n/a" if "no such" in err else "failed"
+    return f"{r['peak_bytes'] / 2**20:.1f}"
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The markdown section for one device: header facts, the timing table, the memory table."""
+    meta, cfg = result["meta"], result["config"]
+    device = meta["device"]
+    impls = [
+        n
+        for n in cfg["impls"]
+        if any(n in r["results"] and "median_ms" in r["results"][n] for r in result["rows"])
+    ]
+    impls = impls or list(cfg["impls"])
+    rate = "TFLOP/s" if device == "cuda" else "GFLOP/s"
+    lines = []
+    where = meta.get("gpu") if device == "cuda" else meta["cpu"]["model"]
+    lines.append(f"## {device.upper()}: {where}")
+    lines.append("")
+    lines.append(f"- date: {meta['date']}")
+    lines.append(f"- command: `{meta['command']}`")
+    lines.append(
+        f"- memattn {meta['memattn_version']} (CPU kernel: {meta.get('memattn_cpu_isa')}), "
+        f"torch {meta['torch']}, python {meta['python']}"
+    )
+    lines.append(
+        f"- threads: {meta['torch_threads']} (torch.get_num_threads(), the same for every "
+        f"implementation); logical CPUs: {meta['cpu']['logical_cpus']}"
+    )
+    lines.append(
+        f"- sweep: {cfg['tokens']} tokens per batch (B = tokens / L), hidden {cfg['hidden']} "
+        f"(Hq = hidden / D); median of up to {cfg['reps']} timed calls after "
+        f"{cfg['warmup']} warm-up; wall time {result['wall_s']:.0f} s"
+    )
+    lines.append(
+        "- FLOPs: 4·Hq·D·(allowed query-key pairs summed over the batch); forward + "
+        "backward = 3.5x forward. Speed-up = best PyTorch time / memattn time "
+        "(> 1: memattn is faster)."
+    )
+    if cfg.get("quick"):
+        lines.append("- **quick mode**: a tiny smoke-test sweep, not a performance measurement.")
+    lines.append("")
+    head = ["pass", "case", "memattn ms", f"memattn {rate}"] + [
+        f"{n} ms" for n in impls if n != "memattn"
+    ]
+    head += ["best torch", "speed-up"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 4) + ["---", "---:"]) + "|")
+    below = []
+    for r in result["rows"]:
+        res = r["results"]
+        cells = [
+            r["pass"],
+            r["label"],
+            _fmt_ms(res.get("memattn", {})),
+            _fmt_rate(res.get("memattn", {}), device),
+        ]
+        cells += [_fmt_ms(res.get(n, {})) for n in impls if n != "memattn"]
+        sp = r.get("speedup_vs_best_torch")
+        cells += [
+            r.get("best_torch", "-").replace("sdpa_", ""),
+            "-" if sp is None else f"{sp:.2f}x",
+        ]
+        if sp is not None and sp < 1.0:
+            below.append(f"{r['pass']} {r['label']}")
+            cells[-1] = f"**{sp:.2f}x**"
+        lines.append("| " + " | ".join(cells) + " |")
+    speedups = [r["speedup_vs_best_torch"] for r in result["rows"] if "speedup_vs_best_torch" in r]
+    lines.append("")
+    if speedups:
+        geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        lines.append(
+            f"Speed-up over the best PyTorch backend: geometric mean {geo:.2f}x, "
+            f"min {min(speedups):.2f}x, max {max(speedups):.2f}x over {len(speedups)} rows; "
+            f"{len(below)} row(s) below 1.0x" + (f" (bold): {'; '.join(below)}." if below else ".")
+        )
+    failures = sorted(
+        {
+            f"{n}: {v['error']}"
+            for r in result["rows"]
+            for n, v in r["results"].items()
+            if "error" in v and "no such backend" not in v["error"]
+        }
+    )
+    if failures:
+        lines.append("")
+        lines.append("Failures (`fail` in the table):")
+        lines += [f"- {f}" for f in failures[:20]]
+    if result["memory"]:
+        m0 = result["memory"][0]
+        lines.append("")
+        lines.append(f"### Peak memory of one forward pass (B=1, H={m0['H']}, D={m0['D']}, fp32)")
+        lines.append("")
+        how = (
+            (
+                "extra resident memory at the peak of the call, each in a fresh process "
+                "(VmHWM - VmRSS before; outputs included, inputs excluded)"
+            )
+            if device == "cpu"
+            else "torch.cuda.max_memory_allocated during the call minus memory allocated before"
+        )
+        lines.append(f"MiB; {how}. The output alone is B·H·L·D·4 bytes.")
+        lines.append("")
+        mimpls = list(m0["results"])
+        lines.append(
+            "| L | output MiB | "
+            + " | ".join(f"{n} MiB" for n in mimpls)
+            + " | memattn MiB per 1k tokens |"
+        )
+        lines.append("|---:|---:|" + "---:|" * len(mimpls) + "---:|")
+        for m in result["memory"]:
+            cells = [str(m["L"]), f"{m['output_bytes'] / 2**20:.1f}"]
+            cells += [_fmt_mib(m["results"][n]) for n in mimpls]
+            mr = m["results"].get("memattn", {})
+            cells.append(
+                f"{mr['peak_bytes'] / 2**20 / (m['L'] / 1024):.2f}" if mr.get("ok") else "-"
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+        errs = sorted(
+            {
+                f"{n} at L={m['L']}: {v['error']}"
+                for m in result["memory"]
+                for n, v in m["results"].items()
+                if not v.get("ok") and "no such" not in v.get("error", "")
+            }
+        )
+        if errs:
+            lines.append("")
+            lines += [f"- {e}" for e in errs]
+    return "\n".join(lines) + "\n"
+
+
+_RESULTS_HEADER = """# memattn benchmark results
+
+Written by `memattn bench` (see `python/memattn/bench.py` for the protocol, DESIGN.md §5).
+Each device's section is replaced when the benchmark runs again on that device; the JSON next
+to this file holds every number.
+"""
+
+
+def update_results_markdown(path: str, device: str, section: str) -> None:
+    """Replace (or add) the section for `device` in the markdown file at `path`."""
+    begin, end = f"<!-- memattn-bench:{device}:begin -->", f"<!-- memattn-bench:{device}:end -->"
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = _RESULTS_HEADER
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block.rstrip("\n") + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,272 @@
+"""The `memattn` command: demo, bench, doctor.
+
+    memattn demo   [--device auto|cpu|cuda] [--json]
+    memattn bench  --device cpu|cuda [--quick] [--dtypes fp32 bf16] [--out-json PATH] [--results PATH]
+    memattn doctor [--json]
+
+Tables go to stdout, progress to stderr. Exit codes: 0 success, 1 failure, 2 bad usage or a
+device that can't run (e.g. --device cuda without memattn's CUDA backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers like '512,2048', got {text!r}"
+        ) from None
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+
+
+def _command_line(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "memattn " + " ".join(shlex.quote(a) for a in args)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from memattn import doctor
+
+    report = doctor.collect()
+    if args.json:
+        _print_json(report)
+    else:
+        print(doctor.format_report(report))
+    return 1 if "error" in report["build"] else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memattn import demo
+
+    try:
+        result = demo.run_demo(
+            device=args.device, size=args.size, reps=args.reps, progress=not args.no_progress
+        )
+    except RuntimeError as e:
+        print(f"memattn demo: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(result)
+    else:
+        print(demo.format_table(result))
+    failed = [r for r in result["rows"] if r["impl"] == "memattn" and "error" in r]
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from memattn import bench, demo
+
+    try:
+        device, _ = demo.resolve_device(args.device)
+    except RuntimeError as e:
+        print(f"memattn bench: {e}", file=sys.stderr)
+        return 2
+    if args.quick:
+        cfg = bench.quick_config(device)
+    elif device == "cuda":
+        # DESIGN.md §5: 16k tokens per batch, hidden 2048, D up to 256, L up to 16k.
+        cfg = bench.BenchConfig(
+            device="cuda",
+            dtypes=["bf16", "fp16"],
+            lengths=[512, 1024, 2048, 4096, 8192, 16384],
+            head_dims=[64, 128, 256],
+            tokens=16384,
+            hidden=2048,
+            impls=list(bench.CUDA_IMPLS),
+            warmup=5,
+            reps=20,
+            memory_lengths=[1024, 2048, 4096, 8192, 16384, 32768],
+        )
+    else:
+        cfg = bench.BenchConfig(device="cpu")
+    for name in (
+        "dtypes",
+        "lengths",
+        "head_dims",
+        "tokens",
+        "hidden",
+        "reps",
+        "warmup",
+        "memory_lengths",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.passes is not None:
+        cfg.passes = args.passes
+    if args.causal is not None:
+        cfg.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    if args.no_extras:
+        cfg.extras = False
+    for dt in cfg.dtypes:
+        if device == "cpu" and dt == "fp16":
+            print(
+                "memattn bench: fp16 is not supported by memattn on CPU (use fp32, bf16)",
+                file=sys.stderr,
+            )
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    result = bench.run_bench(
+        cfg,
+        command=_command_line(args.argv),
+        show_progress=not args.no_progress,
+        memory=not args.no_memory,
+    )
+    section = bench.markdown_tables(result)
+    print(section)
+    # A full run writes into bench/ by default; --quick writes only where it is told to, so a
+    # smoke test never overwrites the committed results.
+    out_json = args.out_json or (None if args.quick else f"bench/results_{device}.json")
+    results_md = args.results or (None if args.quick else "bench/RESULTS.md")
+    if out_json:
+        bench.write_json(out_json, result)
+        print(f"wrote {out_json}", file=sys.stderr)
+    if results_md:
+        bench.update_results_markdown(results_md, device, section)
+        print(f"wrote {results_md} (section '{device}')", file=sys.stderr)
+    ours = [r for r in result["rows"] if "median_ms" not in r["results"].get("memattn", {})]
+    if ours:
+        print(
+            f"memattn bench: memattn failed on {len(ours)} case(s); see the table", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memattn",
+        description="memattn: memory-efficient attention with complete semantics.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="memattn.attention vs PyTorch SDPA: error, time, peak memory")
+    d.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run (auto: CUDA if memattn's CUDA backend is built and a GPU is "
+        "there, else CPU)",
+    )
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+    d.add_argument(
+        "--size", choices=["default", "small", "tiny"], default="default", help=argparse.SUPPRESS
+    )
+    d.add_argument("--reps", type=int, default=3, help="timed calls per implementation (median)")
+    d.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark against PyTorch SDPA backends (DESIGN.md §5)",
+        description="Times memattn and every PyTorch SDPA backend of the device in "
+        "the same run, on the same inputs and threads; writes JSON and a markdown "
+        "table. A full run writes bench/results_DEVICE.json and the DEVICE section "
+        "of bench/RESULTS.md; --quick writes only where --out-json/--results say.",
+    )
+    b.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    b.add_argument("--quick", action="store_true", help="a tiny sweep (seconds): a smoke test")
+    b.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(bench_dtypes()),
+        default=None,
+        help="default: fp32 bf16 on CPU, bf16 fp16 on CUDA",
+    )
+    b.add_argument(
+        "--lengths", type=_ints, default=None, help="sequence lengths, e.g. 512,2048,4096"
+    )
+    b.add_argument("--head-dims", type=_ints, default=None, help="head dims, e.g. 64,128")
+    b.add_argument("--causal", choices=["both", "yes", "no"], default=None)
+    b.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=None)
+    b.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="tokens per batch: B = tokens / L (default 4096 on CPU, 16384 on CUDA)",
+    )
+    b.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="hidden size: Hq = hidden / D (default 512 on CPU, 2048 on CUDA)",
+    )
+    b.add_argument("--reps", type=int, default=None, help="timed calls per implementation")
+    b.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads before the run (default: torch's own)",
+    )
+    b.add_argument(
+        "--memory-lengths",
+        type=_ints,
+        default=None,
+        help="L values of the peak-memory sweep (default 1k..16k)",
+    )
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory sweep")
+    b.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip the cross-attention, padded, GQA and decode rows",
+    )
+    b.add_argument("--out-json", default=None, help="write the JSON results here")
+    b.add_argument("--results", default=None, help="update this markdown file's device section")
+    b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    b.set_defaults(func=cmd_bench)
+
+    doc = sub.add_parser("doctor", help="versions, CPU features, built backends and why not")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+    doc.set_defaults(func=cmd_doctor)
+    return p
+
+
+def bench_dtypes() -> list[str]:
+    return ["fp32", "bf16", "fp16", "fp64"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `memattn doctor --json | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

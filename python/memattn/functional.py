@@ -1,0 +1,276 @@
+"""``memattn.attention``: memory-efficient scaled dot-product attention for PyTorch tensors.
+
+This module checks the Python side of a call (argument types, mask rank, dropout seed) and
+hands it to the custom op ``memattn::attention_forward`` (``memattn._ops``), which is
+differentiable and works under torch.compile.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from memattn import _memattn, _ops
+
+__all__ = ["attention", "explain"]
+
+# The dropout seed is drawn from [0, 2**62): any value keys the 64-bit Philox stream, and the
+# bound keeps it positive in an int64 tensor.
+_SEED_BOUND = 2**62
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention that never materialises the ``Lq x Lk`` score matrix.
+
+    Computes ``softmax(q @ k^T * scale + mask) @ v`` per head with PyTorch's SDPA conventions,
+    in one tiled pass (online softmax); backward recomputes the probabilities from the saved
+    log-sum-exp, so memory stays O(L) in both directions.
+
+    Shapes (names used throughout memattn)::
+
+        q:   [B, Hq, Lq, D]     k: [B, Hk, Lk, D]     v: [B, Hk, Lk, Dv]
+        out: [B, Hq, Lq, Dv]    lse: [B, Hq, Lq] (float32)
+
+    ``Lq != Lk`` (cross-attention) is ordinary. ``Hq`` must be a multiple of ``Hk``: query
+    head ``h`` uses key/value head ``h // (Hq // Hk)`` (GQA; ``Hk = 1`` is MQA), without
+    repeating k and v in memory. ``D`` and ``Dv`` may differ, each in ``[1, 256]``. Any strides
+    are accepted, e.g. ``x.view(B, L, H, D).transpose(1, 2)``; then ``out`` has the same
+    layout, so ``out.transpose(1, 2)`` is a free view.
+
+    Args:
+        q, k, v: float32, float64 or bfloat16 on CPU (float16 and bfloat16 on CUDA builds),
+            all of one dtype and on one device.
+        attn_mask: optional, broadcastable to ``[B, Hq, Lq, Lk]`` (fewer than 4 dims get
+            leading size-1 dims; every dim must be 1 or the full size). Either bool,
+            **True = attend** (SDPA's convention, the opposite of nn.MultiheadAttention's), or
+            floating point (q's dtype or float32), **added** to the scaled scores. Broadcast
+            dims are read with stride 0, never expanded. A float mask that requires grad gets
+            its gradient (summed over its broadcast dims), e.g. a learned position bias.
+        key_padding_mask: optional bool ``[B, Lk]``, **True = padding** (that key is
+            ignored for every query of the batch entry). Cheaper than an equivalent
+            ``[B, 1, 1, Lk]`` attn_mask.
+        is_causal: mask out keys "in the future" of each query, aligned by
+            ``causal_alignment``. Combines with both masks.
+        causal_alignment: ``"top_left"`` (PyTorch's SDPA): query ``i`` sees keys
+            ``j <= i``; or ``"bottom_right"`` (flash-attn's, for decoding with a KV cache):
+            query ``i`` sees keys ``j <= i + Lk - Lq``. For ``Lq = 3``, ``Lk = 5``
+            (x = may attend)::
+
+                top_left          bottom_right
+                x . . . .         x x x . .
+                x x . . .         x x x x .
+                x x x . .         x x x x x
+
+            With ``Lq > Lk`` and bottom_right, the first ``Lq - Lk`` queries see no key.
+        dropout_p: probability of dropping an attention weight, in ``[0, 1)``; kept weights
+            are scaled by ``1 / (1 - dropout_p)``. Applied whenever it is > 0: pass
+            ``dropout_p if self.training else 0.0`` as with SDPA. The mask comes from a
+            counter-based generator (Philox) keyed by one seed drawn per call from
+            ``generator`` (torch's default CPU generator when None), so backward regenerates
+            exactly the forward's mask and ``torch.manual_seed`` makes runs reproducible.
+        scale: factor applied to ``q @ k^T``; default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp of each query row.
+        generator: a CPU ``torch.Generator`` to draw the dropout seed from.
+
+    Returns:
+        ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype, or ``(out, lse)`` when ``return_lse``:
+        ``lse`` ``[B, Hq, Lq]`` float32, the natural log of the sum over keys of
+        ``exp(score)`` (scaled, masked, before dropout). ``lse`` is not differentiable.
+
+    A query row whose keys are all masked (by any combination of the masks and causality, or
+    ``Lk = 0``) gives output 0, gradient 0 and ``lse = -inf``, never NaN.
+
+    Raises:
+        TypeError: an argument of the wrong Python type, or a tensor of the wrong dtype.
+        ValueError: inconsistent shapes, devices or option values. Messages name the
+            argument, what it got and what it needs.
+        NotImplementedError: a valid call that no backend of this build can run (e.g.
+            float16 on CPU); ``memattn.explain`` lists every backend's reasons.
+
+    Example::
+
+        >>> q = torch.randn(2, 8, 128, 64)
+        >>> k, v = torch.randn(2, 2, 256, 64), torch.randn(2, 2, 256, 64)  # GQA, Hk = 2
+        >>> out = memattn.attention(q, k, v, is_causal=True, causal_alignment="bottom_right")
+        >>> out.shape
+        torch.Size([2, 8, 128, 64])
+    """
+    _check_types(
+        q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale
+    )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator: expected a torch.Generator or None, got {type(generator).__name__}"
+        )
+    _check_devices(q, k, v, attn_mask, key_padding_mask)
+    mask4 = _mask_4d(attn_mask, q, k)
+    dropout_p = float(dropout_p)
+    scale = None if scale is None else float(scale)
+
+    # While torch.compile traces, the op's fake implementation validates instead: the call
+    # into the extension would break the graph here.
+    if not torch.compiler.is_compiling():
+        _ops._validate(
+            q, k, v, mask4, key_padding_mask, is_causal, causal_alignment, dropout_p, scale
+        )
+
+    seed = None
+    if dropout_p > 0.0:
+        seed = _draw_seed(generator)
+    out, lse = torch.ops.memattn.attention_forward(
+        q,
+        k,
+        v,
+        mask4,
+        key_padding_mask,
+        is_causal,
+        causal_alignment,
+        dropout_p,
+        seed,
+        scale,
+    )
+    return (out, lse) if return_lse else out
+
+
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backward: bool = False,
+    **_ignored,
+) -> dict:
+    """The plan ``attention`` would follow for these arguments, without running anything.
+
+    Returns a dict: ``backend`` (e.g. ``"cpu"``, or ``""`` when none can run the call),
+    ``kernel`` (e.g. ``"cpu/avx512/f32"``), ``reason`` (one line) and ``verdicts``, a list of
+    ``(backend, [reasons it cannot run])`` for every backend considered, the chosen one
+    included (with an empty list). ``backward=True`` plans the backward pass. Other keyword
+    arguments of ``attention`` (``return_lse``, ``generator``) are accepted and ignored.
+    Raises like ``attention`` for invalid arguments.
+    """
+    _check_types(
+        q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale
+    )
+    if not isinstance(backward, bool):
+        raise TypeError(f"backward: expected a bool, got {type(backward).__name__}")
+    _check_devices(q, k, v, attn_mask, key_padding_mask)
+    mask4 = _mask_4d(attn_mask, q, k)
+    return _memattn.plan(
+        _ops.tensor_spec(q),
+        _ops.tensor_spec(k),
+        _ops.tensor_spec(v),
+        None if mask4 is None else _ops.tensor_spec(mask4),
+        None if key_padding_mask is None else _ops.tensor_spec(key_padding_mask),
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        dropout_p=float(dropout_p),
+        scale=None if scale is None else float(scale),
+        backward=backward,
+    )
+
+
+def _type_name(x) -> str:
+    return type(x).__name__
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_types(
+    q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale
+):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {_type_name(t)}")
+    for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {_type_name(t)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected a bool, got {_type_name(is_causal)}")
+    if not isinstance(causal_alignment, str):
+        raise TypeError(
+            "causal_alignment: expected a str ('top_left' or 'bottom_right'), "
+            f"got {_type_name(causal_alignment)}"
+        )
+    if not _is_real(dropout_p):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {_type_name(dropout_p)}")
+    if scale is not None and not _is_real(scale):
+        raise TypeError(f"scale: expected a float or None, got {_type_name(scale)}")
+
+
+def _check_devices(q, k, v, attn_mask, key_padding_mask):
+    # The metadata specs carry the device type only; the index is checked here.
+    for name, t in (
+        ("k", k),
+        ("v", v),
+        ("attn_mask", attn_mask),
+        ("key_padding_mask", key_padding_mask),
+    ):
+        if t is not None and t.device != q.device:
+            raise ValueError(
+                f"{name}: expected a tensor on q's device {q.device}, got one on {t.device}; "
+                f"move it with .to({str(q.device)!r})"
+            )
+
+
+def _mask_4d(attn_mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """attn_mask as a 4-D view: leading size-1 dims prepended, and every full-size dim with
+    stride 0 (an expanded view) narrowed to size 1.
+
+    Narrowing is what makes a broadcast mask's gradient right: the kernel then sums the
+    gradient over that dim (as the broadcast means), and autograd carries the sum back
+    through the caller's ``expand``. Passing the expanded dim as-is would ask for a separate
+    gradient per element of that dim. Only dims of exactly the full size are narrowed, so a
+    wrongly sized mask still reaches validation as it is.
+    """
+    if attn_mask is None:
+        return None
+    rank = attn_mask.dim()
+    if rank > 4:
+        raise ValueError(
+            f"attn_mask: expected at most 4 dims broadcastable to [B, Hq, Lq, Lk], got "
+            f"{rank} dims of shape {list(attn_mask.shape)}"
+        )
+    mask = attn_mask[(None,) * (4 - rank)] if rank < 4 else attn_mask
+    if q.dim() != 4 or k.dim() != 4:
+        return mask  # validation rejects q / k; nothing to narrow against
+    full = (q.size(0), q.size(1), q.size(2), k.size(2))
+    for dim in range(4):
+        if mask.stride(dim) == 0 and mask.size(dim) > 1 and mask.size(dim) == full[dim]:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def _draw_seed(generator: torch.Generator | None) -> Tensor:
+    if generator is not None and generator.device.type != "cpu":
+        # Reading a seed drawn on the GPU would synchronise the device behind the caller's back.
+        raise ValueError(
+            f"generator: expected a CPU torch.Generator (the dropout seed is drawn on the host), "
+            f"got one on {generator.device}"
+        )
+    return torch.randint(0, _SEED_BOUND, (1,), generator=generator, dtype=torch.int64)

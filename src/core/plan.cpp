@@ -1,0 +1,54 @@
+#include <string>
+
+#include "core/registry.h"
+#include "cpu/cpu_backend.h"
+#include "memattn/api.h"
+
+namespace memattn {
+namespace core {
+namespace {
+
+// Until the CUDA backend lands, CUDA calls get a verdict instead of a kernel.
+std::vector<std::string> cuda_reasons(const ForwardArgs& args, const ProblemShape&) {
+  std::vector<std::string> reasons{cuda_unavailable_reason()};
+  if (args.q.device != DeviceType::cuda)
+    reasons.push_back(std::string("tensors are on ") + device_name(args.q.device) + ", not cuda");
+  return reasons;
+}
+std::string no_kernel(const ForwardArgs&) { return ""; }
+
+constexpr Backend kBackends[] = {
+    {"cuda", &cuda_reasons, &no_kernel, nullptr, nullptr},
+    {"cpu", &cpu::unsupported_reasons, &cpu::kernel_name, &cpu::forward, &cpu::backward},
+};
+
+}  // namespace
+
+std::span<const Backend> backends() { return kBackends; }
+
+const char* cuda_unavailable_reason() {
+  return "memattn was built without a CUDA backend (the CUDA kernels are not part of this "
+         "version yet)";
+}
+
+}  // namespace core
+
+Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward) {
+  Plan p;
+  for (const core::Backend& b : core::backends()) {
+    BackendVerdict verdict{b.name, b.unsupported_reasons(args, shape)};
+    const bool has_kernel = backward ? b.backward != nullptr : b.forward != nullptr;
+    if (!has_kernel && verdict.reasons.empty())
+      verdict.reasons.push_back("no kernel for this pass");
+    if (verdict.reasons.empty() && p.backend.empty()) {
+      p.backend = b.name;
+      p.kernel = b.kernel_name(args);
+      p.reason = std::string("first backend in priority order that supports this call (") +
+                 device_name(args.q.device) + ", " + dtype_name(args.q.dtype) + ")";
+    }
+    p.verdicts.push_back(std::move(verdict));
+  }
+  return p;
+}
+
+}  // namespace memattn

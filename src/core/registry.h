@@ -1,0 +1,26 @@
+// The backends the core can dispatch to, in priority order. Capabilities are code that
+// returns every failing check, so plans can say why each backend was not taken.
+#pragma once
+
+#include <span>
+#include <string>
+#include <vector>
+
+#include "memattn/params.h"
+
+namespace memattn::core {
+
+struct Backend {
+  const char* name;
+  std::vector<std::string> (*unsupported_reasons)(const ForwardArgs&, const ProblemShape&);
+  std::string (*kernel_name)(const ForwardArgs&);
+  void (*forward)(const ForwardArgs&, const ProblemShape&, int num_threads);
+  void (*backward)(const BackwardArgs&, const ProblemShape&, int num_threads);
+};
+
+std::span<const Backend> backends();
+
+// Why the CUDA backend is absent from this build (empty when it is built).
+const char* cuda_unavailable_reason();
+
+}  // namespace memattn::core

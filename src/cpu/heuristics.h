@@ -1,0 +1,26 @@
+// Tile sizes and work splits for the CPU kernels: pure functions with their own unit tests.
+#pragma once
+
+#include <cstdint>
+
+namespace memattn::cpu {
+
+struct CpuTiles {
+  int block_q;  // query rows per tile
+  int block_k;  // keys per tile
+};
+
+// Forward: 64 queries x 64 keys keeps the Q, K^T, V, S and O tiles (fp32) within ~160 KB at
+// D = 128, inside a 1-2 MB L2, while S (16 KB) stays in L1 between the two GEMMs.
+CpuTiles forward_tiles(std::int64_t D, std::int64_t Dv);
+// Backward: same tile shape; the key chunk of a task is packed once and reused for every
+// query block.
+CpuTiles backward_tiles(std::int64_t D, std::int64_t Dv);
+
+// How many key chunks each (batch, kv-head) unit of the backward is split into. Splitting
+// gives idle threads work when units are scarce, at the price of a float32 dQ partial per
+// split that is reduced at the end. `units` counts independent task units (after mask-grad
+// constraints); `key_blocks` is ceil(Lk / block_k).
+int backward_key_splits(std::int64_t units, std::int64_t key_blocks, int num_threads);
+
+}  // namespace memattn::cpu
