@@ -27,8 +27,7 @@ constexpr Backend kBackends[] = {
 std::span<const Backend> backends() { return kBackends; }
 
 const char* cuda_unavailable_reason() {
-  return "memattn was built without a CUDA backend (the CUDA kernels are not part of this "
-         "version yet)";
+  return "memattn was built without CUDA (the CUDA backend is not part of this version yet)";
 }
 
 }  // namespace core

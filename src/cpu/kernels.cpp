@@ -345,6 +345,7 @@ class Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   Acc* worker(int w) const { return data_ + static_cast<index_t>(w) * per_worker_; }
+  Acc* data() const { return data_; }
 
  private:
   index_t per_worker_;
@@ -424,15 +425,31 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
   const index_t tasks = s.B * s.Hq * q_blocks;
   if (tasks == 0) return;
 
-  const index_t per_worker = rows_pad * s.D + s.D * cols_pad + Bn * dv_pad +
-                             rows_pad * cols_pad + rows_pad * dv_pad + 3 * rows_pad + 64;
+  const index_t group = s.group_size();
   const int workers = static_cast<int>(std::min<index_t>(std::max(num_threads, 1), tasks));
+
+  // K^T and V, packed once per call into fp32 (fp64) tiles that every query block reads:
+  // per (b, kv head, key block) a [D][Bn] tile of K^T followed by a [Bn][Dv] tile of V.
+  const index_t k_blocks = (s.Lk + Bn - 1) / Bn;
+  const index_t kt_tile = s.D * cols_pad, v_tile = Bn * dv_pad, kv_tile = kt_tile + v_tile;
+  Scratch<Acc> packed(s.B * s.Hk * k_blocks * kv_tile, 1);
+  parallel_for(s.B * s.Hk * k_blocks, workers, [&](index_t task, int) {
+    const index_t bhk = task / k_blocks, j0 = (task % k_blocks) * Bn;
+    const index_t b = bhk / s.Hk, hk = bhk % s.Hk, nk = std::min(Bn, s.Lk - j0);
+    Acc* tile = packed.data() + task * kv_tile;
+    pack_transposed(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, tile,
+                    cols_pad);
+    pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1),
+              tile + kt_tile, dv_pad);
+  });
+
+  const index_t per_worker =
+      rows_pad * s.D + rows_pad * cols_pad + rows_pad * dv_pad + 3 * rows_pad + 64;
   Scratch<Acc> scratch(per_worker, workers);
   const MaskContext<Acc> masks = mask_context<Acc>(a, s);
   const Dropout dropout = dropout_of(a);
   // Scores live in log2 units: q is pre-scaled by scale * log2(e), so softmax is exp2.
   const Acc q_scale = static_cast<Acc>(s.scale * kLog2e);
-  const index_t group = s.group_size();
 
   parallel_for(tasks, workers, [&](index_t task, int worker) {
     index_t block = task % q_blocks;
@@ -442,14 +459,13 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     const index_t m_rows = round_up(mq, MR);
 
     Carver<Acc> carve{scratch.worker(worker)};
-    Acc* Qs = carve.take(rows_pad * s.D);       // [Bm][D], pre-scaled
-    Acc* Kt = carve.take(s.D * cols_pad);       // [D][Bn]
-    Acc* Vs = carve.take(Bn * dv_pad);          // [Bn][Dv]
-    Acc* P = carve.take(rows_pad * cols_pad);   // [Bm][Bn] scores, then probabilities
-    Acc* O = carve.take(rows_pad * dv_pad);     // [Bm][Dv] unnormalised output
+    Acc* Qs = carve.take(rows_pad * s.D);      // [Bm][D], pre-scaled
+    Acc* P = carve.take(rows_pad * cols_pad);  // [Bm][Bn] scores, then probabilities
+    Acc* O = carve.take(rows_pad * dv_pad);    // [Bm][Dv] unnormalised output
     Acc* running_max = carve.take(rows_pad);
     Acc* row_sum = carve.take(rows_pad);
     Acc* rescale = carve.take(rows_pad);
+    const Acc* kv_tiles = packed.data() + (b * s.Hk + hk) * k_blocks * kv_tile;
 
     pack_rows(element<T>(a.q, b, h, i0), a.q.strides[2], a.q.strides[3], mq, s.D, q_scale, Qs,
               s.D);
@@ -462,10 +478,8 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     if (a.is_causal) key_end = std::clamp<index_t>(i0 + mq + s.causal_offset, 0, s.Lk);
     for (index_t j0 = 0; j0 < key_end; j0 += Bn) {
       const index_t nk = std::min(Bn, key_end - j0), n_cols = round_up(nk, NR);
-      pack_transposed(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Kt,
-                      cols_pad);
-      pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1), Vs,
-                dv_pad);
+      const Acc* Kt = kv_tiles + (j0 / Bn) * kv_tile;  // [D][Bn]
+      const Acc* Vs = Kt + kt_tile;                    // [Bn][Dv]
       gemm<Acc>(m_rows, n_cols, s.D, Qs, s.D, Kt, cols_pad, P, cols_pad, false);
 
       for (index_t r = 0; r < mq; ++r) {
@@ -664,7 +678,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
               store_rows(dQ, d_pad, mq, s.D, scale, mutable_element<T>(a.grad_q, b, h, i0),
                          a.grad_q.strides[2], a.grad_q.strides[3]);
             } else {
-              Acc* part = dq_partial.worker(0) + ((split * s.B + b) * s.Hq + h) * s.Lq * s.D;
+              Acc* part = dq_partial.data() + ((split * s.B + b) * s.Hq + h) * s.Lq * s.D;
               for (index_t r = 0; r < mq; ++r)
                 for (index_t c = 0; c < s.D; ++c) part[(i0 + r) * s.D + c] = dQ[r * d_pad + c];
             }
@@ -692,7 +706,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
         for (index_t c = 0; c < s.D; ++c) {
           Acc sum = 0;
           for (int sp = 0; sp < splits; ++sp)
-            sum += dq_partial.worker(0)[(static_cast<index_t>(sp) * rows + row) * s.D + c];
+            sum += dq_partial.data()[(static_cast<index_t>(sp) * rows + row) * s.D + c];
           narrow(sum * scale, dst[c * a.grad_q.strides[3]]);
         }
       }

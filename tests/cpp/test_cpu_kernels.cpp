@@ -8,7 +8,9 @@
 // included). Outputs are poisoned with NaN before every call, and the memory a view skips
 // (padding between rows, strides of 2) is poisoned too: a kernel that leaves an element
 // unwritten, reads a gap or writes outside its view fails. Every case runs with 1 and 3
-// threads and for every CPU ISA this machine can run (MEMATTN_CPU_ISA).
+// threads and for every CPU ISA this machine can run (MEMATTN_CPU_ISA). Dropout is checked
+// exactly: the reference predicts the keep mask from the documented Philox4x32-10 layout, and
+// a run with v = identity reads the kernel's mask back.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "memattn/api.h"
+#include "memattn/philox.h"
 #include "test_support.h"
 
 namespace {
@@ -367,6 +370,7 @@ std::vector<Case> all_cases() {
   cs.push_back(causal(make_case("causal_br_127", 1, 2, 2, 127, 127, 17, 64), BR));
   cs.push_back(causal(make_case("causal_br_lq17_lk40", 2, 2, 1, 17, 40, 32, 32), BR));
   cs.push_back(causal(make_case("causal_br_lq40_lk17", 1, 2, 2, 40, 17, 32, 17), BR));
+  cs.push_back(causal(make_case("causal_tl_lq1000_lk1000_gqa", 1, 2, 1, 1000, 1000, 32, 32), TL));
   cs.push_back(causal(make_case("causal_br_decode_lq1_lk1000", 1, 4, 2, 1, 1000, 64, 64), BR));
   // Key padding (the last batch is fully padded).
   {
@@ -571,7 +575,9 @@ Problem make_problem(const Case& c, DType dtype, std::uint32_t seed) {
     });
   }
   p.out = HostTensor(dtype, {c.B, c.Hq, c.Lq, c.Dv}, c.out_layout);
-  p.lse = HostTensor(DType::f32, {c.B, c.Hq, c.Lq}, c.lse_layout);
+  // lse: [B, Hq, Lq], float32 (float64 for float64 problems).
+  p.lse =
+      HostTensor(dtype == DType::f64 ? DType::f64 : DType::f32, {c.B, c.Hq, c.Lq}, c.lse_layout);
   // Backward: grad_out like out, grads like their inputs.
   p.grad_out = HostTensor(dtype, {c.B, c.Hq, c.Lq, c.Dv}, c.out_layout);
   p.grad_out.fill_storage(kNaN);
@@ -582,7 +588,8 @@ Problem make_problem(const Case& c, DType dtype, std::uint32_t seed) {
   if (p.has_grad_mask()) {
     std::vector<std::int64_t> shape(4);
     for (int d = 0; d < 4; ++d) shape[d] = p.mask.size(d);
-    p.grad_mask = HostTensor(DType::f32, shape);
+    // float32, float64 for float64 problems.
+    p.grad_mask = HostTensor(dtype == DType::f64 ? DType::f64 : DType::f32, shape);
   }
   return p;
 }
@@ -595,13 +602,30 @@ struct Reference {
   std::vector<double> dq, dk, dv, dmask;  // like q, k, v and grad_attn_mask
 };
 
-// keep: optional dropout keep mask [B, Hq, Lq, Lk] (1 = kept), with the drop probability p.
-Reference reference(const Problem& p, bool with_backward, const std::vector<char>* keep = nullptr,
-                    double drop_p = 0.0) {
+// Dropout keep decision for (b, h, i, j), from the documented Philox4x32-10 layout
+// (include/memattn/philox.h): counter (j / 4, i, b * Hq + h), key = seed, lane j % 4; the key
+// is kept when its draw is >= p * 2^32. Written out here rather than shared with the kernels,
+// so that a change of layout shows up as a test failure.
+bool dropout_keeps(const Problem& p, std::int64_t b, std::int64_t h, std::int64_t i,
+                   std::int64_t j) {
+  const std::uint64_t bh = static_cast<std::uint64_t>(b * p.c.Hq + h);
+  const memattn::philox::U32x4 ctr{{static_cast<std::uint32_t>(j / 4),
+                                    static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(bh),
+                                    static_cast<std::uint32_t>(bh >> 32)}};
+  const memattn::philox::U32x4 draw =
+      memattn::philox::philox4x32_10(ctr, static_cast<std::uint32_t>(p.dropout_seed),
+                                     static_cast<std::uint32_t>(p.dropout_seed >> 32));
+  const double threshold = std::min(p.dropout_p * 4294967296.0, 4294967295.0);
+  return static_cast<double>(draw.x[j % 4]) >= std::floor(threshold);
+}
+
+// The float64 reference; with p.dropout_p > 0 it applies the predicted dropout mask.
+Reference reference(const Problem& p, bool with_backward) {
   const Case& c = p.c;
   const std::int64_t group = c.Hk > 0 ? c.Hq / c.Hk : 1;
   const double scale = p.scale();
-  const double keep_scale = keep ? 1.0 / (1.0 - drop_p) : 1.0;
+  const bool dropout = p.dropout_p > 0.0;
+  const double keep_scale = 1.0 / (1.0 - p.dropout_p);
   const std::vector<double> q = p.q.values(), k = p.k.values(), v = p.v.values();
   const std::vector<double> dout = with_backward ? p.grad_out.values() : std::vector<double>{};
   Reference r;
@@ -657,7 +681,7 @@ Reference reference(const Problem& p, bool with_backward, const std::vector<char
           prob[j] = allowed[j] ? std::exp(s[j] - r.lse[row]) : 0.0;
         }
         auto kept = [&](std::int64_t j) {
-          return keep ? ((*keep)[row * c.Lk + j] ? keep_scale : 0.0) : 1.0;
+          return dropout ? (dropout_keeps(p, b, h, i, j) ? keep_scale : 0.0) : 1.0;
         };
         for (std::int64_t j = 0; j < c.Lk; ++j) {
           const double w = prob[j] * kept(j);
@@ -713,7 +737,7 @@ struct Tolerance {
 Tolerance tolerance(DType dt) {
   switch (dt) {
     case DType::f64:
-      return {1e-10, 1e-6};  // lse is float32 even for float64 problems
+      return {1e-10, 1e-10};
     case DType::f32:
       return {2e-5, 2e-5};
     case DType::bf16:
@@ -723,6 +747,19 @@ Tolerance tolerance(DType dt) {
       break;
   }
   return {0.0, 0.0};
+}
+
+// Backward recomputes P = exp(s - lse) from the lse the forward stored (float32, float64 for
+// float64 problems): each P then carries a relative error of up to u * |lse|, u the unit
+// roundoff of lse's dtype, which no kernel can avoid. Gradient bounds add that term (relative to
+// max |ref|, with a factor 8 for the sums over keys); it matters for float32 with large scores.
+double grad_tolerance(const Tolerance& tol, DType lse_dtype, const std::vector<double>& ref_lse) {
+  double max_lse = 0.0;
+  for (double x : ref_lse) {
+    if (std::isfinite(x)) max_lse = std::max(max_lse, std::abs(x));
+  }
+  const double u = lse_dtype == DType::f64 ? 0x1p-53 : 0x1p-24;
+  return tol.rel + 8.0 * u * max_lse;
 }
 
 // Compares every element of `got` with `ref`: finite and within the bound, and -inf exactly
@@ -825,16 +862,20 @@ std::string trace_name(const Case& c, DType dt, const std::string& isa, int thre
 }
 
 // Forward (and optionally backward) of every case against the reference, for every usable ISA
-// and 1 and 3 threads.
-void run_suite(DType dtype, bool with_backward) {
+// and 1 and 3 threads; with dropout_p > 0 the reference applies the predicted Philox mask.
+void run_suite(DType dtype, bool with_backward, const std::vector<Case>& cases,
+               double dropout_p = 0.0) {
   const Tolerance tol = tolerance(dtype);
   const std::vector<std::string> isas = usable_isas();
   ASSERT_FALSE(isas.empty());
   std::uint32_t seed = dtype == DType::f64 ? 1000 : dtype == DType::f32 ? 2000 : 3000;
   if (with_backward) seed += 500;
-  for (const Case& c : all_cases()) {
+  if (dropout_p > 0.0) seed += 250;
+  for (const Case& c : cases) {
     ++seed;
     Problem p = make_problem(c, dtype, seed);
+    p.dropout_p = dropout_p;
+    p.dropout_seed = 0x9E3779B97F4A7C15ull * seed;  // uses both 32-bit halves of the key
     const Reference ref = reference(p, with_backward);
     for (const std::string& isa : isas) {
       ScopedEnv env("MEMATTN_CPU_ISA", isa);
@@ -850,31 +891,31 @@ void run_suite(DType dtype, bool with_backward) {
         EXPECT_TRUE(gaps_untouched("out", p.out, out_before));
         EXPECT_TRUE(gaps_untouched("lse", p.lse, lse_before));
         if (!with_backward) continue;
+        const double grad_rel = grad_tolerance(tol, p.lse.dtype(), ref.lse);
         for (HostTensor* t : {&p.grad_q, &p.grad_k, &p.grad_v}) t->fill_storage(kNaN);
         const auto dq_before = p.grad_q.snapshot(), dk_before = p.grad_k.snapshot(),
                    dv_before = p.grad_v.snapshot();
         if (!run_backward(p, threads)) continue;
-        EXPECT_TRUE(matches("grad_q", p.grad_q, ref.dq, tol.rel));
-        EXPECT_TRUE(matches("grad_k", p.grad_k, ref.dk, tol.rel));
-        EXPECT_TRUE(matches("grad_v", p.grad_v, ref.dv, tol.rel));
+        EXPECT_TRUE(matches("grad_q", p.grad_q, ref.dq, grad_rel));
+        EXPECT_TRUE(matches("grad_k", p.grad_k, ref.dk, grad_rel));
+        EXPECT_TRUE(matches("grad_v", p.grad_v, ref.dv, grad_rel));
         EXPECT_TRUE(gaps_untouched("grad_q", p.grad_q, dq_before));
         EXPECT_TRUE(gaps_untouched("grad_k", p.grad_k, dk_before));
         EXPECT_TRUE(gaps_untouched("grad_v", p.grad_v, dv_before));
         if (p.has_grad_mask()) {
-          // grad_attn_mask is float32 whatever q's dtype; its error follows q's dtype.
-          EXPECT_TRUE(matches("grad_attn_mask", p.grad_mask, ref.dmask, tol.rel));
+          EXPECT_TRUE(matches("grad_attn_mask", p.grad_mask, ref.dmask, grad_rel));
         }
       }
     }
   }
 }
 
-TEST(CpuForward, Float64) { run_suite(DType::f64, false); }
-TEST(CpuForward, Float32) { run_suite(DType::f32, false); }
-TEST(CpuForward, Bfloat16) { run_suite(DType::bf16, false); }
-TEST(CpuBackward, Float64) { run_suite(DType::f64, true); }
-TEST(CpuBackward, Float32) { run_suite(DType::f32, true); }
-TEST(CpuBackward, Bfloat16) { run_suite(DType::bf16, true); }
+TEST(CpuForward, Float64) { run_suite(DType::f64, false, all_cases()); }
+TEST(CpuForward, Float32) { run_suite(DType::f32, false, all_cases()); }
+TEST(CpuForward, Bfloat16) { run_suite(DType::bf16, false, all_cases()); }
+TEST(CpuBackward, Float64) { run_suite(DType::f64, true, all_cases()); }
+TEST(CpuBackward, Float32) { run_suite(DType::f32, true, all_cases()); }
+TEST(CpuBackward, Bfloat16) { run_suite(DType::bf16, true, all_cases()); }
 
 TEST(CpuBackward, GradAttnMaskIsAddedIntoTheBuffer) {
   // The kernel adds dL/dmask: a buffer holding 1 comes back as 1 + grad.
@@ -916,8 +957,55 @@ TEST(CpuIsa, UnknownIsaIsARuntimeError) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dropout. The keep mask is recovered by running with v = identity (Dv = Lk): then
-// out[b, h, i, j] = P_ij * keep_ij / (1 - p), non-zero exactly where key j was kept.
+// Dropout.
+
+TEST(Philox, KnownAnswers) {
+  // Random123's kat_vectors for Philox4x32-10.
+  using memattn::philox::U32x4;
+  const struct {
+    U32x4 ctr;
+    std::uint32_t k0, k1;
+    U32x4 expected;
+  } kats[] = {
+      {{{0, 0, 0, 0}}, 0, 0, {{0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}}},
+      {{{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}},
+       0xffffffff,
+       0xffffffff,
+       {{0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}}},
+      {{{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}},
+       0xa4093822,
+       0x299f31d0,
+       {{0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}}},
+  };
+  for (const auto& kat : kats) {
+    const U32x4 got = memattn::philox::philox4x32_10(kat.ctr, kat.k0, kat.k1);
+    for (int lane = 0; lane < 4; ++lane) {
+      EXPECT_EQ(got.x[lane], kat.expected.x[lane]) << "lane " << lane;
+    }
+  }
+}
+
+// Cases that cross dropout with GQA, causal alignments, masks (and their gradient), layouts and
+// odd sizes.
+std::vector<Case> dropout_cases() {
+  std::vector<Case> picked;
+  for (const Case& c : all_cases()) {
+    for (const char* name :
+         {"all_ones", "basic", "lq127_lk17_d17", "d256_dv256_gqa", "lq1_lk1000", "gqa_8_2",
+          "causal_br_lq40_lk17", "key_padding", "float_1HqLqLk", "combo_br_bool_kpm_gqa",
+          "combo_tl_float_kpm_gqa", "layout_blhd", "layout_negative_strides", "empty_lk0"}) {
+      if (c.name == name) picked.push_back(c);
+    }
+  }
+  return picked;
+}
+
+TEST(CpuDropoutForward, Float64) { run_suite(DType::f64, false, dropout_cases(), 0.3); }
+TEST(CpuDropoutForward, Float32) { run_suite(DType::f32, false, dropout_cases(), 0.3); }
+TEST(CpuDropoutForward, Bfloat16) { run_suite(DType::bf16, false, dropout_cases(), 0.3); }
+TEST(CpuDropoutBackward, Float64) { run_suite(DType::f64, true, dropout_cases(), 0.3); }
+TEST(CpuDropoutBackward, Float32) { run_suite(DType::f32, true, dropout_cases(), 0.3); }
+TEST(CpuDropoutBackward, Bfloat16) { run_suite(DType::bf16, true, dropout_cases(), 0.3); }
 
 Case dropout_case() { return make_case("dropout", 2, 2, 2, 128, 64, 32, 64); }
 
@@ -928,17 +1016,72 @@ Problem dropout_problem(double drop_p, std::uint64_t seed) {
   return p;
 }
 
+// With v = identity (Dv = Lk), out[b, h, i, j] = P_ij * keep_ij / (1 - p): non-zero exactly where
+// key j was kept, so the kernel's mask can be read back.
 void set_identity_v(Problem& p) {
   p.v.for_each(
       [&](const std::int64_t* idx, std::int64_t) { p.v.set(idx, idx[2] == idx[3] ? 1.0 : 0.0); });
 }
 
-// Keep mask [B, Hq, Lq, Lk] from an identity-v forward.
-std::vector<char> keep_mask(const HostTensor& out) {
+std::vector<char> kernel_keep_mask(const HostTensor& out) {
   const std::vector<double> o = out.values();
   std::vector<char> keep(o.size());
   for (std::size_t e = 0; e < o.size(); ++e) keep[e] = o[e] != 0.0;
   return keep;
+}
+
+std::vector<char> predicted_keep_mask(const Problem& p) {
+  const Case& c = p.c;
+  std::vector<char> keep;
+  for (std::int64_t b = 0; b < c.B; ++b) {
+    for (std::int64_t h = 0; h < c.Hq; ++h) {
+      for (std::int64_t i = 0; i < c.Lq; ++i) {
+        for (std::int64_t j = 0; j < c.Lk; ++j) keep.push_back(dropout_keeps(p, b, h, i, j));
+      }
+    }
+  }
+  return keep;
+}
+
+::testing::AssertionResult same_mask(const std::vector<char>& got,
+                                     const std::vector<char>& expected, const Case& c) {
+  for (std::size_t e = 0; e < expected.size(); ++e) {
+    if (got[e] != expected[e]) {
+      const std::int64_t j = e % c.Lk, i = e / c.Lk % c.Lq, h = e / (c.Lk * c.Lq) % c.Hq,
+                         b = e / (c.Lk * c.Lq * c.Hq);
+      return ::testing::AssertionFailure()
+             << "dropout masks differ first at [b=" << b << ", h=" << h << ", i=" << i
+             << ", j=" << j << "]: kernel " << (got[e] ? "kept" : "dropped") << ", expected "
+             << (expected[e] ? "kept" : "dropped");
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+TEST(CpuDropout, MaskIsThePhiloxMaskForEveryIsaAndThreadCount) {
+  for (double drop_p : {0.1, 0.5, 0.9}) {
+    Problem p = dropout_problem(drop_p, 0x0123456789abcdefull);
+    set_identity_v(p);
+    const std::vector<char> expected = predicted_keep_mask(p);
+    double kept = 0;
+    for (char k : expected) kept += k;
+    // 32768 Bernoulli draws: standard deviation <= 0.003; allow 5 of them.
+    EXPECT_NEAR(kept / static_cast<double>(expected.size()), 1.0 - drop_p, 0.015)
+        << "dropout_p=" << drop_p;
+    for (const std::string& isa : usable_isas()) {
+      ScopedEnv env("MEMATTN_CPU_ISA", isa);
+      for (int threads : {1, 3}) {
+        SCOPED_TRACE("dropout_p=" + std::to_string(drop_p) + " isa=" + isa +
+                     " threads=" + std::to_string(threads));
+        ASSERT_TRUE(run_forward(p, threads));
+        EXPECT_TRUE(same_mask(kernel_keep_mask(p.out), expected, p.c));
+        // Kept values are P / (1 - p); lse is the no-dropout lse.
+        const Reference ref = reference(p, false);
+        EXPECT_TRUE(matches("out", p.out, ref.out, 2e-5));
+        EXPECT_TRUE(matches("lse", p.lse, ref.lse, 2e-5));
+      }
+    }
+  }
 }
 
 TEST(CpuDropout, SameSeedIsBitIdentical) {
@@ -954,12 +1097,16 @@ TEST(CpuDropout, SameSeedIsBitIdentical) {
 }
 
 TEST(CpuDropout, DifferentSeedDiffers) {
-  Problem a = dropout_problem(0.3, 1234), b = dropout_problem(0.3, 1235);
-  ASSERT_TRUE(run_forward(a, 1));
-  ASSERT_TRUE(run_forward(b, 1));
-  EXPECT_FALSE(a.out.snapshot() == b.out.snapshot()) << "seeds 1234 and 1235 gave the same out";
-  // lse is computed before dropout: independent of the seed.
-  EXPECT_TRUE(matches("lse", b.lse, a.lse.values(), 0.0));
+  // Seeds that differ only in the low or only in the high 32 bits of the key.
+  for (std::uint64_t other : {std::uint64_t{1235}, (std::uint64_t{1} << 32) | 1234}) {
+    Problem a = dropout_problem(0.3, 1234), b = dropout_problem(0.3, other);
+    ASSERT_TRUE(run_forward(a, 1));
+    ASSERT_TRUE(run_forward(b, 1));
+    EXPECT_FALSE(a.out.snapshot() == b.out.snapshot())
+        << "seeds 1234 and " << other << " gave the same out";
+    // lse is computed before dropout: independent of the seed.
+    EXPECT_TRUE(matches("lse", b.lse, a.lse.values(), 0.0));
+  }
 }
 
 TEST(CpuDropout, ZeroProbabilityIsNoDropout) {
@@ -969,64 +1116,6 @@ TEST(CpuDropout, ZeroProbabilityIsNoDropout) {
   EXPECT_TRUE(a.out.snapshot() == b.out.snapshot()) << "dropout_p=0 depends on the seed";
   const Reference ref = reference(a, false);
   EXPECT_TRUE(matches("out", a.out, ref.out, 2e-5));
-}
-
-TEST(CpuDropout, KeepRateAndScaling) {
-  for (double drop_p : {0.1, 0.5, 0.9}) {
-    SCOPED_TRACE("dropout_p=" + std::to_string(drop_p));
-    Problem p = dropout_problem(drop_p, 42);
-    set_identity_v(p);
-    ASSERT_TRUE(run_forward(p, 1));
-    const std::vector<char> keep = keep_mask(p.out);
-    double kept = 0;
-    for (char k : keep) kept += k;
-    const double rate = kept / static_cast<double>(keep.size());
-    // 16384 Bernoulli samples: standard deviation <= 0.004; allow 5 of them.
-    EXPECT_NEAR(rate, 1.0 - drop_p, 0.02);
-    // Kept values are P / (1 - p); lse is the no-dropout lse.
-    const Reference ref = reference(p, false, &keep, drop_p);
-    EXPECT_TRUE(matches("out", p.out, ref.out, 2e-5));
-    EXPECT_TRUE(matches("lse", p.lse, ref.lse, 2e-5));
-  }
-}
-
-TEST(CpuDropout, MaskIndependentOfThreadsAndIsa) {
-  Problem p = dropout_problem(0.4, 7);
-  set_identity_v(p);
-  std::optional<std::vector<char>> first;
-  for (const std::string& isa : usable_isas()) {
-    ScopedEnv env("MEMATTN_CPU_ISA", isa);
-    for (int threads : {1, 3}) {
-      SCOPED_TRACE("isa=" + isa + " threads=" + std::to_string(threads));
-      ASSERT_TRUE(run_forward(p, threads));
-      const std::vector<char> keep = keep_mask(p.out);
-      if (!first) {
-        first = keep;
-      } else {
-        EXPECT_TRUE(keep == *first) << "the dropout mask changed with the ISA or thread count";
-      }
-    }
-  }
-}
-
-TEST(CpuDropout, BackwardUsesTheForwardMask) {
-  for (int threads : {1, 3}) {
-    SCOPED_TRACE(threads);
-    // Recover the mask for this seed and shape, then run with random v against the reference.
-    Problem probe = dropout_problem(0.25, 2024);
-    set_identity_v(probe);
-    ASSERT_TRUE(run_forward(probe, threads));
-    const std::vector<char> keep = keep_mask(probe.out);
-
-    Problem p = dropout_problem(0.25, 2024);
-    const Reference ref = reference(p, true, &keep, 0.25);
-    ASSERT_TRUE(run_forward(p, threads));
-    EXPECT_TRUE(matches("out", p.out, ref.out, 2e-5));
-    ASSERT_TRUE(run_backward(p, threads));
-    EXPECT_TRUE(matches("grad_q", p.grad_q, ref.dq, 2e-5));
-    EXPECT_TRUE(matches("grad_k", p.grad_k, ref.dk, 2e-5));
-    EXPECT_TRUE(matches("grad_v", p.grad_v, ref.dv, 2e-5));
-  }
 }
 
 }  // namespace

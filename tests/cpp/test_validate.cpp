@@ -34,7 +34,8 @@ ForwardArgs valid_forward(DType dtype = DType::f32, DeviceType device = DeviceTy
   a.k = meta_view(dtype, {kB, kHk, kLk, kD}, device);   // k: [B, Hk, Lk, D]
   a.v = meta_view(dtype, {kB, kHk, kLk, kDv}, device);  // v: [B, Hk, Lk, Dv]
   a.out = meta_view(dtype, {kB, kHq, kLq, kDv}, device);
-  a.lse = meta_view(DType::f32, {kB, kHq, kLq}, device);
+  // lse: [B, Hq, Lq], float32 (float64 for float64 problems).
+  a.lse = meta_view(dtype == DType::f64 ? DType::f64 : DType::f32, {kB, kHq, kLq}, device);
   return a;
 }
 
@@ -232,11 +233,20 @@ TEST(ValidateBackward, AcceptsGradAttnMaskForFloatMask) {
   b.fwd.attn_mask = meta_view(DType::f32, {kB, kHq, kLq, kLk});
   b.grad_attn_mask = meta_view(DType::f32, {1, kHq, kLq, kLk});
   EXPECT_NO_THROW(memattn::validate_backward(b));
-  // A float64 problem still takes a float32 mask gradient.
+  // A float64 problem takes a float64 mask gradient, whatever the mask's dtype.
   BackwardArgs b64 = valid_backward(DType::f64);
-  b64.fwd.attn_mask = meta_view(DType::f64, {kB, kHq, kLq, kLk});
-  b64.grad_attn_mask = meta_view(DType::f32, {kB, kHq, kLq, kLk});
-  EXPECT_NO_THROW(memattn::validate_backward(b64));
+  for (DType mask_dtype : {DType::f64, DType::f32}) {
+    b64.fwd.attn_mask = meta_view(mask_dtype, {kB, kHq, kLq, kLk});
+    b64.grad_attn_mask = meta_view(DType::f64, {kB, kHq, kLq, kLk});
+    EXPECT_NO_THROW(memattn::validate_backward(b64));
+  }
+  // A bfloat16 problem takes a float32 one, whatever the mask's dtype.
+  BackwardArgs b16 = valid_backward(DType::bf16);
+  for (DType mask_dtype : {DType::bf16, DType::f32}) {
+    b16.fwd.attn_mask = meta_view(mask_dtype, {kB, kHq, kLq, kLk});
+    b16.grad_attn_mask = meta_view(DType::f32, {kB, kHq, kLq, kLk});
+    EXPECT_NO_THROW(memattn::validate_backward(b16));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,9 +527,17 @@ TEST(ValidateForward, RejectsLseWrongShape) {
 }
 
 TEST(ValidateForward, RejectsLseWrongDtype) {
-  ForwardArgs a = valid_forward(DType::f64);
-  a.lse.dtype = DType::f64;  // lse is float32 even for float64 problems
+  ForwardArgs a = valid_forward(DType::f32);
+  a.lse.dtype = DType::f64;
   EXPECT_TRUE(ThrowsError(fwd_call(a), ErrorKind::invalid_type, "lse", {"float64"}));
+
+  ForwardArgs b = valid_forward(DType::bf16);
+  b.lse.dtype = DType::bf16;  // lse is float32 for low-precision problems
+  EXPECT_TRUE(ThrowsError(fwd_call(b), ErrorKind::invalid_type, "lse", {"bfloat16"}));
+
+  ForwardArgs c = valid_forward(DType::f64);
+  c.lse.dtype = DType::f32;  // float64 problems keep a float64 lse
+  EXPECT_TRUE(ThrowsError(fwd_call(c), ErrorKind::invalid_type, "lse", {"float32"}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,11 +633,22 @@ TEST(ValidateBackward, RejectsGradAttnMaskWithBoolMask) {
   EXPECT_TRUE(as_value || as_type) << as_value.message() << "\n" << as_type.message();
 }
 
-TEST(ValidateBackward, RejectsGradAttnMaskNotFloat32) {
-  BackwardArgs b = valid_backward(DType::f64);
-  b.fwd.attn_mask = meta_view(DType::f64, {kB, kHq, kLq, kLk});
+TEST(ValidateBackward, RejectsGradAttnMaskOfWrongDtype) {
+  // float32, float64 for float64 problems.
+  BackwardArgs b = valid_backward(DType::f32);
+  b.fwd.attn_mask = meta_view(DType::f32, {kB, kHq, kLq, kLk});
   b.grad_attn_mask = meta_view(DType::f64, {kB, kHq, kLq, kLk});
   EXPECT_TRUE(ThrowsError(bwd_call(b), ErrorKind::invalid_type, "grad_attn_mask", {"float64"}));
+
+  BackwardArgs b16 = valid_backward(DType::bf16);
+  b16.fwd.attn_mask = meta_view(DType::bf16, {kB, kHq, kLq, kLk});
+  b16.grad_attn_mask = meta_view(DType::bf16, {kB, kHq, kLq, kLk});
+  EXPECT_TRUE(ThrowsError(bwd_call(b16), ErrorKind::invalid_type, "grad_attn_mask", {"bfloat16"}));
+
+  BackwardArgs b64 = valid_backward(DType::f64);
+  b64.fwd.attn_mask = meta_view(DType::f64, {kB, kHq, kLq, kLk});
+  b64.grad_attn_mask = meta_view(DType::f32, {kB, kHq, kLq, kLk});
+  EXPECT_TRUE(ThrowsError(bwd_call(b64), ErrorKind::invalid_type, "grad_attn_mask", {"float32"}));
 }
 
 TEST(ValidateBackward, RejectsGradAttnMaskWrongShape) {
@@ -759,8 +788,10 @@ TEST(BuildInfo, ReportsCpuIsas) {
   const memattn::BuildInfo info = memattn::build_info();
   EXPECT_FALSE(info.version.empty());
   ASSERT_FALSE(info.cpu_isas_built.empty());
-  EXPECT_EQ(info.cpu_isas_built.front(), "base");
   ASSERT_FALSE(info.cpu_isas_usable.empty());
+  bool base_usable = false;
+  for (const std::string& isa : info.cpu_isas_usable) base_usable = base_usable || isa == "base";
+  EXPECT_TRUE(base_usable) << "the portable base kernels run on every CPU";
   for (const std::string& isa : info.cpu_isas_usable) {
     bool built = false;
     for (const std::string& b : info.cpu_isas_built) built = built || b == isa;
