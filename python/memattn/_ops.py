@@ -16,7 +16,8 @@ allocator and streams are respected. Inputs are passed with their strides as the
 reads any strides, so a non-contiguous view costs no copy here.
 
 Shapes: q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv], out [B, Hq, Lq, Dv],
-lse [B, Hq, Lq] float32, attn_mask 4-D with each dim 1 or full, key_padding_mask [B, Lk].
+lse [B, Hq, Lq] float32 (float64 for float64 inputs), attn_mask 4-D with each dim 1 or full,
+key_padding_mask [B, Lk].
 """
 
 import torch
@@ -27,26 +28,33 @@ from memattn import _memattn
 __all__ = ["attention_backward", "attention_forward", "tensor_spec"]
 
 
-def _concrete(n) -> int:
+def _concrete(n) -> int | None:
     """A size or stride as a Python int, without specialising a symbolic size.
 
     While torch.compile traces with dynamic shapes, sizes are SymInts; ``int(s)`` would add a
     guard and recompile for every new size. Validation only needs the value seen while tracing
-    (the real call validates again), so read the hint instead.
+    (the real call validates again), so read the hint instead; None for a size that has none
+    (data-dependent), which skips validation while tracing.
     """
     if isinstance(n, int):
         return n
-    from torch.fx.experimental.symbolic_shapes import hint_int
+    from torch.fx.experimental import symbolic_shapes
 
-    return hint_int(n)
+    # optimization_hint in recent torch, hint_int before; neither adds a guard.
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+    try:
+        return int(hint(n))
+    except Exception:  # noqa: BLE001 - an unbacked size has no hint; validation waits for the call
+        return None
 
 
-def tensor_spec(t: Tensor) -> tuple[str, tuple[int, ...], tuple[int, ...], str]:
+def tensor_spec(t: Tensor) -> tuple[str, tuple[int | None, ...], tuple[int | None, ...], str]:
     """``(dtype name, shape, strides, device type)``: what ``_memattn.validate`` / ``plan`` take.
 
     Meta tensors are described as CPU tensors: they carry no data, and shape propagation on
     the meta device (e.g. models built under ``torch.device("meta")``) should validate shapes
-    and dtypes like a CPU call instead of failing on the device.
+    and dtypes like a CPU call instead of failing on the device. Symbolic sizes without a hint
+    appear as None.
     """
     device = t.device.type
     if device == "meta":
@@ -64,12 +72,11 @@ def _optional_spec(t: Tensor | None):
 
 
 def _validate(q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment, dropout_p, scale):
+    specs = [_optional_spec(t) for t in (q, k, v, attn_mask, key_padding_mask)]
+    if any(None in spec[1] or None in spec[2] for spec in specs if spec is not None):
+        return  # data-dependent sizes while tracing: the real call validates
     _memattn.validate(
-        tensor_spec(q),
-        tensor_spec(k),
-        tensor_spec(v),
-        _optional_spec(attn_mask),
-        _optional_spec(key_padding_mask),
+        *specs,
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         dropout_p=dropout_p,
@@ -92,22 +99,29 @@ def _empty_out(q: Tensor, v: Tensor) -> Tensor:
     return q.new_empty((B, Hq, Lq, Dv))
 
 
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    """dtype of lse and of the mask gradient: float32, float64 for float64 inputs (so float64
+    gradients, recomputed from lse, keep float64 precision)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _empty_lse(q: Tensor) -> Tensor:
     B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return q.new_empty((B, Hq, Lq), dtype=_stat_dtype(q))
 
 
 def _empty_grad_mask(q: Tensor, attn_mask: Tensor | None, needs_grad: bool) -> Tensor:
-    """float32 zeros the 4-D shape of attn_mask (the kernel adds dL/dmask into it; a size-1 dim
-    receives the sum over that dim), or an empty tensor when the mask needs no gradient.
+    """Zeros (float32; float64 for float64 q) of the 4-D mask's shape, which the kernel adds
+    dL/dmask into; empty when the mask needs no gradient.
 
-    A dim that has the full size with stride 0 (an expanded view) gets the full size here: the
-    gradient of each of its elements is different. ``functional.attention`` narrows such dims
-    to size 1 before calling the op, so through the public API they never reach this point.
+    A size-1 dim receives the sum over that dim, as broadcasting means. A full-size dim with
+    stride 0 (an expanded view) gets its full size here: autograd wants the gradient of an
+    expanded tensor per element and sums it through the caller's ``expand`` itself; a summed
+    size-1 gradient expanded back would be summed again, multiplied by that dim's size.
     """
     if not needs_grad or attn_mask is None:
-        return q.new_empty((0,), dtype=torch.float32)
-    return q.new_zeros(attn_mask.shape, dtype=torch.float32)
+        return q.new_empty((0,), dtype=_stat_dtype(q))
+    return q.new_zeros(attn_mask.shape, dtype=_stat_dtype(q))
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int:
@@ -193,8 +207,8 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the forward op: ``(grad_q, grad_k, grad_v, grad_attn_mask)``.
 
-    grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` is float32 with the 4-D
-    mask's shape when ``attn_mask_needs_grad``, else an empty tensor.
+    grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` has the 4-D mask's shape,
+    in float32 (float64 for float64 q), when ``attn_mask_needs_grad``, else it is empty.
     """
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)

@@ -3,7 +3,8 @@
 Protocol
 - Every implementation runs in the same process, on the same inputs, with the same number of
   threads (``torch.get_num_threads()``; memattn follows it too), one after the other per case.
-- Timing: warm-up calls, then the median of several timed calls. CPU: ``time.perf_counter``.
+- Timing: warm-up calls, then the median of several timed calls. CPU: ``time.perf_counter``,
+  the implementations interleaved call by call (see ``time_interleaved``).
   CUDA: ``triton.testing.do_bench`` (median, L2 flushed) when Triton is there, else CUDA events.
 - FLOPs: forward ``4 * Hq * D * (allowed (query, key) pairs, summed over the batch)``; without
   causal that is ``B * Lq * Lk`` pairs; causal counts the pairs the alignment allows (``Lq*Lk/2``
@@ -325,6 +326,37 @@ def time_call(
     return times
 
 
+def time_interleaved(
+    steps: dict[str, Callable[[], Any]], *, warmup: int, reps: int, max_seconds: float
+) -> dict[str, list[float]]:
+    """CPU timing of several implementations of the same call, interleaved: each round times
+    every implementation once, in an order rotated every round, so that a change in the
+    machine's load or clock during the measurement hits all of them alike. Milliseconds per
+    call; fewer rounds (at least 3) for an implementation so slow that `reps` calls would take
+    longer than `max_seconds`."""
+    names = list(steps)
+    first_s = {}
+    for name in names:
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            steps[name]()
+        first_s[name] = (time.perf_counter() - t0) / max(1, warmup)
+    n = {
+        name: reps if t * reps <= max_seconds else max(3, int(max_seconds / max(t, 1e-9)))
+        for name, t in first_s.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max(n.values(), default=0)):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            if r >= n[name]:
+                continue
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 class Progress:
     """One progress line on stderr: rewritten in place on a terminal, one line per step in logs."""
 
@@ -374,6 +406,7 @@ class BenchConfig:
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
     memory_heads: int = 8
     memory_head_dim: int = 64
+    memory_dtype: str = "fp32"
     memory_budget_frac: float = 0.6
     quick: bool = False
 
@@ -382,7 +415,7 @@ def quick_config(device: str) -> BenchConfig:
     """A small sweep that runs in seconds (CI smoke test; checks the whole pipeline)."""
     return BenchConfig(
         device=device,
-        dtypes=["fp32"],
+        dtypes=["fp32"] if device == "cpu" else ["bf16"],
         lengths=[128, 256],
         head_dims=[64],
         tokens=512,
@@ -393,6 +426,7 @@ def quick_config(device: str) -> BenchConfig:
         reps=3,
         memory_lengths=[256, 512, 1024],
         memory_heads=2,
+        memory_dtype="fp32" if device == "cpu" else "bf16",
         quick=True,
     )
 
@@ -439,6 +473,7 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
             }
             inputs = make_inputs(case, cfg.device, requires_grad=backward)
             outs: dict[str, Any] = {}
+            steps: dict[str, Callable[[], Any]] = {}
             for name in cfg.impls:
                 progress.step(f"{pass_} {case.label()} {name}")
                 why_not = _sdpa_available(name, cfg.device) if name != "memattn" else None
@@ -448,25 +483,31 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
                 step = _step_fn(name, inputs, backward)
                 try:
                     with torch.no_grad() if not backward else contextlib.nullcontext():
-                        outs[name] = step().detach()
-                        times = time_call(
-                            step,
-                            device=cfg.device,
-                            warmup=cfg.warmup,
-                            reps=cfg.reps,
-                            max_seconds=cfg.max_seconds_per_impl,
-                        )
+                        outs[name] = step().detach()  # also the first warm-up call
+                        if cfg.device == "cuda":
+                            times = time_call(
+                                step,
+                                device=cfg.device,
+                                warmup=cfg.warmup,
+                                reps=cfg.reps,
+                                max_seconds=cfg.max_seconds_per_impl,
+                            )
+                            row["results"][name] = _timing_result(times, flops)
+                        else:
+                            steps[name] = step
                 except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
                     row["results"][name] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
                     outs.pop(name, None)
-                    continue
-                ms = statistics.median(times)
-                row["results"][name] = {
-                    "median_ms": ms,
-                    "min_ms": min(times),
-                    "reps": len(times),
-                    "gflop_per_s": flops / (ms * 1e-3) / 1e9,
-                }
+            if steps:
+                with torch.no_grad() if not backward else contextlib.nullcontext():
+                    timed = time_interleaved(
+                        steps,
+                        warmup=cfg.warmup - 1,
+                        reps=cfg.reps,
+                        max_seconds=cfg.max_seconds_per_impl,
+                    )
+                for name, times in timed.items():
+                    row["results"][name] = _timing_result(times, flops)
             torch_ok = {
                 n: r["median_ms"]
                 for n, r in row["results"].items()
@@ -487,6 +528,16 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
     return rows
 
 
+def _timing_result(times: list[float], flops: float) -> dict[str, Any]:
+    ms = statistics.median(times)
+    return {
+        "median_ms": ms,
+        "min_ms": min(times),
+        "reps": len(times),
+        "gflop_per_s": flops / (ms * 1e-3) / 1e9,
+    }
+
+
 def run_memory(cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
     import torch
 
@@ -494,17 +545,22 @@ def run_memory(cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
 
     rows = []
     threads = torch.get_num_threads()
-    budget = int(_mem_available_bytes() * cfg.memory_budget_frac)
-    H, D = cfg.memory_heads, cfg.memory_head_dim
+    if cfg.device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = _mem_available_bytes()
+    budget = int(free * cfg.memory_budget_frac)
+    H, D, dt = cfg.memory_heads, cfg.memory_head_dim, cfg.memory_dtype
+    elem = _torch_dtype(dt).itemsize
     for L in cfg.memory_lengths:
         row: dict[str, Any] = {
             "B": 1,
             "H": H,
             "L": L,
             "D": D,
-            "dtype": "fp32",
+            "dtype": dt,
             "results": {},
-            "output_bytes": 1 * H * L * D * 4,
+            "output_bytes": 1 * H * L * D * elem,
         }
         for name in cfg.impls:
             progress.step(f"memory L={L} {name}")
@@ -520,10 +576,10 @@ def run_memory(cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
                 "Lq": L,
                 "Lk": L,
                 "D": D,
-                "dtype": "fp32",
+                "dtype": dt,
             }
             if name == "sdpa_math":
-                need = _math_bytes_estimate(1, H, L, L, 4)
+                need = _math_bytes_estimate(1, H, L, L, elem)
                 if need > budget:
                     row["results"][name] = {
                         "ok": False,
@@ -541,7 +597,7 @@ def run_memory(cfg: BenchConfig, progress: Progress) -> list[dict[str, Any]]:
                     limit_bytes=budget,
                 )
             else:
-                case = Case("mem", 1, H, H, L, L, D, "fp32")
+                case = Case("mem", 1, H, H, L, L, D, dt)
                 inputs = make_inputs(case, "cuda", requires_grad=False)
                 step = _step_fn(name, inputs, backward=False)
                 try:
@@ -672,8 +728,9 @@ def markdown_tables(result: dict[str, Any]) -> str:
     )
     lines.append(
         f"- sweep: {cfg['tokens']} tokens per batch (B = tokens / L), hidden {cfg['hidden']} "
-        f"(Hq = hidden / D); median of up to {cfg['reps']} timed calls after "
-        f"{cfg['warmup']} warm-up; wall time {result['wall_s']:.0f} s"
+        f"(Hq = hidden / D); median of up to {cfg['reps']} timed calls after warm-up"
+        + (", implementations interleaved call by call" if device == "cpu" else "")
+        + f"; wall time {result['wall_s']:.0f} s"
     )
     lines.append(
         "- FLOPs: 4·Hq·D·(allowed query-key pairs summed over the batch); forward + "
@@ -704,7 +761,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             r.get("best_torch", "-").replace("sdpa_", ""),
             "-" if sp is None else f"{sp:.2f}x",
         ]
-        if sp is not None and sp < 1.0:
+        if sp is not None and round(sp, 2) < 1.0:
             below.append(f"{r['pass']} {r['label']}")
             cells[-1] = f"**{sp:.2f}x**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -732,7 +789,9 @@ def markdown_tables(result: dict[str, Any]) -> str:
     if result["memory"]:
         m0 = result["memory"][0]
         lines.append("")
-        lines.append(f"### Peak memory of one forward pass (B=1, H={m0['H']}, D={m0['D']}, fp32)")
+        lines.append(
+            f"### Peak memory of one forward pass (B=1, H={m0['H']}, D={m0['D']}, {m0['dtype']})"
+        )
         lines.append("")
         how = (
             (
@@ -742,7 +801,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             if device == "cpu"
             else "torch.cuda.max_memory_allocated during the call minus memory allocated before"
         )
-        lines.append(f"MiB; {how}. The output alone is B·H·L·D·4 bytes.")
+        lines.append(f"MiB; {how}. The output alone is B·H·L·D·(element size) bytes.")
         lines.append("")
         mimpls = list(m0["results"])
         lines.append(

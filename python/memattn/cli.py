@@ -96,6 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             warmup=5,
             reps=20,
             memory_lengths=[1024, 2048, 4096, 8192, 16384, 32768],
+            memory_dtype="bf16",
         )
     else:
         cfg = bench.BenchConfig(device="cpu")

@@ -257,8 +257,12 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"    error: {s['error']}")
             continue
         p = s["plan"]
-        chosen = p.get("backend") or "NONE"
-        lines.append(f"    -> {chosen} {p.get('kernel', '')}: {p.get('reason', '')}".rstrip())
+        if p.get("backend"):
+            lines.append(f"    -> {p['backend']}: {p.get('kernel', '')} ({p.get('reason', '')})")
+        else:
+            lines.append(
+                f"    -> no backend can run this call{': ' + p['reason'] if p.get('reason') else ''}"
+            )
         for backend, reasons in _verdicts(p):
             if reasons:
                 lines.append(f"       {backend}: not usable: {'; '.join(reasons)}")

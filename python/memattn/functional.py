@@ -44,7 +44,7 @@ def attention(
     Shapes (names used throughout memattn)::
 
         q:   [B, Hq, Lq, D]     k: [B, Hk, Lk, D]     v: [B, Hk, Lk, Dv]
-        out: [B, Hq, Lq, Dv]    lse: [B, Hq, Lq] (float32)
+        out: [B, Hq, Lq, Dv]    lse: [B, Hq, Lq] (float32; float64 for float64 inputs)
 
     ``Lq != Lk`` (cross-attention) is ordinary. ``Hq`` must be a multiple of ``Hk``: query
     head ``h`` uses key/value head ``h // (Hq // Hk)`` (GQA; ``Hk = 1`` is MQA), without
@@ -53,7 +53,7 @@ def attention(
     layout, so ``out.transpose(1, 2)`` is a free view.
 
     Args:
-        q, k, v: float32, float64 or bfloat16 on CPU (float16 and bfloat16 on CUDA builds),
+        q, k, v: float32, float64 or bfloat16 on CPU (float16, bfloat16, float32 with CUDA),
             all of one dtype and on one device.
         attn_mask: optional, broadcastable to ``[B, Hq, Lq, Lk]`` (fewer than 4 dims get
             leading size-1 dims; every dim must be 1 or the full size). Either bool,
@@ -89,8 +89,9 @@ def attention(
 
     Returns:
         ``out`` ``[B, Hq, Lq, Dv]`` in q's dtype, or ``(out, lse)`` when ``return_lse``:
-        ``lse`` ``[B, Hq, Lq]`` float32, the natural log of the sum over keys of
-        ``exp(score)`` (scaled, masked, before dropout). ``lse`` is not differentiable.
+        ``lse`` ``[B, Hq, Lq]`` float32 (float64 for float64 inputs), the natural log of the
+        sum over keys of ``exp(score)`` (scaled, masked, before dropout). ``lse`` is not
+        differentiable.
 
     A query row whose keys are all masked (by any combination of the masks and causality, or
     ``Lk = 0``) gives output 0, gradient 0 and ``lse = -inf``, never NaN.
@@ -120,7 +121,7 @@ def attention(
             f"generator: expected a torch.Generator or None, got {type(generator).__name__}"
         )
     _check_devices(q, k, v, attn_mask, key_padding_mask)
-    mask4 = _mask_4d(attn_mask, q, k)
+    mask4 = _mask_4d(attn_mask)
     dropout_p = float(dropout_p)
     scale = None if scale is None else float(scale)
 
@@ -178,7 +179,7 @@ def explain(
     if not isinstance(backward, bool):
         raise TypeError(f"backward: expected a bool, got {type(backward).__name__}")
     _check_devices(q, k, v, attn_mask, key_padding_mask)
-    mask4 = _mask_4d(attn_mask, q, k)
+    mask4 = _mask_4d(attn_mask)
     return _memattn.plan(
         _ops.tensor_spec(q),
         _ops.tensor_spec(k),
@@ -238,16 +239,8 @@ def _check_devices(q, k, v, attn_mask, key_padding_mask):
             )
 
 
-def _mask_4d(attn_mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
-    """attn_mask as a 4-D view: leading size-1 dims prepended, and every full-size dim with
-    stride 0 (an expanded view) narrowed to size 1.
-
-    Narrowing is what makes a broadcast mask's gradient right: the kernel then sums the
-    gradient over that dim (as the broadcast means), and autograd carries the sum back
-    through the caller's ``expand``. Passing the expanded dim as-is would ask for a separate
-    gradient per element of that dim. Only dims of exactly the full size are narrowed, so a
-    wrongly sized mask still reaches validation as it is.
-    """
+def _mask_4d(attn_mask: Tensor | None) -> Tensor | None:
+    """attn_mask as a 4-D view, leading size-1 dims prepended (what the core takes)."""
     if attn_mask is None:
         return None
     rank = attn_mask.dim()
@@ -256,14 +249,7 @@ def _mask_4d(attn_mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
             f"attn_mask: expected at most 4 dims broadcastable to [B, Hq, Lq, Lk], got "
             f"{rank} dims of shape {list(attn_mask.shape)}"
         )
-    mask = attn_mask[(None,) * (4 - rank)] if rank < 4 else attn_mask
-    if q.dim() != 4 or k.dim() != 4:
-        return mask  # validation rejects q / k; nothing to narrow against
-    full = (q.size(0), q.size(1), q.size(2), k.size(2))
-    for dim in range(4):
-        if mask.stride(dim) == 0 and mask.size(dim) > 1 and mask.size(dim) == full[dim]:
-            mask = mask.narrow(dim, 0, 1)
-    return mask
+    return attn_mask[(None,) * (4 - rank)] if rank < 4 else attn_mask
 
 
 def _draw_seed(generator: torch.Generator | None) -> Tensor:

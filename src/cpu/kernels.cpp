@@ -558,8 +558,11 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
   Scratch<Acc> scratch(per_worker, workers);
   const MaskContext<Acc> masks = mask_context<Acc>(f, s);
   const Dropout dropout = dropout_of(f);
-  const Acc score_scale = static_cast<Acc>(s.scale * kLog2e);
+  // q is packed pre-scaled by scale * log2(e), exactly as in the forward, so P is recomputed
+  // from bit-identical scores; dK = scale * dS^T Q then needs a final factor of ln(2).
+  const Acc q_scale = static_cast<Acc>(s.scale * kLog2e);
   const Acc scale = static_cast<Acc>(s.scale);
+  const Acc dk_scale = static_cast<Acc>(kLn2);
   const Strided4 grad_mask = g.present() ? Strided4::of(g) : Strided4{};
   Acc* const grad_mask_data = static_cast<Acc*>(g.data);
 
@@ -580,7 +583,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
     Acc* Vt = carve.take(nb * s.Dv * k_cols);    // per block [Dv][Bn]
     Acc* dK = carve.take(nb * k_rows * d_pad);   // per block [Bn][D]
     Acc* dV = carve.take(nb * k_rows * dv_pad);  // per block [Bn][Dv]
-    Acc* Qs = carve.take(q_rows * d_pad);        // [Bm][D]
+    Acc* Qs = carve.take(q_rows * d_pad);        // [Bm][D], pre-scaled
     Acc* dOs = carve.take(q_rows * dv_pad);      // [Bm][Dv]
     Acc* P = carve.take(q_rows * k_cols);        // [Bm][Bn]
     Acc* dS = carve.take(q_rows * k_cols);       // [Bm][Bn] dP, then dS
@@ -613,7 +616,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
             // Causal: the first key block of the chunk is hidden from every row here.
             const bool sees_chunk = !f.is_causal || i0 + mq - 1 + s.causal_offset >= chunk_key0;
             if (!sees_chunk && splits > 1) continue;  // its dQ partial stays zero
-            pack_rows(element<T>(f.q, b, h, i0), f.q.strides[2], f.q.strides[3], mq, s.D, Acc(1),
+            pack_rows(element<T>(f.q, b, h, i0), f.q.strides[2], f.q.strides[3], mq, s.D, q_scale,
                       Qs, d_pad);
             pack_rows(element<T>(a.grad_out, b, h, i0), a.grad_out.strides[2],
                       a.grad_out.strides[3], mq, s.Dv, Acc(1), dOs, dv_pad);
@@ -637,7 +640,6 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
                         false);
               for (index_t r = 0; r < mq; ++r) {
                 Acc* row = P + r * k_cols;
-                for (index_t c = 0; c < nk; ++c) row[c] *= score_scale;
                 if (masks.any()) masks.apply(row, nk, b, h, i0 + r, j0);
                 std::fill(row + nk, row + n_cols, kNegInf);
                 if (lse2[r] == kNegInf) {
@@ -686,7 +688,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
         }
         for (index_t kb = kb_begin; kb < kb_end; ++kb) {
           const index_t j0 = kb * Bn, nk = std::min(Bn, s.Lk - j0), l = kb - kb_begin;
-          store_rows(dK + l * k_rows * d_pad, d_pad, nk, s.D, scale,
+          store_rows(dK + l * k_rows * d_pad, d_pad, nk, s.D, dk_scale,
                      mutable_element<T>(a.grad_k, b, hk, j0), a.grad_k.strides[2],
                      a.grad_k.strides[3]);
           store_rows(dV + l * k_rows * dv_pad, dv_pad, nk, s.Dv, Acc(1),

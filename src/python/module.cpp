@@ -62,14 +62,18 @@ memattn::DeviceType device_from_name(const std::string& s, const char* name) {
        std::string(name) + ": tensors on device '" + s + "' are not supported (cpu or cuda)");
 }
 
-void check_rank(std::size_t rank, const char* name) {
-  if (rank > static_cast<std::size_t>(memattn::kMaxRank))
-    fail(ErrorKind::invalid_value, std::string(name) + ": expected at most 4 dimensions, got " +
-                                       std::to_string(rank));
+template <class ShapeAt>
+void check_rank(std::size_t rank, ShapeAt shape_at, const char* name) {
+  if (rank <= static_cast<std::size_t>(memattn::kMaxRank)) return;
+  std::string shape = "[";
+  for (std::size_t i = 0; i < rank; ++i)
+    shape += (i ? ", " : "") + std::to_string(static_cast<std::int64_t>(shape_at(i)));
+  fail(ErrorKind::invalid_value, std::string(name) + ": expected at most 4 dimensions, got " +
+                                     std::to_string(rank) + "-D with shape " + shape + "]");
 }
 
 TensorView view_of(const nb::ndarray<>& a, const char* name) {
-  check_rank(a.ndim(), name);
+  check_rank(a.ndim(), [&](std::size_t i) { return a.shape(i); }, name);
   TensorView v;
   v.data = a.data();
   v.dtype = dtype_from_dlpack(a.dtype(), name);
@@ -102,7 +106,7 @@ using TensorSpec = std::tuple<std::string, std::vector<std::int64_t>, std::vecto
 TensorView view_of(const std::optional<TensorSpec>& spec, const char* name) {
   if (!spec) return TensorView{};
   const auto& [dtype, shape, strides, device] = *spec;
-  check_rank(shape.size(), name);
+  check_rank(shape.size(), [&](std::size_t i) { return shape[i]; }, name);
   if (strides.size() != shape.size())
     fail(ErrorKind::invalid_value, std::string(name) + ": spec has " +
                                        std::to_string(shape.size()) + " sizes but " +

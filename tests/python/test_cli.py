@@ -1,0 +1,310 @@
+"""The `memattn` command: demo, bench, doctor, and the helpers they stand on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memattn
+from memattn import _memory, bench, cli, demo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_json_tiny(capsys):
+    code, out, _ = run_cli(
+        capsys, "demo", "--json", "--size", "tiny", "--reps", "1", "--no-progress"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["meta"]["device"] == "cpu"
+    assert result["shape"] == {"B": 1, "H": 2, "L": 64, "D": 32}
+    cases = {r["case"] for r in result["rows"]}
+    assert cases == {"self-attention", "padded batch (key_padding_mask)"}
+    for case in cases:
+        impls = {r["impl"]: r for r in result["rows"] if r["case"] == case}
+        assert set(impls) == {"memattn", "sdpa_flash", "sdpa_math"}, impls
+        ours = impls["memattn"]
+        assert "error" not in ours, ours
+        assert ours["max_abs_err"] < 1e-5, ours  # fp32 vs the float64 reference
+        assert ours["median_ms"] > 0
+        assert ours["memory"]["ok"], ours["memory"]
+        assert ours["memory"]["peak_bytes"] >= 0
+        assert result["plans"][case]["backend"] == "cpu"
+    # The table printed without --json.
+    text = demo.format_table(result)
+    assert "max error" in text
+    assert "peak MiB" in text
+    assert text.count("\nself-attention                   memattn") == 1
+    assert "summary: memattn is" in text
+
+
+def test_demo_and_bench_cuda_without_backend_say_so(capsys):
+    if memattn.build_info()["cuda_built"] and torch.cuda.is_available():
+        pytest.skip("this machine can run memattn on CUDA")
+    code, _, err = run_cli(capsys, "demo", "--device", "cuda", "--size", "tiny", "--no-progress")
+    assert code == 2
+    assert "--device cuda" in err
+    assert ("no CUDA GPU" in err) or ("built without its CUDA backend" in err)
+    code, _, err = run_cli(capsys, "bench", "--device", "cuda", "--quick")
+    assert code == 2
+    assert "--device cuda" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor
+
+
+def test_doctor_json(capsys):
+    code, out, _ = run_cli(capsys, "doctor", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["memattn_version"] == memattn.__version__
+    assert r["torch"]["version"] == torch.__version__
+    assert r["torch"]["threads"] == torch.get_num_threads()
+    b = r["build"]
+    assert b["cpu_isa_selected"] in b["cpu_isas_usable"]
+    assert set(b["cpu_isas_usable"]) <= set(b["cpu_isas_built"])
+    assert isinstance(b["cuda_built"], bool)
+    assert r["cuda"]["torch_cuda_available"] == torch.cuda.is_available()
+    if not b["cuda_built"]:
+        assert r["cuda"]["memattn_cuda_reason"], "a CUDA-less build must say why"
+    plans = {p["call"]: p for p in r["sample_plans"]}
+    fp32 = plans["cpu float32, causal"]["plan"]
+    assert fp32["backend"] == "cpu"
+    assert fp32["kernel"].startswith("cpu/")
+    fp16 = plans["cpu float16 (not supported on CPU)"]["plan"]
+    assert fp16["backend"] == ""
+    reasons = " ".join(" ".join(v[1]) for v in fp16["verdicts"])
+    assert "float16" in reasons
+
+
+def test_doctor_text(capsys):
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 0
+    for needle in ("memattn build", "CPU kernels built", "selected", "CUDA", "Sample plans"):
+        assert needle in out, needle
+
+
+def test_doctor_respects_forced_isa(capsys, monkeypatch):
+    monkeypatch.setenv("MEMATTN_CPU_ISA", "base")
+    code, out, _ = run_cli(capsys, "doctor", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["build"]["cpu_isa_selected"] == "base"
+    assert r["env"]["MEMATTN_CPU_ISA"] == "base"
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def test_bench_quick_writes_json_and_markdown(capsys, tmp_path):
+    out_json, results = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    argv = [
+        "bench",
+        "--device",
+        "cpu",
+        "--quick",
+        "--no-progress",
+        "--memory-lengths",
+        "256,1024",
+        "--out-json",
+        str(out_json),
+        "--results",
+        str(results),
+    ]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    meta = data["meta"]
+    assert meta["device"] == "cpu"
+    assert meta["torch_threads"] == torch.get_num_threads()
+    assert meta["command"].startswith("memattn bench --device cpu --quick")
+    for key in ("date", "torch", "memattn_version", "cpu", "memattn_cpu_isa"):
+        assert meta[key], key
+    # quick sweep: fp32, L in {128, 256}, D=64, causal and not, fwd and fwd+bwd
+    assert len(data["rows"]) == 8
+    for row in data["rows"]:
+        ours = row["results"]["memattn"]
+        assert ours["median_ms"] > 0 and ours["gflop_per_s"] > 0, row
+        assert row["flops"] > 0
+        assert set(row["results"]) == {"memattn", "sdpa_flash", "sdpa_math"}
+        assert row["best_torch"] in ("sdpa_flash", "sdpa_math")
+        assert row["speedup_vs_best_torch"] > 0
+        assert row["max_abs_diff_vs_best_torch"] < 1e-4, row
+    fwd = [r for r in data["rows"] if r["pass"] == "fwd"]
+    bwd = [r for r in data["rows"] if r["pass"] == "fwd+bwd"]
+    assert {r["label"] for r in fwd} == {r["label"] for r in bwd}
+    assert [m["L"] for m in data["memory"]] == [256, 1024]
+    for m in data["memory"]:
+        assert m["results"]["memattn"]["ok"], m
+    # The math path stores the scores: 16x the tokens -> far more than 4x the memory.
+    big = data["memory"][-1]["results"]
+    assert big["sdpa_math"]["peak_bytes"] > 4 * big["memattn"]["peak_bytes"]
+
+    md = results.read_text()
+    assert md.startswith("# memattn benchmark results")
+    assert md.count("<!-- memattn-bench:cpu:begin -->") == 1
+    assert "| pass | case | memattn ms |" in md
+    assert "quick mode" in md
+    assert "Peak memory of one forward pass" in md
+    assert "| fwd+bwd | self fp32 2x2x256x64 (causal) |" in md
+    assert md.split("<!-- memattn-bench:cpu:begin -->")[1].strip().startswith("## CPU")
+    assert "## CPU" in out  # the table is printed too
+
+
+def test_results_markdown_sections_are_replaced(tmp_path):
+    path = str(tmp_path / "sub" / "RESULTS.md")
+    bench.update_results_markdown(path, "cpu", "## CPU\nfirst\n")
+    bench.update_results_markdown(path, "cuda", "## CUDA\ngpu\n")
+    bench.update_results_markdown(path, "cpu", "## CPU\nsecond\n")
+    text = Path(path).read_text()
+    assert "first" not in text
+    assert "second" in text
+    assert "gpu" in text
+    assert text.count("memattn-bench:cpu:begin") == 1
+    assert text.index("memattn-bench:cpu:begin") < text.index("memattn-bench:cuda:begin")
+
+
+def test_bench_rejects_fp16_on_cpu(capsys):
+    code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--quick", "--dtypes", "fp16")
+    assert code == 2
+    assert "fp16" in err
+
+
+@pytest.mark.parametrize(
+    ("Lq", "Lk", "causal", "alignment", "expected"),
+    [
+        (5, 5, False, "top_left", 25),
+        (5, 5, True, "top_left", 15),  # n(n+1)/2
+        (5, 5, True, "bottom_right", 15),
+        (3, 5, True, "top_left", 1 + 2 + 3),
+        (3, 5, True, "bottom_right", 3 + 4 + 5),
+        (5, 3, True, "top_left", 1 + 2 + 3 + 3 + 3),
+        (5, 3, True, "bottom_right", 0 + 0 + 1 + 2 + 3),
+        (1, 4096, True, "bottom_right", 4096),  # decode
+    ],
+)
+def test_allowed_pairs(Lq, Lk, causal, alignment, expected):
+    assert bench.allowed_pairs(Lq, Lk, causal, alignment) == expected
+    ref = torch.ones(Lq, Lk, dtype=torch.bool)
+    if causal:
+        offset = 0 if alignment == "top_left" else Lk - Lq
+        ref = ref.tril(offset)
+    assert int(ref.sum()) == expected
+
+
+def test_case_flops_follow_design_section5():
+    c = bench.Case("self", B=2, Hq=8, Hk=8, Lq=512, Lk=512, D=64, dtype="fp32")
+    assert bench.case_flops(c, backward=False) == 4 * 2 * 8 * 64 * 512 * 512
+    assert bench.case_flops(c, backward=True) == 3.5 * bench.case_flops(c, backward=False)
+    padded = bench.Case("padded", B=4, Hq=2, Hk=2, Lq=100, Lk=100, D=8, dtype="fp32", pad_frac=0.25)
+    lengths = bench.key_lengths(padded)
+    assert lengths[0] == 100
+    assert lengths[-1] == 50
+    assert sum(lengths) / 4 == pytest.approx(75, abs=1)
+    inputs = bench.make_inputs(padded, "cpu", requires_grad=False)
+    valid = (~inputs["key_padding_mask"]).sum(dim=1).tolist()
+    assert valid == lengths
+    assert bench.case_flops(padded, backward=False) == 4 * 2 * 8 * 100 * sum(lengths)
+
+
+def test_make_cases_token_budget():
+    cases = bench.make_cases(
+        dtypes=["fp32", "bf16"],
+        lengths=[512, 2048, 4096],
+        head_dims=[64, 128],
+        tokens=4096,
+        hidden=512,
+        extras=True,
+    )
+    selfs = [c for c in cases if c.kind == "self"]
+    assert len(selfs) == 2 * 3 * 2 * 2
+    for c in selfs:
+        assert c.B * c.Lq == 4096
+        assert c.Hq * c.D == 512
+    kinds = {c.kind for c in cases}
+    assert kinds == {"self", "cross", "padded", "gqa", "decode"}
+    gqa = next(c for c in cases if c.kind == "gqa")
+    assert gqa.Hq % gqa.Hk == 0
+    assert gqa.Hq > gqa.Hk
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory helper
+
+
+def test_cpu_peak_memory_is_linear_for_memattn_and_quadratic_for_math():
+    def peak(impl, L):
+        kw = {"impl": impl, "B": 1, "Hq": 4, "Hk": 4, "Lq": L, "Lk": L, "D": 64, "dtype": "fp32"}
+        r = _memory.cpu_peak_in_subprocess(
+            "memattn.bench:memory_target", kw, warmup_kwargs=dict(kw, Lq=64, Lk=64), threads=1
+        )
+        assert r["ok"], r
+        return r["peak_bytes"]
+
+    L = 2048
+    out_bytes = 4 * L * 64 * 4
+    scores_bytes = 4 * L * L * 4
+    ours = peak("memattn", L)
+    assert out_bytes * 0.9 <= ours <= 3 * out_bytes + (4 << 20), ours
+    assert peak("sdpa_math", L) >= scores_bytes
+
+
+def test_cpu_peak_reports_failures():
+    r = _memory.cpu_peak_in_subprocess("memattn.bench:no_such_target", {})
+    assert not r["ok"]
+    assert "exit" in r["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the command itself
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 2
+    assert "demo" in out
+    assert "bench" in out
+    assert "doctor" in out
+
+
+def test_console_script_and_module_entry_point():
+    exe = shutil.which("memattn")
+    cmd = [exe] if exe else [sys.executable, "-m", "memattn.cli"]
+    proc = subprocess.run(
+        [*cmd, "--help"], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "doctor" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    "script", ["scripts/demo.sh", "scripts/test.sh", "scripts/gpu_check.sh", ".ci/run"]
+)
+def test_scripts_parse(script):
+    path = REPO / script
+    if not path.exists():
+        pytest.skip(f"{script} not in this tree (installed package only)")
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert os.access(path, os.X_OK) or script == ".ci/run"
