@@ -27,3 +27,14 @@ def build_info() -> dict:
     by this CPU), ``cpu_isa_selected`` and ``cpu_isa_reason`` (honours ``MEMATTN_CPU_ISA``),
     ``cuda_built`` and ``cuda_reason``."""
     return dict(_memattn.build_info())
+
+
+# --- memattn.nn, converter and inspect (issue 4) -------------------------------------------
+# Imported last: they build on `attention` above. `inspect` the function shadows the
+# submodule name `memattn.inspect` as an attribute (the submodule stays importable).
+from memattn import nn  # noqa: E402
+from memattn.convert import optimize, restore, status  # noqa: E402
+from memattn.inspect import inspect  # noqa: E402
+
+__all__ += ["inspect", "nn", "optimize", "restore", "status"]
+# --- end of issue 4 exports ------------------------------------------------------------------

@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +168,9 @@ _ADAPTERS: list[Adapter] = []
 def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
     """Adds an adapter; ``first=True`` puts it before the built-in ones (it wins ties)."""
     if not isinstance(adapter, Adapter):
-        raise TypeError(f"adapter: expected a memattn.convert.Adapter, got {type(adapter).__name__}")
+        raise TypeError(
+            f"adapter: expected a memattn.convert.Adapter, got {type(adapter).__name__}"
+        )
     if adapter.kind not in ("attention", "container"):
         raise ValueError(f"adapter.kind: expected 'attention' or 'container', got {adapter.kind!r}")
     if first:
@@ -232,6 +234,28 @@ def _strict_state_check(module: nn.Module, config: dict) -> str | None:
     if len({(t.dtype, t.device) for t in tensors}) > 1:
         return "its parameters do not share one dtype and device"
     return None
+
+
+def backend_reason(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str | None:
+    """None when memattn has a backend for ``dtype`` on ``device``, else why not (from
+    ``memattn.explain`` on a tiny call)."""
+    from memattn.functional import explain
+
+    q = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
+    try:
+        plan = explain(q, q, q)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        return f"memattn can't run {dtype} on {device}: {e}"
+    if plan["backend"]:
+        return None
+    reasons = [f"{backend}: {'; '.join(why)}" for backend, why in plan["verdicts"] if why]
+    return f"memattn has no backend for {dtype} on {device.type} ({' | '.join(reasons)})"
+
+
+def _backend_check(module: nn.Module) -> str | None:
+    p = _first_param(module)
+    head_dim = max(1, int(module.embed_dim) // max(1, int(module.num_heads)))
+    return backend_reason(p.device, p.dtype, head_dim)
 
 
 def _mha_config(module: nn.Module) -> dict:
@@ -323,7 +347,7 @@ class MultiheadAttentionAdapter(Adapter):
         )
 
     def check(self, module):
-        return _strict_state_check(module, _mha_config(module))
+        return _strict_state_check(module, _mha_config(module)) or _backend_check(module)
 
     def convert(self, module):
         module.__class__ = mnn.MultiheadAttention
@@ -339,7 +363,7 @@ class MultiheadAttentionAdapter(Adapter):
     def reference(self, module, probe):
         try:
             return module(*probe.args, **probe.kwargs), ""
-        except Exception as e:  # noqa: BLE001 - any refusal of the subclass is reported as a note
+        except Exception as e:
             if type(module).forward is nn.MultiheadAttention.forward:
                 raise
             note = (
@@ -384,7 +408,7 @@ class MHALayoutAdapter(Adapter):
             return why
         if any(len(list(m.children())) for m in module.out_proj.modules()):
             return "its out_proj has submodules"
-        return None
+        return _backend_check(module)
 
     def convert(self, module):
         config = _mha_config(module)
@@ -565,7 +589,7 @@ def _compare(
     if len(g) != len(w):
         return float("inf"), f"output structure differs ({len(g)} tensors vs {len(w)})"
     worst = 0.0
-    for n, (a, b) in enumerate(zip(g, w)):
+    for n, (a, b) in enumerate(zip(g, w, strict=False)):
         if a is None or b is None:
             if (a is None) != (b is None):
                 return float("inf"), f"output {n} is None in one and not in the other"
@@ -696,7 +720,11 @@ def _plan(model, include, exclude) -> tuple[list[_Item], list[tuple[str, nn.Modu
     # Containers are checked as if their planned attention were already converted.
     for path, module in named:
         adapter = _adapter_for(module, "container")
-        if adapter is None or origin_of(module) is not None or not _selected(path, include, exclude):
+        if (
+            adapter is None
+            or origin_of(module) is not None
+            or not _selected(path, include, exclude)
+        ):
             continue
         why = _container_check(module, adapter, planned_attention)
         if why:
@@ -733,19 +761,23 @@ def optimize(
     """Converts ``model``'s attention to memattn, in place, and returns ``model``.
 
     Args:
-        model: any ``torch.nn.Module`` (a ``torch.nn.MultiheadAttention`` itself included).
-        verify: run every converted module on probe inputs and compare with the original
-            module's output before committing (eval mode, no autograd; the model's modes are
-            restored). On a mismatch nothing is converted and ``ConversionError`` says where.
+        model: any ``torch.nn.Module`` (a bare ``torch.nn.MultiheadAttention`` included).
+        verify: before committing, run every module to convert on probe inputs, original and
+            converted, and compare (eval mode, no autograd; the model's modes are restored
+            afterwards). A module whose own forward refuses every probe (it is not called
+            like nn.MultiheadAttention) is not converted; a mismatch makes the whole call fail
+            with ``ConversionError`` and the model unchanged. ``verify=False`` converts
+            whatever the adapters accept, unverified.
         probe: optional example input for an end-to-end check of the whole model: a tensor, a
             tuple of positional arguments, or a dict of keyword arguments. The converted
-            model's output must match the original's (when the original runs at all: if it
-            raises, e.g. a wrapper that refuses masks, the converted model must run and give
-            finite outputs). Needed to verify a Hugging Face model's switch.
+            model's output must match the original's; if the original raises on it (e.g. a
+            wrapper that refuses masks), the converted model must run and give finite values.
+            A Hugging Face model's switch is only verified this way.
         include / exclude: module paths (a path selects its submodules too; regular
             expressions allowed) to limit the conversion to.
-        strict: raise ``ConversionError`` when an attention-like module can't be converted,
-            instead of leaving it alone with a warning (``status`` lists the reasons).
+        strict: raise ``ConversionError`` when an attention-like module that an adapter
+            recognises can't be converted, instead of leaving it alone with a warning
+            (``status`` lists the reasons either way).
         hf: switch a Hugging Face ``PreTrainedModel`` (transformers already imported) to
             ``attn_implementation="memattn"``.
 
@@ -758,109 +790,63 @@ def optimize(
     # nn.MultiheadAttention) can be replaced like any submodule.
     holder = _Holder(model)
     items, skipped = _plan(holder, include, exclude)
-    hf_item = None
-    if hf_mod is not None and hf_mod.is_hf_model(model) and origin_of(model) is None:
+    hf_switch = False
+    if hf_mod is not None and hf_mod.is_hf_model(model):
         why = hf_mod.check(model)
-        if why is None and _selected("", include, exclude):
-            hf_item = True
-        elif why is not None:
+        if why is not None:
             skipped.append(("", model, why))
-    unconvertible = [(p, m, why) for p, m, why in skipped if why != "excluded by include/exclude"]
-    if unconvertible:
-        lines = "; ".join(f"{p or '<model>'} ({type(m).__name__}): {why}" for p, m, why in unconvertible)
-        if strict:
-            path, _, why = unconvertible[0]
-            raise ConversionError(path, f"can't be converted: {why} (all: {lines})")
-        warnings.warn(f"memattn.optimize left these modules as they are: {lines}", stacklevel=2)
+        elif model.config._attn_implementation != hf_mod.NAME and _selected("", include, exclude):
+            hf_switch = True
 
     end_to_end_ref = None
     end_to_end_note = ""
+    if verify:
+        items = _references(items, skipped)
+        if probe is not None:
+            with _EvalNoGrad(model):
+                try:
+                    end_to_end_ref = _call(model, probe)
+                except Exception as e:  # noqa: BLE001 - the origin scenario: it crashed before
+                    end_to_end_ref = _NO_REFERENCE
+                    end_to_end_note = (
+                        f"the original model raised {type(e).__name__} on the probe "
+                        f"({str(e)[:100]}); the converted model was checked to run"
+                    )
+    _report_skipped(skipped, strict)
+
+    current = ""
+
     parents = _parents(holder)
     applied: list[_Item] = []
     hf_previous = None
-    current = "<model>"
     try:
-        if verify:
-            for item in items:
-                current = item.path
-                item.probes = item.adapter.probes(item.module)
-                with _EvalNoGrad(item.module):
-                    for pr in item.probes:
-                        try:
-                            ref, note = item.adapter.reference(item.module, pr)
-                        except Exception as e:  # noqa: BLE001 - a refused probe is reported
-                            if item.adapter.kind == "attention":
-                                raise _VerifyError(
-                                    f"the original module raised on probe '{pr.description}' "
-                                    f"({type(e).__name__}: {e}), so the conversion can't be "
-                                    "proven; pass verify=False to convert it anyway"
-                                ) from e
-                            ref, note = _NO_REFERENCE, (
-                                f"original raised on '{pr.description}' ({type(e).__name__}); "
-                                "checked that the converted module runs"
-                            )
-                        item.references.append(ref)
-                        if note:
-                            item.notes.append(note)
-            if probe is not None:
-                current = "<model>"
-                with _EvalNoGrad(model):
-                    try:
-                        end_to_end_ref = _call(model, probe)
-                    except Exception as e:  # noqa: BLE001 - the origin scenario: it crashed before
-                        end_to_end_ref = _NO_REFERENCE
-                        end_to_end_note = (
-                            f"the original model raised {type(e).__name__} on the probe "
-                            f"({str(e)[:100]}); the converted model was checked to run"
-                        )
         for item in items:
             current = item.path
             cls = type(item.module)
             new = item.adapter.convert(item.module)
             item.converted = new
             applied.append(item)
-            _set_origin(
-                new, Origin(item.adapter.name, cls, item.module if new is not item.module else None)
-            )
+            original = item.module if new is not item.module else None
+            _set_origin(new, Origin(item.adapter.name, cls, original))
             _swap(parents, item.module, new)
-        if hf_item:
-            current = "<model>"
+        if hf_switch:
+            current = ""
             hf_previous = hf_mod.enable(model)
-        if verify:
-            for item in applied:
-                current = item.path
-                worst = 0.0
-                with _EvalNoGrad(item.converted):
-                    for pr, ref in zip(item.probes, item.references):
-                        got = item.converted(*pr.args, **pr.kwargs)
-                        if ref is _NO_REFERENCE:
-                            _check_finite(got, pr.description)
-                            continue
-                        err, why = _compare(got, ref, where=pr.compare_where)
-                        if why:
-                            raise _VerifyError(f"verification failed on probe '{pr.description}': {why}")
-                        worst = max(worst, err)
-                text = (
-                    f"verified on {len(item.probes)} probe(s), max abs err {worst:.2e}"
-                    if item.probes
-                    else "no probes (not verified)"
-                )
-                if item.notes:
-                    text += "; " + "; ".join(item.notes)
-                origin_of(item.converted).verification = text
-            if probe is not None:
-                current = "<model>"
-                with _EvalNoGrad(model):
-                    got = _call(model, probe)
-                if end_to_end_ref is _NO_REFERENCE:
-                    _check_finite(got, "probe")
-                else:
-                    _, why = _compare(got, end_to_end_ref, factor=10.0)
-                    if why:
-                        raise _VerifyError(f"end-to-end verification on probe failed: {why}")
-        else:
-            for item in applied:
-                origin_of(item.converted).verification = "not verified (verify=False)"
+        for item in applied:
+            current = item.path
+            origin_of(item.converted).verification = (
+                _verify_item(item) if verify else "not verified (verify=False)"
+            )
+        if verify and probe is not None:
+            current = ""
+            with _EvalNoGrad(model):
+                got = _call(model, probe)
+            if end_to_end_ref is _NO_REFERENCE:
+                _check_finite(got, "probe")
+            else:
+                _, why = _compare(got, end_to_end_ref, factor=10.0)
+                if why:
+                    raise _VerifyError(f"end-to-end verification on probe failed: {why}")
     except BaseException as e:
         if hf_previous is not None:
             hf_mod.disable(model, hf_previous)
@@ -871,12 +857,98 @@ def optimize(
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         reason = str(e) if isinstance(e, _VerifyError) else f"{type(e).__name__}: {e}"
-        raise ConversionError(current if current != "<model>" else "", reason) from e
+        raise ConversionError(current, reason) from e
     if hf_previous is not None:
         model.__dict__["_memattn_hf_previous"] = hf_previous
         if end_to_end_note:
             model.__dict__["_memattn_hf_note"] = end_to_end_note
     return holder.model
+
+
+def _references(items: list[_Item], skipped: list) -> list[_Item]:
+    """Computes each item's probes and reference outputs on the original module. Attention
+    modules whose forward refuses every probe move to ``skipped``; so do containers whose
+    attention is no longer planned."""
+    kept = []
+    for item in items:
+        if item.adapter.kind == "container":
+            planned = {id(i.module) for i in kept if i.adapter.kind == "attention"}
+            why = _container_check(item.module, item.adapter, planned)
+            if why:
+                skipped.append((item.path, item.module, why))
+                continue
+        try:
+            item.probes = item.adapter.probes(item.module)
+        except Exception as e:  # noqa: BLE001 - an adapter that can't build probes can't prove it
+            skipped.append((item.path, item.module, f"no probe inputs: {type(e).__name__}: {e}"))
+            continue
+        refused = []
+        with _EvalNoGrad(item.module):
+            for pr in item.probes:
+                try:
+                    ref, note = item.adapter.reference(item.module, pr)
+                except Exception as e:  # noqa: BLE001 - a refused probe is reported, not fatal
+                    refused.append(f"'{pr.description}': {type(e).__name__}: {str(e)[:80]}")
+                    ref, note = _NO_REFERENCE, ""
+                item.references.append(ref)
+                if note:
+                    item.notes.append(note)
+        if refused and item.adapter.kind == "attention" and len(refused) == len(item.probes):
+            skipped.append(
+                (
+                    item.path,
+                    item.module,
+                    "its forward refused every verification probe (called like "
+                    f"nn.MultiheadAttention): {refused[0]}",
+                )
+            )
+            continue
+        if refused:
+            what = "compared" if item.adapter.kind == "attention" else "checked to run"
+            item.notes.append(
+                f"the original refused {len(refused)} probe(s) ({refused[0]}); those were "
+                f"{'skipped' if item.adapter.kind == 'attention' else what}"
+            )
+        kept.append(item)
+    return kept
+
+
+def _verify_item(item: _Item) -> str:
+    """Runs the converted module on its probes; raises _VerifyError on a mismatch."""
+    worst = 0.0
+    compared = 0
+    with _EvalNoGrad(item.converted):
+        for pr, ref in zip(item.probes, item.references, strict=False):
+            if ref is _NO_REFERENCE and item.adapter.kind == "attention":
+                continue
+            got = item.converted(*pr.args, **pr.kwargs)
+            if ref is _NO_REFERENCE:
+                _check_finite(got, pr.description)
+                continue
+            err, why = _compare(got, ref, where=pr.compare_where)
+            if why:
+                raise _VerifyError(f"verification failed on probe '{pr.description}': {why}")
+            worst = max(worst, err)
+            compared += 1
+    text = (
+        f"verified on {compared} probe(s), max abs err {worst:.2e}"
+        if item.probes
+        else "no probes (not verified)"
+    )
+    if item.notes:
+        text += "; " + "; ".join(item.notes)
+    return text
+
+
+def _report_skipped(skipped: list, strict: bool) -> None:
+    unconvertible = [(p, m, w) for p, m, w in skipped if w != "excluded by include/exclude"]
+    if not unconvertible:
+        return
+    lines = "; ".join(f"{p or '<model>'} ({type(m).__name__}): {w}" for p, m, w in unconvertible)
+    if strict:
+        path, _, why = unconvertible[0]
+        raise ConversionError(path, f"can't be converted: {why} (all: {lines})")
+    warnings.warn(f"memattn.optimize left these modules as they are: {lines}", stacklevel=3)
 
 
 class _VerifyError(Exception):
@@ -901,9 +973,13 @@ def _call(model: nn.Module, probe: Any) -> Any:
 
 def _check_finite(out: Any, description: str) -> None:
     for n, t in enumerate(_tensors(out)):
-        if t is not None and t.is_floating_point() and not t.is_nested:
-            if not torch.isfinite(t).all():
-                raise _VerifyError(f"output {n} on probe '{description}' is not finite")
+        if (
+            t is not None
+            and t.is_floating_point()
+            and not t.is_nested
+            and not torch.isfinite(t).all()
+        ):
+            raise _VerifyError(f"output {n} on probe '{description}' is not finite")
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -921,6 +997,7 @@ def restore(model: nn.Module) -> nn.Module:
         from memattn.integrations import hf
 
         hf.disable(model, hf_previous)
+
     # Containers first (they are outside their attention), deepest paths first.
     def order(entry):
         path, m = entry
@@ -954,7 +1031,8 @@ def is_attention_like(module: nn.Module) -> bool:
 
 def _is_container(module: nn.Module) -> bool:
     return isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) or (
-        origin_of(module) is not None and _adapter_named(origin_of(module).adapter).kind == "container"
+        origin_of(module) is not None
+        and _adapter_named(origin_of(module).adapter).kind == "container"
     )
 
 
@@ -1018,7 +1096,9 @@ class Status:
     def count(self, type_name_: str) -> int:
         """How many modules of the type whose name (qualified or bare) is given."""
         return sum(
-            r.count for r in self.rows if r.type == type_name_ or r.type.rsplit(".", 1)[-1] == type_name_
+            r.count
+            for r in self.rows
+            if r.type == type_name_ or r.type.rsplit(".", 1)[-1] == type_name_
         )
 
     def to_dict(self) -> dict:
@@ -1048,7 +1128,9 @@ class Status:
                 src = ", ".join(sorted(r.how))
             else:
                 src = "-"
-            on_text = "yes" if r.memattn == r.count else ("no" if r.memattn == 0 else f"{r.memattn}")
+            on_text = (
+                "yes" if r.memattn == r.count else ("no" if r.memattn == 0 else f"{r.memattn}")
+            )
             table.append((r.kind, r.type, str(r.count), on_text, src))
         widths = [max(len(row[i]) for row in [header, *table]) for i in range(4)]
         fmt = "  ".join(f"{{:<{w}}}" if i != 2 else f"{{:>{w}}}" for i, w in enumerate(widths))

@@ -99,7 +99,7 @@ class InspectReport:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines.append(fmt.format(*header))
         lines.append("  ".join("-" * w for w in widths))
-        for row, c in zip(rows, self.calls):
+        for row, c in zip(rows, self.calls, strict=False):
             lines.append(fmt.format(*row).rstrip())
             why = c.reason + (f"; {c.note}" if c.note else "")
             lines.append(f"{'':<{widths[0]}}  why: {why}")
@@ -190,7 +190,15 @@ class _Tracer:
         )
 
     def record_other(
-        self, module, args, kwargs, *, backend: str, reason: str, note: str = "", self_attention=None
+        self,
+        module,
+        args,
+        kwargs,
+        *,
+        backend: str,
+        reason: str,
+        note: str = "",
+        self_attention=None,
     ):
         names = _argument_names(module)
         tensors = [
@@ -243,9 +251,13 @@ def _self_attention_from_call(module, args, kwargs) -> bool | None:
         if len(qkv) >= 2 and qkv[0] is not None and qkv[1] is not None:
             return qkv[0] is qkv[1]
         return None
+    names = _argument_names(module)
     for name in ("key_value_states", "encoder_hidden_states", "cross_attention_states"):
         if name in kwargs:
             return kwargs[name] is None
+        if name in names:
+            position = names.index(name)
+            return position >= len(args) or args[position] is None
     if isinstance(module, nn.TransformerEncoderLayer):
         return True
     cross = getattr(module, "is_cross_attention", None)

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import memattn
 from memattn.functional import attention
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "attention_weights",
 ]
 
 # Set by ``memattn.inspect`` while it records a forward pass: an object with a ``record_memattn``
@@ -56,17 +56,44 @@ def _check_mask_dtype(mask: Tensor | None, name: str) -> None:
         raise AssertionError(f"only bool and floating types of {name} are supported")
 
 
-def _warn_mismatched_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> None:
-    # torch.nn.MultiheadAttention warns with these words when the two masks' dtypes differ.
+# True while a memattn Transformer layer or encoder has already warned about its masks, so
+# that the attention inside does not warn again (torch warns once, where it canonicalises).
+_MASKS_WARNED: contextvars.ContextVar = contextvars.ContextVar(
+    "memattn_masks_warned", default=False
+)
+
+
+def _suppress_mask_warnings():
+    # torch.compile can't trace ContextVar; compiled code just warns again (harmless).
+    return None if torch.compiler.is_compiling() else _MASKS_WARNED.set(True)
+
+
+def _restore_mask_warnings(token) -> None:
+    if token is not None:
+        _MASKS_WARNED.reset(token)
+
+
+def _tracer():
+    """The active ``memattn.inspect`` recorder, or None (always None while compiling)."""
+    return None if torch.compiler.is_compiling() else _TRACER.get()
+
+
+def _warn_mismatched_masks(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    names: tuple[str, str] = ("key_padding_mask", "attn_mask"),
+) -> None:
+    # torch warns with these words when the two masks' dtypes differ.
     if (
         key_padding_mask is not None
         and attn_mask is not None
         and key_padding_mask.dtype != attn_mask.dtype
+        and (torch.compiler.is_compiling() or not _MASKS_WARNED.get())
     ):
         warnings.warn(
-            "Support for mismatched key_padding_mask and attn_mask is deprecated. "
+            f"Support for mismatched {names[0]} and {names[1]} is deprecated. "
             "Use same type for both instead.",
-            stacklevel=2,
+            stacklevel=3,
         )
 
 
@@ -153,9 +180,7 @@ class _VirtualColumnsAttention(torch.autograd.Function):
         n_zero, causal, dropout_p, scale = ctx.options
         st = _stat_dtype(q.dtype)
         needs = ctx.needs_input_grad
-        mask_needs_grad = bool(
-            attn_mask is not None and attn_mask.is_floating_point() and needs[5]
-        )
+        mask_needs_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and needs[5])
         grad_out = grad_out.contiguous()
         gq, gk, gv, gmask = torch.ops.memattn.attention_backward(
             grad_out,
@@ -364,7 +389,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         )
         if not is_batched:
             # One code path: unbatched input is a batch of one in batch-first layout.
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            # (keeping query is key is value where it holds: it selects the fused projection)
+            q1 = query.unsqueeze(0)
+            k1 = q1 if key is query else key.unsqueeze(0)
+            v1 = k1 if value is key else (q1 if value is query else value.unsqueeze(0))
+            query, key, value = q1, k1, v1
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         batch_first = self.batch_first or not is_batched
@@ -478,7 +507,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         dropout_p = float(self.dropout) if self.training else 0.0
         scale = 1.0 / math.sqrt(D)
 
-        tracer = _TRACER.get()
+        tracer = _tracer()
         if tracer is not None:
             tracer.record_memattn(
                 self,
@@ -606,7 +635,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         mask = attn_mask
         if mask is not None:
             if mask.dim() == 3:
-                mask = mask.view(B, self.num_heads, Lq, Lk)
+                mask = mask.reshape(B, self.num_heads, Lq, Lk)
             if mask.dtype == torch.bool:
                 mask = ~mask
         kpm = key_padding_mask
@@ -621,9 +650,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             else:
                 mask = mask + float_kpm
             kpm = None
-        if mask is not None and mask.is_floating_point() and mask.dtype not in (
-            dtype,
-            torch.float32,
+        if (
+            mask is not None
+            and mask.is_floating_point()
+            and mask.dtype
+            not in (
+                dtype,
+                torch.float32,
+            )
         ):
             mask = mask.to(dtype)
         return mask, kpm
@@ -647,7 +681,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         padded, kpm = _nested_to_padded(query)
         out, _ = self.forward(padded, padded, padded, key_padding_mask=kpm, need_weights=False)
         return torch._nested_tensor_from_mask(out, ~kpm, mask_check=False), None
-
 
 
 def _nested_to_padded(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -691,14 +724,22 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
+        _warn_mismatched_masks(src_key_padding_mask, src_mask, ("src_key_padding_mask", "src_mask"))
         _check_mask_dtype(src_mask, "src_mask")
+        token = _suppress_mask_warnings()
+        try:
+            return self._forward(src, src_mask, src_key_padding_mask, is_causal)
+        finally:
+            _restore_mask_warnings(token)
+
+    def _forward(self, src, src_mask, src_key_padding_mask, is_causal):
         if src.is_nested:
             padded, kpm = _nested_to_padded(src)
             if not self.self_attn.batch_first:
                 raise AssertionError(
                     "nested tensor input needs self_attn.batch_first=True, as in torch's layer"
                 )
-            out = self.forward(padded, src_mask, kpm, is_causal=is_causal)
+            out = self._forward(padded, src_mask, kpm, is_causal)
             return torch._nested_tensor_from_mask(out, ~kpm, mask_check=False)
         x = src
         if self.norm_first:
@@ -722,6 +763,10 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     memattn skips padding itself (per key block), so this one passes the padded batch and the
     mask (as given, bool or float) to every layer. Everything else is torch's: the
     ``is_causal`` detection from ``mask``, the final ``norm``.
+
+    Outputs at padded positions: torch's nested path returns 0 there (then the final norm);
+    this encoder returns the values computed for those positions, as torch's own training path
+    does. The outputs of real tokens are the same.
     """
 
     def forward(
@@ -731,10 +776,18 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool | None = None,
     ) -> Tensor:
+        _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
+        _warn_mismatched_masks(src_key_padding_mask, mask, ("src_key_padding_mask", "mask"))
+        _check_mask_dtype(mask, "mask")
+        token = _suppress_mask_warnings()
+        try:
+            return self._forward(src, mask, src_key_padding_mask, is_causal)
+        finally:
+            _restore_mask_warnings(token)
+
+    def _forward(self, src, mask, src_key_padding_mask, is_causal):
         from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
-        _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
-        _check_mask_dtype(mask, "mask")
         first = self.layers[0]
         batch_first = first.self_attn.batch_first
         seq_len = _get_seq_len(src, batch_first)

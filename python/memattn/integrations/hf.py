@@ -16,6 +16,7 @@ idempotently):
 Then::
 
     import memattn.integrations.hf  # noqa: F401
+
     model = AutoModel.from_config(config, attn_implementation="memattn")
     # or, for a model already built: memattn.optimize(model)  (switches it and can restore)
 
@@ -112,8 +113,10 @@ def memattn_attention_forward(
     attn_mask = None
     key_padding_mask = None
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and _is_key_only(
-            attention_mask
+        if (
+            attention_mask.dtype == torch.bool
+            and attention_mask.dim() == 4
+            and _is_key_only(attention_mask)
         ):
             key_padding_mask = (~attention_mask[:, 0, 0, :]).expand(B, -1).contiguous()
         else:
@@ -125,9 +128,12 @@ def memattn_attention_forward(
             attn_mask = torch.where(attn_mask, position_bias, -math.inf)
         else:
             attn_mask = position_bias + attn_mask
-    if attn_mask is not None and attn_mask.is_floating_point():
-        if attn_mask.dtype not in (query.dtype, torch.float32):
-            attn_mask = attn_mask.to(query.dtype)
+    if (
+        attn_mask is not None
+        and attn_mask.is_floating_point()
+        and attn_mask.dtype not in (query.dtype, torch.float32)
+    ):
+        attn_mask = attn_mask.to(query.dtype)
     dropout_p = float(dropout)
     # A mask with a Lk wider than the keys (some models pad it) is cut to the keys.
     if attn_mask is not None and attn_mask.shape[-1] != key.shape[2]:
@@ -140,9 +146,11 @@ def memattn_attention_forward(
         "dropout_p": dropout_p,
         "scale": scaling,
     }
-    tracer = mnn._TRACER.get()
+    tracer = mnn._tracer()
     if tracer is not None:
-        tracer.record_memattn(module, query, key, value, call, note="transformers AttentionInterface")
+        tracer.record_memattn(
+            module, query, key, value, call, note="transformers AttentionInterface"
+        )
     output_attentions = bool(kwargs.get("output_attentions", False))
     if output_attentions:
         out, lse = attention(query, key, value, **call, return_lse=True)
@@ -171,7 +179,7 @@ def memattn_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
     names = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function")
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     if (
         bound.get("mask_function") is bidirectional_mask_function
@@ -224,6 +232,17 @@ def check(model: torch.nn.Module) -> str | None:
             "AttentionInterface, so attn_implementation='memattn' would be ignored; it needs a "
             "module adapter (memattn.convert.register_adapter)"
         )
+    from memattn.convert import backend_reason
+
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if params:
+        config = model.config
+        heads = getattr(config, "num_attention_heads", None)
+        hidden = getattr(config, "hidden_size", None)
+        head_dim = getattr(config, "head_dim", None) or (
+            hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else 64
+        )
+        return backend_reason(params[0].device, params[0].dtype, int(head_dim))
     return None
 
 
