@@ -17,10 +17,15 @@ CpuTiles forward_tiles(std::int64_t D, std::int64_t Dv);
 // query block.
 CpuTiles backward_tiles(std::int64_t D, std::int64_t Dv);
 
-// How many key chunks each (batch, kv-head) unit of the backward is split into. Splitting
-// gives idle threads work when units are scarce, at the price of a float32 dQ partial per
-// split that is reduced at the end. `units` counts independent task units (after mask-grad
-// constraints); `key_blocks` is ceil(Lk / block_k).
-int backward_key_splits(std::int64_t units, std::int64_t key_blocks, int num_threads);
+// How many key chunks each independent unit of work is split into. Splitting gives idle
+// threads work when units are scarce (decoding one sequence, few heads), at the price of a
+// partial result per split that is merged at the end (dQ in the backward; O, max and sum in
+// the row-wise forward). `key_blocks` is ceil(Lk / block_k).
+int key_splits(std::int64_t units, std::int64_t key_blocks, int num_threads);
+
+// Few query rows (decoding): the GEMM forward would pad each tile to a full micro-tile of
+// rows and pack K^T for reuse that never comes, so a row-wise kernel that reads K and V once
+// (dot products and axpys, memory-bound like the problem itself) is faster.
+bool forward_is_rowwise(std::int64_t Lq);
 
 }  // namespace memattn::cpu

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/errors.h"
 #include "cpu/heuristics.h"
@@ -99,6 +100,26 @@ struct Simd {
   }
   static void store(Acc* p, Vec v) { std::memcpy(p, &v, sizeof v); }
   static Vec splat(Acc x) { return Vec{} + x; }
+  // Lane indices of the same width, for __builtin_shuffle.
+  using Lane = std::conditional_t<sizeof(Acc) == 4, std::int32_t, std::int64_t>;
+  typedef Lane LaneVec __attribute__((vector_size(kVectorBytes)));
+  // Horizontal reduction by halving (log2(width) shuffles), not a scalar walk over lanes.
+  template <class Op>
+  static Acc reduce(Vec v, Op op) {
+#pragma GCC unroll 8
+    for (int half = kWidth / 2; half >= 1; half /= 2) {
+      LaneVec rotate;
+      for (int l = 0; l < kWidth; ++l) rotate[l] = (l + half) % kWidth;
+      v = op(v, __builtin_shuffle(v, rotate));
+    }
+    return v[0];
+  }
+  static Acc sum(Vec v) {
+    return reduce(v, [](Vec x, Vec y) { return x + y; });
+  }
+  static Acc max(Vec v) {
+    return reduce(v, [](Vec x, Vec y) { return x > y ? x : y; });
+  }
 };
 
 // Micro-tile: kMicroRows rows x two vectors of columns.
@@ -185,9 +206,7 @@ inline float exp2_row(float* row, index_t n, float in_scale, float offset) {
     S::store(row + c, p);
     sum += p;
   }
-  float total = 0;
-  for (int l = 0; l < S::kWidth; ++l) total += sum[l];
-  return total;
+  return S::sum(sum);
 }
 inline double exp2_row(double* row, index_t n, double in_scale, double offset) {
   double total = 0;
@@ -206,9 +225,24 @@ Acc row_max(const Acc* row, index_t n) {  // n a multiple of the vector width
     const auto v = S::load(row + c);
     m = m > v ? m : v;
   }
-  Acc best = -std::numeric_limits<Acc>::infinity();
-  for (int l = 0; l < S::kWidth; ++l) best = std::max(best, m[l]);
-  return best;
+  return S::max(m);
+}
+
+// Sum of a[c] * b[c] over n (a multiple of the vector width).
+template <class Acc>
+Acc dot(const Acc* a, const Acc* b, index_t n) {
+  using S = Simd<Acc>;
+  auto acc = S::splat(0);
+  for (index_t c = 0; c < n; c += S::kWidth) acc += S::load(a + c) * S::load(b + c);
+  return S::sum(acc);
+}
+
+// y[c] = y[c] * y_scale + alpha * x[c] over n (a multiple of the vector width).
+template <class Acc>
+void scale_add(Acc* y, Acc y_scale, Acc alpha, const Acc* x, index_t n) {
+  using S = Simd<Acc>;
+  for (index_t c = 0; c < n; c += S::kWidth)
+    S::store(y + c, S::load(y + c) * y_scale + S::load(x + c) * alpha);
 }
 
 // ---------------------------------------------------------------- operands
@@ -412,6 +446,112 @@ T* mutable_element(const TensorView& t, index_t a, index_t b, index_t c) {
 
 // ---------------------------------------------------------------- forward
 
+// Row-wise forward for few query rows (decoding). One task per (batch, kv head, key chunk):
+// every query row of every q head in the GQA group shares each K and V row it reads, so K and
+// V are read once per call. Each chunk keeps its own unnormalised output, running max and sum
+// per row; a final pass merges the chunks (the flash-decoding split) and normalises.
+template <class T>
+void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_threads) {
+  using Acc = typename AccumulatorOf<T>::type;
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  constexpr index_t W = Simd<Acc>::kWidth;
+  const index_t Bn = forward_tiles(s.D, s.Dv).block_k;
+  const index_t group = s.group_size(), rows = s.Lq * group;  // rows of one task
+  const index_t d_pad = round_up(s.D, W), dv_pad = round_up(s.Dv, W), n_pad = round_up(Bn, W);
+  const index_t k_blocks = (s.Lk + Bn - 1) / Bn, units = s.B * s.Hk;
+  int splits = key_splits(units, k_blocks, num_threads);
+  const index_t chunk_blocks = k_blocks == 0 ? 0 : (k_blocks + splits - 1) / splits;
+  splits = chunk_blocks == 0 ? 1 : static_cast<int>((k_blocks + chunk_blocks - 1) / chunk_blocks);
+  const index_t tasks = units * splits;
+  if (tasks == 0 || rows == 0) return;
+  const int workers = static_cast<int>(std::min<index_t>(std::max(num_threads, 1), tasks));
+
+  // Per task: O [rows][Dv], running max [rows] (log2 units), running sum [rows].
+  const index_t partial_size = rows * (dv_pad + 2);
+  Scratch<Acc> partial(tasks * partial_size, 1);
+  Scratch<Acc> scratch(rows * d_pad + Bn * d_pad + Bn * dv_pad + n_pad + 64, workers);
+  const MaskContext<Acc> masks = mask_context<Acc>(a, s);
+  const Dropout dropout = dropout_of(a);
+  const Acc q_scale = static_cast<Acc>(s.scale * kLog2e);
+
+  parallel_for(tasks, workers, [&](index_t task, int worker) {
+    const index_t split = task % splits, unit = task / splits;
+    const index_t b = unit / s.Hk, hk = unit % s.Hk;
+    Acc* O = partial.data() + task * partial_size;
+    Acc* running_max = O + rows * dv_pad;
+    Acc* row_sum = running_max + rows;
+    Carver<Acc> carve{scratch.worker(worker)};
+    Acc* Qs = carve.take(rows * d_pad);  // [group * Lq][D], pre-scaled
+    Acc* Ks = carve.take(Bn * d_pad);    // [Bn][D]
+    Acc* Vs = carve.take(Bn * dv_pad);   // [Bn][Dv]
+    Acc* p = carve.take(n_pad);          // scores, then probabilities, of one row
+
+    for (index_t g = 0; g < group; ++g)
+      pack_rows(element<T>(a.q, b, hk * group + g, 0), a.q.strides[2], a.q.strides[3], s.Lq,
+                s.D, q_scale, Qs + g * s.Lq * d_pad, d_pad);
+    std::fill(O, O + rows * dv_pad, Acc(0));
+    std::fill(running_max, running_max + rows, kNegInf);
+    std::fill(row_sum, row_sum + rows, Acc(0));
+
+    const index_t kb_end = std::min(k_blocks, (split + 1) * chunk_blocks);
+    for (index_t kb = split * chunk_blocks; kb < kb_end; ++kb) {
+      const index_t j0 = kb * Bn, nk = std::min(Bn, s.Lk - j0);
+      if (a.is_causal && j0 > s.Lq - 1 + s.causal_offset) break;  // hidden from every row
+      pack_rows(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Acc(1), Ks,
+                d_pad);
+      pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1), Vs,
+                dv_pad);
+      for (index_t row = 0; row < rows; ++row) {
+        const index_t h = hk * group + row / s.Lq, i = row % s.Lq;
+        for (index_t c = 0; c < nk; ++c) p[c] = dot(Qs + row * d_pad, Ks + c * d_pad, d_pad);
+        if (masks.any()) masks.apply(p, nk, b, h, i, j0);
+        std::fill(p + nk, p + n_pad, kNegInf);
+        const Acc m_new = std::max(running_max[row], row_max(p, n_pad));
+        if (m_new == kNegInf) continue;  // every key so far is masked
+        const Acc rescale = std::exp2(running_max[row] - m_new);
+        row_sum[row] = row_sum[row] * rescale + exp2_row(p, n_pad, Acc(1), m_new);
+        running_max[row] = m_new;
+        if (dropout.enabled) dropout.apply(p, nk, b * s.Hq + h, i, j0);
+        Acc* o = O + row * dv_pad;
+        for (index_t c = 0; c < nk; ++c)
+          scale_add(o, c == 0 ? rescale : Acc(1), p[c], Vs + c * dv_pad, dv_pad);
+      }
+    }
+  });
+
+  // Merge the chunks of each row: rescale each to the common max, add, normalise.
+  parallel_for(units, workers, [&](index_t unit, int) {
+    const index_t b = unit / s.Hk, hk = unit % s.Hk;
+    for (index_t row = 0; row < rows; ++row) {
+      const index_t h = hk * group + row / s.Lq, i = row % s.Lq;
+      const Acc* first = partial.data() + unit * splits * partial_size;
+      Acc m = kNegInf;
+      for (int sp = 0; sp < splits; ++sp)
+        m = std::max(m, first[sp * partial_size + rows * dv_pad + row]);
+      Acc sum = 0;
+      for (int sp = 0; sp < splits; ++sp) {
+        const Acc* part = first + sp * partial_size;
+        if (part[rows * dv_pad + row] != kNegInf)
+          sum += part[rows * dv_pad + rows + row] * std::exp2(part[rows * dv_pad + row] - m);
+      }
+      const bool empty = sum == Acc(0);
+      T* out = mutable_element<T>(a.out, b, h, i);
+      for (index_t c = 0; c < s.Dv; ++c) {
+        Acc v = 0;
+        for (int sp = 0; sp < splits; ++sp) {
+          const Acc* part = first + sp * partial_size;
+          if (part[rows * dv_pad + row] != kNegInf)
+            v += part[row * dv_pad + c] * std::exp2(part[rows * dv_pad + row] - m);
+        }
+        narrow(empty ? Acc(0) : v / sum, out[c * a.out.strides[3]]);
+      }
+      static_cast<Acc*>(a.lse.data)[b * a.lse.strides[0] + h * a.lse.strides[1] +
+                                    i * a.lse.strides[2]] =
+          empty ? kNegInf : static_cast<Acc>((m + std::log2(sum)) * kLn2);
+    }
+  });
+}
+
 template <class T>
 void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) {
   using Acc = typename AccumulatorOf<T>::type;
@@ -424,6 +564,7 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
   const index_t q_blocks = (s.Lq + Bm - 1) / Bm;
   const index_t tasks = s.B * s.Hq * q_blocks;
   if (tasks == 0) return;
+  if (forward_is_rowwise(s.Lq)) return forward_rowwise<T>(a, s, num_threads);
 
   const index_t group = s.group_size();
   const int workers = static_cast<int>(std::min<index_t>(std::max(num_threads, 1), tasks));
@@ -540,7 +681,7 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
   const bool heads_inside = g.present() && g.sizes[1] == 1 && s.Hq > 1;
   const bool keys_together = g.present() && g.sizes[3] == 1 && s.Lk > 1;
   const index_t outer_b = batch_inside ? 1 : s.B, outer_h = heads_inside ? 1 : s.Hk;
-  int splits = keys_together ? 1 : backward_key_splits(outer_b * outer_h, k_blocks, num_threads);
+  int splits = keys_together ? 1 : key_splits(outer_b * outer_h, k_blocks, num_threads);
   const index_t chunk_blocks = k_blocks == 0 ? 0 : (k_blocks + splits - 1) / splits;
   splits = chunk_blocks == 0 ? 1 : static_cast<int>((k_blocks + chunk_blocks - 1) / chunk_blocks);
   const index_t tasks = outer_b * outer_h * splits;

@@ -417,6 +417,21 @@ std::vector<Case> all_cases() {
     c.mask.grad = true;
     cs.push_back(c);
   }
+  // Few query rows (Lq <= 8) run the row-wise forward: cover it with every mask kind,
+  // GQA, a fully masked row and key splits (B * Hk small against the threads).
+  {
+    Case c = causal(with_mask(make_case("decode_bool_kpm_gqa", 2, 8, 2, 3, 300, 64, 48),
+                              K::boolean, {false, true, false, false}),
+                    BR);
+    c.key_padding = true;
+    cs.push_back(c);
+  }
+  {
+    Case c = with_mask(make_case("decode_float_grad_mqa", 1, 4, 1, 8, 333, 17, 64), K::floating);
+    c.mask.masked_row = true;
+    c.mask.grad = true;
+    cs.push_back(c);
+  }
   // Everything at once.
   {
     Case c = causal(with_mask(make_case("combo_br_bool_kpm_gqa", 3, 4, 2, 40, 17, 32, 48),
@@ -993,7 +1008,8 @@ std::vector<Case> dropout_cases() {
     for (const char* name :
          {"all_ones", "basic", "lq127_lk17_d17", "d256_dv256_gqa", "lq1_lk1000", "gqa_8_2",
           "causal_br_lq40_lk17", "key_padding", "float_1HqLqLk", "combo_br_bool_kpm_gqa",
-          "combo_tl_float_kpm_gqa", "layout_blhd", "layout_negative_strides", "empty_lk0"}) {
+          "combo_tl_float_kpm_gqa", "layout_blhd", "layout_negative_strides", "empty_lk0",
+          "decode_bool_kpm_gqa", "decode_float_grad_mqa"}) {
       if (c.name == name) picked.push_back(c);
     }
   }
