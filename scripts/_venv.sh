@@ -13,7 +13,9 @@ PYTHON="${PYTHON:-python3}"
 MEMATTN_VENV="${MEMATTN_VENV:-$MEMATTN_ROOT/.venv}"
 MEMATTN_TORCH="${MEMATTN_TORCH:-torch==2.13.0}"
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+log() {
+  if [ -t 2 ]; then printf '\033[1m==> %s\033[0m\n' "$*" >&2; else printf '==> %s\n' "$*" >&2; fi
+}
 
 # setup_venv: create (or reuse) the venv, activate it, and make sure torch imports.
 # When the base interpreter already imports torch, the venv sees it (--system-site-packages)

@@ -7,7 +7,9 @@
 #   bash scripts/gpu_check.sh OUTDIR
 #
 # Build requirements (scikit-build-core, nanobind) must be importable by python3 or lie as wheels
-# in .whl/ (see the device notes); the build runs with --no-build-isolation.
+# in .whl/ (ignored by git; pass it along explicitly); the build runs with --no-build-isolation.
+# OUTDIR holds about a dozen files: where only a few files can be brought back, pack them, e.g.
+#   bash scripts/gpu_check.sh /tmp/gc; rc=$?; tar -czf "$OUT/gpu_check.tgz" -C /tmp gc; exit $rc
 set -uo pipefail
 OUTDIR="${1:?usage: scripts/gpu_check.sh OUTDIR}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -23,9 +23,9 @@ struct BackendVerdict {
 };
 
 struct Plan {
-  std::string backend;  // the chosen backend; empty when none can run the call
-  std::string kernel;   // e.g. "cpu/avx512/f32"
-  std::string reason;   // one line: why this backend
+  std::string backend;                   // the chosen backend; empty when none can run the call
+  std::string kernel;                    // e.g. "cpu/avx512/f32"
+  std::string reason;                    // one line: why this backend
   std::vector<BackendVerdict> verdicts;  // every backend considered, in priority order
 };
 

@@ -44,9 +44,9 @@ MEMATTN_HOST_DEVICE U32x4 philox4x32_10(U32x4 ctr, std::uint32_t k0, std::uint32
 // The four draws for keys j = 4*j_quad .. 4*j_quad+3 of query row i of (batch*Hq + head) bh.
 MEMATTN_HOST_DEVICE U32x4 dropout_draws(std::uint64_t seed, std::uint64_t bh, std::uint32_t i,
                                         std::uint32_t j_quad) {
-  return philox4x32_10(U32x4{{j_quad, i, static_cast<std::uint32_t>(bh),
-                              static_cast<std::uint32_t>(bh >> 32)}},
-                       static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
+  return philox4x32_10(
+      U32x4{{j_quad, i, static_cast<std::uint32_t>(bh), static_cast<std::uint32_t>(bh >> 32)}},
+      static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
 }
 
 // Draws below this are dropped: p * 2^32, saturated.

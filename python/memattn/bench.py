@@ -617,6 +617,27 @@ def _first_line(e: BaseException) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
+def _git_commit() -> str | None:
+    """The checkout the benchmark was run from (with "+dirty" for local changes), if any."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def bench_meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
     from memattn.doctor import system_meta
 
@@ -624,6 +645,9 @@ def bench_meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
     meta["device"] = cfg.device
     meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta["command"] = command
+    commit = _git_commit()
+    if commit:
+        meta["git_commit"] = commit
     try:
         import memattn
 
@@ -717,7 +741,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
     lines.append(f"## {device.upper()}: {where}")
     lines.append("")
     lines.append(f"- date: {meta['date']}")
-    lines.append(f"- command: `{meta['command']}`")
+    commit = f" (git {meta['git_commit']})" if meta.get("git_commit") else ""
+    lines.append(f"- command: `{meta['command']}`{commit}")
     lines.append(
         f"- memattn {meta['memattn_version']} (CPU kernel: {meta.get('memattn_cpu_isa')}), "
         f"torch {meta['torch']}, python {meta['python']}"

@@ -240,7 +240,6 @@ def _summary(group: list[dict[str, Any]]) -> str:
     mem_ok = [r for r in others if r.get("memory", {}).get("ok")]
     if ours.get("memory", {}).get("ok") and mem_ok and ours["memory"]["peak_bytes"] >= 2**20:
         ours_b = ours["memory"]["peak_bytes"]
-        worst = max(mem_ok, key=lambda r: r["memory"]["peak_bytes"])
-        ratio = worst["memory"]["peak_bytes"] / ours_b
-        text += f"; peak memory: {worst['impl']} {ratio:.1f}x memattn's"
+        ratios = ", ".join(f"{r['impl']} {r['memory']['peak_bytes'] / ours_b:.2f}x" for r in mem_ok)
+        text += f"\npeak memory relative to memattn's: {ratios}"
     return text

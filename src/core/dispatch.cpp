@@ -16,8 +16,7 @@ namespace {
   std::string message = "memattn: no backend can run this call:";
   for (const BackendVerdict& v : p.verdicts) {
     message += " [" + v.backend + "] ";
-    for (std::size_t i = 0; i < v.reasons.size(); ++i)
-      message += (i ? "; " : "") + v.reasons[i];
+    for (std::size_t i = 0; i < v.reasons.size(); ++i) message += (i ? "; " : "") + v.reasons[i];
   }
   throw Error(ErrorKind::not_implemented, message);
 }

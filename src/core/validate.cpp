@@ -45,8 +45,8 @@ void require_dtype(const TensorView& t, const char* name, DType want, const char
 void require_shape(const TensorView& t, const char* name, const std::string& want,
                    const std::string& layout) {
   if (t.shape_string() != want)
-    fail(ErrorKind::invalid_value, std::string(name) + ": expected shape " + layout + " = " +
-                                       want + ", got " + t.shape_string());
+    fail(ErrorKind::invalid_value, std::string(name) + ": expected shape " + layout + " = " + want +
+                                       ", got " + t.shape_string());
 }
 
 void require_same_device(const TensorView& t, const char* name, const TensorView& q) {
@@ -78,8 +78,11 @@ ProblemShape validate_forward(const ForwardArgs& a) {
   if (a.v.dtype != a.q.dtype)
     fail(ErrorKind::invalid_type, std::string("v: expected q's dtype ") + dtype_name(a.q.dtype) +
                                       ", got " + dtype_name(a.v.dtype));
-  for (auto [t, name] : {std::pair{&a.k, "k"}, {&a.v, "v"}, {&a.attn_mask, "attn_mask"},
-                         {&a.key_padding_mask, "key_padding_mask"}, {&a.out, "out"},
+  for (auto [t, name] : {std::pair{&a.k, "k"},
+                         {&a.v, "v"},
+                         {&a.attn_mask, "attn_mask"},
+                         {&a.key_padding_mask, "key_padding_mask"},
+                         {&a.out, "out"},
                          {&a.lse, "lse"}})
     require_same_device(*t, name, a.q);
 
@@ -94,9 +97,9 @@ ProblemShape validate_forward(const ForwardArgs& a) {
   const std::string q_shape = a.q.shape_string(), k_shape = a.k.shape_string(),
                     v_shape = a.v.shape_string();
   if (a.k.size(0) != s.B || a.v.size(0) != s.B)
-    fail(ErrorKind::invalid_value, "k, v: batch size (dim 0) must match q's B = " +
-                                       std::to_string(s.B) + "; got k " + k_shape + ", v " +
-                                       v_shape);
+    fail(ErrorKind::invalid_value,
+         "k, v: batch size (dim 0) must match q's B = " + std::to_string(s.B) + "; got k " +
+             k_shape + ", v " + v_shape);
   if (a.v.size(1) != s.Hk)
     fail(ErrorKind::invalid_value, "v: head count (dim 1) must match k's Hk = " +
                                        std::to_string(s.Hk) + "; got v " + v_shape);
@@ -109,8 +112,8 @@ ProblemShape validate_forward(const ForwardArgs& a) {
     fail(ErrorKind::invalid_value, "v: sequence length (dim 2) must match k's Lk = " +
                                        std::to_string(s.Lk) + "; got v " + v_shape);
   if (a.k.size(3) != s.D)
-    fail(ErrorKind::invalid_value, "k: head dim (dim 3) must match q's D = " +
-                                       std::to_string(s.D) + "; got k " + k_shape);
+    fail(ErrorKind::invalid_value,
+         "k: head dim (dim 3) must match q's D = " + std::to_string(s.D) + "; got k " + k_shape);
   if (s.D < 1 || s.D > kMaxHeadDim)
     fail(ErrorKind::invalid_value, "q: head dim D = " + std::to_string(s.D) +
                                        " is out of range; memattn supports 1 <= D <= 256 (q " +
@@ -134,9 +137,9 @@ ProblemShape validate_forward(const ForwardArgs& a) {
     for (int i = 0; i < 4; ++i)
       if (m.sizes[i] != 1 && m.sizes[i] != full[i])
         fail(ErrorKind::invalid_value,
-             "attn_mask: shape " + m.shape_string() + " is not broadcastable to [B, Hq, Lq, Lk] = " +
-                 shape_of(s.B, s.Hq, s.Lq, s.Lk) + ": dim " + std::to_string(i) +
-                 " must be 1 or " + std::to_string(full[i]));
+             "attn_mask: shape " + m.shape_string() +
+                 " is not broadcastable to [B, Hq, Lq, Lk] = " + shape_of(s.B, s.Hq, s.Lq, s.Lk) +
+                 ": dim " + std::to_string(i) + " must be 1 or " + std::to_string(full[i]));
   }
   if (a.key_padding_mask.present()) {
     const TensorView& m = a.key_padding_mask;
@@ -144,11 +147,10 @@ ProblemShape validate_forward(const ForwardArgs& a) {
       fail(ErrorKind::invalid_type,
            std::string("key_padding_mask: expected dtype bool (True = padding), got ") +
                dtype_name(m.dtype));
-    const std::string want =
-        "[" + std::to_string(s.B) + ", " + std::to_string(s.Lk) + "]";
+    const std::string want = "[" + std::to_string(s.B) + ", " + std::to_string(s.Lk) + "]";
     if (m.rank != 2 || m.shape_string() != want)
-      fail(ErrorKind::invalid_value, "key_padding_mask: expected shape [B, Lk] = " + want +
-                                         ", got " + m.shape_string());
+      fail(ErrorKind::invalid_value,
+           "key_padding_mask: expected shape [B, Lk] = " + want + ", got " + m.shape_string());
   }
   if (!(a.dropout_p >= 0.0 && a.dropout_p < 1.0))
     fail(ErrorKind::invalid_value,
@@ -157,8 +159,7 @@ ProblemShape validate_forward(const ForwardArgs& a) {
     fail(ErrorKind::invalid_value,
          "scale: expected a finite number or None, got " + std::to_string(a.scale));
   s.scale = a.has_scale ? a.scale : 1.0 / std::sqrt(static_cast<double>(s.D));
-  s.causal_offset =
-      a.causal_alignment == CausalAlignment::bottom_right ? s.Lk - s.Lq : 0;
+  s.causal_offset = a.causal_alignment == CausalAlignment::bottom_right ? s.Lk - s.Lq : 0;
 
   if (a.out.present()) {
     require_rank(a.out, "out", 4, "[B, Hq, Lq, Dv]");
@@ -178,8 +179,10 @@ ProblemShape validate_backward(const BackwardArgs& a) {
   const ProblemShape s = validate_forward(a.fwd);
   require_present(a.fwd.out, "out");
   require_present(a.fwd.lse, "lse");
-  for (auto [t, name] : {std::pair{&a.grad_out, "grad_out"}, {&a.grad_q, "grad_q"},
-                         {&a.grad_k, "grad_k"}, {&a.grad_v, "grad_v"},
+  for (auto [t, name] : {std::pair{&a.grad_out, "grad_out"},
+                         {&a.grad_q, "grad_q"},
+                         {&a.grad_k, "grad_k"},
+                         {&a.grad_v, "grad_v"},
                          {&a.grad_attn_mask, "grad_attn_mask"}})
     require_same_device(*t, name, a.fwd.q);
   const char* why = "gradients have q's dtype";
@@ -199,10 +202,9 @@ ProblemShape validate_backward(const BackwardArgs& a) {
     const TensorView& g = a.grad_attn_mask;
     const TensorView& m = a.fwd.attn_mask;
     if (!m.present() || !is_float(m.dtype))
-      fail(ErrorKind::invalid_value,
-           "grad_attn_mask: given, but attn_mask is " +
-               std::string(m.present() ? "a bool mask" : "absent") +
-               "; only a float attn_mask has a gradient");
+      fail(ErrorKind::invalid_value, "grad_attn_mask: given, but attn_mask is " +
+                                         std::string(m.present() ? "a bool mask" : "absent") +
+                                         "; only a float attn_mask has a gradient");
     require_rank(g, "grad_attn_mask", 4, "(attn_mask's 4-D shape)");
     require_dtype(g, "grad_attn_mask", a.fwd.q.dtype == DType::f64 ? DType::f64 : DType::f32,
                   "mask gradients accumulate in float32, float64 for float64 inputs");

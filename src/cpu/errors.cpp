@@ -13,8 +13,7 @@ void throw_out_of_memory(std::size_t bytes) {
 
 void throw_unsupported_dtype(DType dtype) {
   throw Error(ErrorKind::not_implemented, std::string("memattn cpu: no kernel for dtype ") +
-                                              dtype_name(dtype) +
-                                              " (float32, float64, bfloat16)");
+                                              dtype_name(dtype) + " (float32, float64, bfloat16)");
 }
 
 }  // namespace memattn::cpu

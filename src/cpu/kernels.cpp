@@ -13,6 +13,8 @@
 // is compiled once per instruction set (-DMEMATTN_ISA=base|avx2|avx512); the vector width and
 // the micro-tile height follow the target, so the loops are explicit SIMD on every variant.
 // Limits: bf16 inputs are widened to fp32 when tiles are packed (no bf16 dot products yet).
+#include "cpu/kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,7 +25,6 @@
 
 #include "cpu/errors.h"
 #include "cpu/heuristics.h"
-#include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 #include "memattn/philox.h"
 
@@ -346,9 +347,9 @@ struct Dropout {
     const Acc kept = static_cast<Acc>(keep_scale);
     index_t j = j0;
     while (j < j0 + n) {
-      const auto draws = philox::dropout_draws(seed, static_cast<std::uint64_t>(bh),
-                                               static_cast<std::uint32_t>(i),
-                                               static_cast<std::uint32_t>(j >> 2));
+      const auto draws =
+          philox::dropout_draws(seed, static_cast<std::uint64_t>(bh), static_cast<std::uint32_t>(i),
+                                static_cast<std::uint32_t>(j >> 2));
       for (index_t e = j & 3; e < 4 && j < j0 + n; ++e, ++j)
         row[j - j0] *= draws.x[e] >= threshold ? kept : Acc(0);
     }
@@ -417,7 +418,8 @@ template <class T, class Acc>
 void pack_transposed(const T* src, index_t rs, index_t cs, index_t rows, index_t cols, Acc* dst,
                      index_t ld) {
   for (index_t r = 0; r < rows; ++r)
-    for (index_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<Acc>(widen(src[r * rs + c * cs]));
+    for (index_t c = 0; c < cols; ++c)
+      dst[c * ld + r] = static_cast<Acc>(widen(src[r * rs + c * cs]));
 }
 
 template <class Acc>
@@ -487,8 +489,8 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
     Acc* p = carve.take(n_pad);          // scores, then probabilities, of one row
 
     for (index_t g = 0; g < group; ++g)
-      pack_rows(element<T>(a.q, b, hk * group + g, 0), a.q.strides[2], a.q.strides[3], s.Lq,
-                s.D, q_scale, Qs + g * s.Lq * d_pad, d_pad);
+      pack_rows(element<T>(a.q, b, hk * group + g, 0), a.q.strides[2], a.q.strides[3], s.Lq, s.D,
+                q_scale, Qs + g * s.Lq * d_pad, d_pad);
     std::fill(O, O + rows * dv_pad, Acc(0));
     std::fill(running_max, running_max + rows, kNegInf);
     std::fill(row_sum, row_sum + rows, Acc(0));
@@ -545,8 +547,8 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
         }
         narrow(empty ? Acc(0) : v / sum, out[c * a.out.strides[3]]);
       }
-      static_cast<Acc*>(a.lse.data)[b * a.lse.strides[0] + h * a.lse.strides[1] +
-                                    i * a.lse.strides[2]] =
+      static_cast<Acc*>(
+          a.lse.data)[b * a.lse.strides[0] + h * a.lse.strides[1] + i * a.lse.strides[2]] =
           empty ? kNegInf : static_cast<Acc>((m + std::log2(sum)) * kLn2);
     }
   });
@@ -608,8 +610,7 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     Acc* rescale = carve.take(rows_pad);
     const Acc* kv_tiles = packed.data() + (b * s.Hk + hk) * k_blocks * kv_tile;
 
-    pack_rows(element<T>(a.q, b, h, i0), a.q.strides[2], a.q.strides[3], mq, s.D, q_scale, Qs,
-              s.D);
+    pack_rows(element<T>(a.q, b, h, i0), a.q.strides[2], a.q.strides[3], mq, s.D, q_scale, Qs, s.D);
     std::fill(O, O + m_rows * dv_pad, Acc(0));
     std::fill(running_max, running_max + mq, kNegInf);
     std::fill(row_sum, row_sum + mq, Acc(0));
@@ -650,8 +651,8 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     for (index_t r = 0; r < mq; ++r) {
       const bool empty = row_sum[r] == Acc(0);
       const Acc inv = empty ? Acc(0) : Acc(1) / row_sum[r];
-      store_rows(O + r * dv_pad, dv_pad, 1, s.Dv, inv, mutable_element<T>(a.out, b, h, i0 + r),
-                 0, a.out.strides[3]);
+      store_rows(O + r * dv_pad, dv_pad, 1, s.Dv, inv, mutable_element<T>(a.out, b, h, i0 + r), 0,
+                 a.out.strides[3]);
       lse[b * a.lse.strides[0] + h * a.lse.strides[1] + (i0 + r) * a.lse.strides[2]] =
           empty ? kNegInf : static_cast<Acc>((running_max[r] + std::log2(row_sum[r])) * kLn2);
     }
@@ -691,10 +692,9 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
   const index_t dq_partial_size = splits > 1 ? splits * s.B * s.Hq * s.Lq * s.D : 0;
   Scratch<Acc> dq_partial(dq_partial_size, 1);
 
-  const index_t per_worker = chunk_blocks * (2 * k_rows * d_pad + k_rows * dv_pad +
-                                             s.D * k_cols + s.Dv * k_cols) +
-                             q_rows * (2 * d_pad + dv_pad + 2 * k_cols + 2) +
-                             2 * k_rows * q_cols + 16 * 16;
+  const index_t per_worker =
+      chunk_blocks * (2 * k_rows * d_pad + k_rows * dv_pad + s.D * k_cols + s.Dv * k_cols) +
+      q_rows * (2 * d_pad + dv_pad + 2 * k_cols + 2) + 2 * k_rows * q_cols + 16 * 16;
   const int workers = static_cast<int>(std::min<index_t>(std::max(num_threads, 1), tasks));
   Scratch<Acc> scratch(per_worker, workers);
   const MaskContext<Acc> masks = mask_context<Acc>(f, s);
@@ -801,8 +801,8 @@ void backward_impl(const BackwardArgs& a, const ProblemShape& s, int num_threads
               }
               if (g.present()) {
                 for (index_t r = 0; r < mq; ++r) {
-                  Acc* gm = grad_mask_data + grad_mask.offset(b, h, i0 + r) +
-                              j0 * grad_mask.stride[3];
+                  Acc* gm =
+                      grad_mask_data + grad_mask.offset(b, h, i0 + r) + j0 * grad_mask.stride[3];
                   for (index_t c = 0; c < nk; ++c)
                     gm[c * grad_mask.stride[3]] += dS[r * k_cols + c];
                 }

@@ -4,10 +4,10 @@
 
 #include "memattn/params.h"
 
-#define MEMATTN_DECLARE_CPU_KERNELS(isa)                                                        \
-  namespace memattn::cpu::isa {                                                                 \
-  void forward(const ForwardArgs& args, const ProblemShape& shape, int num_threads);             \
-  void backward(const BackwardArgs& args, const ProblemShape& shape, int num_threads);          \
+#define MEMATTN_DECLARE_CPU_KERNELS(isa)                                               \
+  namespace memattn::cpu::isa {                                                        \
+  void forward(const ForwardArgs& args, const ProblemShape& shape, int num_threads);   \
+  void backward(const BackwardArgs& args, const ProblemShape& shape, int num_threads); \
   }
 
 MEMATTN_DECLARE_CPU_KERNELS(base)

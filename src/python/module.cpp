@@ -39,10 +39,10 @@ DType dtype_from_dlpack(const nb::dlpack::dtype& dt, const char* name) {
     if (code == Code::Bfloat && dt.bits == 16) return DType::bf16;
     if (code == Code::Bool && dt.bits == 8) return DType::boolean;
   }
-  fail(ErrorKind::invalid_type, std::string(name) +
-                                    ": unsupported dtype (DLPack code " + std::to_string(dt.code) +
-                                    ", " + std::to_string(dt.bits) +
-                                    " bits); memattn takes float16, bfloat16, float32, float64 or bool");
+  fail(ErrorKind::invalid_type,
+       std::string(name) + ": unsupported dtype (DLPack code " + std::to_string(dt.code) + ", " +
+           std::to_string(dt.bits) +
+           " bits); memattn takes float16, bfloat16, float32, float64 or bool");
 }
 
 DType dtype_from_name(const std::string& s, const char* name) {
@@ -100,8 +100,8 @@ TensorView view_of(const std::optional<nb::ndarray<>>& a, const char* name) {
 }
 
 // A tensor described by metadata only: (dtype name, shape, strides, device type name).
-using TensorSpec = std::tuple<std::string, std::vector<std::int64_t>, std::vector<std::int64_t>,
-                              std::string>;
+using TensorSpec =
+    std::tuple<std::string, std::vector<std::int64_t>, std::vector<std::int64_t>, std::string>;
 
 TensorView view_of(const std::optional<TensorSpec>& spec, const char* name) {
   if (!spec) return TensorView{};

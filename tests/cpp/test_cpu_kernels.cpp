@@ -420,8 +420,8 @@ std::vector<Case> all_cases() {
   // Few query rows (Lq <= 8) run the row-wise forward: cover it with every mask kind,
   // GQA, a fully masked row and key splits (B * Hk small against the threads).
   {
-    Case c = causal(with_mask(make_case("decode_bool_kpm_gqa", 2, 8, 2, 3, 300, 64, 48),
-                              K::boolean, {false, true, false, false}),
+    Case c = causal(with_mask(make_case("decode_bool_kpm_gqa", 2, 8, 2, 3, 300, 64, 48), K::boolean,
+                              {false, true, false, false}),
                     BR);
     c.key_padding = true;
     cs.push_back(c);
