@@ -54,20 +54,40 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from memattn import demo
+    """The main job: (1) convert a real nn.Transformer with optimize and measure what changes;
+    (2) memattn.attention against PyTorch SDPA on a realistic shape."""
+    from memattn import demo, demo_model
 
+    small = args.size != "default"
+    result: dict[str, Any] = {}
     try:
-        result = demo.run_demo(
-            device=args.device, size=args.size, reps=args.reps, progress=not args.no_progress
-        )
+        if args.part in ("all", "model"):
+            if not args.json:
+                print(
+                    "Part 1: convert a model (inspect -> status -> optimize -> verify -> restore)"
+                )
+            result["model"] = demo_model.run_model_demo(
+                args.device, small=small, reps=args.reps, measure_memory=True
+            )
+            if not args.json:
+                print(demo_model.format_report(result["model"]), flush=True)
+        if args.part in ("all", "attention"):
+            if not args.json:
+                print("\nPart 2: memattn.attention vs PyTorch SDPA")
+            result["attention"] = demo.run_demo(
+                device=args.device, size=args.size, reps=args.reps, progress=not args.no_progress
+            )
+            if not args.json:
+                print(demo.format_table(result["attention"]))
     except RuntimeError as e:
         print(f"memattn demo: {e}", file=sys.stderr)
         return 2
     if args.json:
         _print_json(result)
-    else:
-        print(demo.format_table(result))
-    failed = [r for r in result["rows"] if r["impl"] == "memattn" and "error" in r]
+    failed = "model" in result and not result["model"]["verify"]["ok"]
+    if "attention" in result:
+        rows = result["attention"]["rows"]
+        failed |= any(r["impl"] == "memattn" and "error" in r for r in rows)
     return 1 if failed else 0
 
 
@@ -166,7 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="memattn.attention vs PyTorch SDPA: error, time, peak memory")
+    d = sub.add_parser(
+        "demo",
+        help="convert an nn.Transformer with memattn, then memattn.attention vs PyTorch SDPA",
+    )
+    d.add_argument(
+        "--part",
+        choices=["all", "model", "attention"],
+        default="all",
+        help="model: the converter on nn.Transformer; attention: the kernel vs SDPA",
+    )
     d.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],

@@ -26,7 +26,7 @@ __all__ = ["MODEL_SIZES", "build_inputs", "build_model", "format_report", "run_m
 
 # d_model, nhead, encoder layers, decoder layers, feed-forward, batch, source len, target len
 MODEL_SIZES = {
-    "default": {"E": 512, "H": 8, "enc": 2, "dec": 2, "ff": 1024, "B": 4, "S": 1024, "T": 512},
+    "default": {"E": 512, "H": 8, "enc": 2, "dec": 2, "ff": 1024, "B": 2, "S": 1024, "T": 256},
     "small": {"E": 64, "H": 4, "enc": 1, "dec": 1, "ff": 128, "B": 2, "S": 128, "T": 64},
 }
 _PAD_FRACTION = 0.25  # of the source batch's second half, as trailing padding

@@ -33,7 +33,19 @@ def test_demo_json_tiny(capsys):
         capsys, "demo", "--json", "--size", "tiny", "--reps", "1", "--no-progress"
     )
     assert code == 0
-    result = json.loads(out)
+    both = json.loads(out)
+    model = both["model"]
+    assert model["verify"]["ok"], model["verify"]
+    assert model["status_after"]["attention_other"] == 0
+    assert model["restore"]["memattn_modules_left"] == 0
+    assert model["restore"]["output_bit_identical"]
+    assert {(r["mode"], r["impl"]) for r in model["rows"]} == {
+        ("eval", "torch"),
+        ("eval", "memattn"),
+        ("train", "torch"),
+        ("train", "memattn"),
+    }
+    result = both["attention"]
     assert result["meta"]["device"] == "cpu"
     assert result["shape"] == {"B": 1, "H": 2, "L": 64, "D": 32}
     cases = {r["case"] for r in result["rows"]}
