@@ -365,6 +365,34 @@ Dropout dropout_of(const ForwardArgs& a) {
   return d;
 }
 
+// What one online-softmax step did to a row: `empty` when every key so far is masked (the
+// row holds no probabilities then), else the factor for the row's earlier output.
+template <class Acc>
+struct SoftmaxStep {
+  bool empty;
+  Acc rescale;
+};
+
+// One online-softmax step for the scores (log2 units) of query i against keys j0 .. j0+nk-1
+// in row[0, n_cols): applies the masks, folds the row into the running max and sum, and
+// turns it into probabilities in place (dropped out where dropout is on).
+template <class Acc>
+SoftmaxStep<Acc> online_softmax_step(Acc* row, index_t nk, index_t n_cols, Acc& running_max,
+                                     Acc& row_sum, const MaskContext<Acc>& masks,
+                                     const Dropout& dropout, index_t b, index_t h, index_t Hq,
+                                     index_t i, index_t j0) {
+  constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+  if (masks.any()) masks.apply(row, nk, b, h, i, j0);
+  std::fill(row + nk, row + n_cols, kNegInf);
+  const Acc m_new = std::max(running_max, row_max(row, n_cols));
+  if (m_new == kNegInf) return {true, Acc(1)};
+  const Acc rescale = std::exp2(running_max - m_new);
+  row_sum = row_sum * rescale + exp2_row(row, n_cols, Acc(1), m_new);
+  running_max = m_new;
+  if (dropout.enabled) dropout.apply(row, nk, b * Hq + h, i, j0);
+  return {false, rescale};
+}
+
 // Host scratch for all workers, 64-byte aligned, zero-filled (padding lanes must be finite).
 template <class Acc>
 class Scratch {
@@ -506,17 +534,12 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
       for (index_t row = 0; row < rows; ++row) {
         const index_t h = hk * group + row / s.Lq, i = row % s.Lq;
         for (index_t c = 0; c < nk; ++c) p[c] = dot(Qs + row * d_pad, Ks + c * d_pad, d_pad);
-        if (masks.any()) masks.apply(p, nk, b, h, i, j0);
-        std::fill(p + nk, p + n_pad, kNegInf);
-        const Acc m_new = std::max(running_max[row], row_max(p, n_pad));
-        if (m_new == kNegInf) continue;  // every key so far is masked
-        const Acc rescale = std::exp2(running_max[row] - m_new);
-        row_sum[row] = row_sum[row] * rescale + exp2_row(p, n_pad, Acc(1), m_new);
-        running_max[row] = m_new;
-        if (dropout.enabled) dropout.apply(p, nk, b * s.Hq + h, i, j0);
+        const SoftmaxStep<Acc> step = online_softmax_step(
+            p, nk, n_pad, running_max[row], row_sum[row], masks, dropout, b, h, s.Hq, i, j0);
+        if (step.empty) continue;
         Acc* o = O + row * dv_pad;
         for (index_t c = 0; c < nk; ++c)
-          scale_add(o, c == 0 ? rescale : Acc(1), p[c], Vs + c * dv_pad, dv_pad);
+          scale_add(o, c == 0 ? step.rescale : Acc(1), p[c], Vs + c * dv_pad, dv_pad);
       }
     }
   });
@@ -626,19 +649,10 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
 
       for (index_t r = 0; r < mq; ++r) {
         Acc* row = P + r * cols_pad;
-        if (masks.any()) masks.apply(row, nk, b, h, i0 + r, j0);
-        std::fill(row + nk, row + n_cols, kNegInf);
-        const Acc m_new = std::max(running_max[r], row_max(row, n_cols));
-        if (m_new == kNegInf) {  // every key so far is masked: nothing to add
-          std::fill(row, row + n_cols, Acc(0));
-          rescale[r] = 1;
-          continue;
-        }
-        rescale[r] = std::exp2(running_max[r] - m_new);
-        const Acc sum = exp2_row(row, n_cols, Acc(1), m_new);
-        row_sum[r] = row_sum[r] * rescale[r] + sum;
-        running_max[r] = m_new;
-        if (dropout.enabled) dropout.apply(row, nk, bh, i0 + r, j0);
+        const SoftmaxStep<Acc> step = online_softmax_step(
+            row, nk, n_cols, running_max[r], row_sum[r], masks, dropout, b, h, s.Hq, i0 + r, j0);
+        rescale[r] = step.rescale;
+        if (step.empty) std::fill(row, row + n_cols, Acc(0));  // adds nothing to O
       }
       for (index_t r = 0; r < mq; ++r)
         if (rescale[r] != Acc(1))

@@ -439,3 +439,12 @@ def test_module_backward_grad_mask_rules():
         match=r"^grad_attn_mask: shape \[1, 4, 5, 6\] does not match attn_mask \[1, 4, 5, 7\]",
     ):
         _bwd(q, k, v, out, lse, grads, grad_mask=torch.zeros(1, 4, 5, 6), mask=mask)
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_get_a_clear_error_without_the_cuda_backend():
+    if memattn.build_info()["cuda_built"]:
+        pytest.skip("this build has the CUDA backend")
+    q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="built without CUDA"):
+        memattn.attention(q, q, q)
