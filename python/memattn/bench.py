@@ -17,8 +17,10 @@ Protocol
 - Peak memory of a forward pass over L (B=1, H=8, D=64, fp32): on CPU each number comes from a
   fresh process (see ``memattn._memory``); on CUDA from torch's allocator statistics.
 
-Results: JSON (every number, plus device, CPU model, threads, versions, date and command) and a
-markdown section in ``bench/RESULTS.md`` that is replaced each time the same device runs again.
+Results: JSON (every number, plus device, CPU model, threads, versions, date and command), a
+markdown section in ``bench/RESULTS.md`` that is replaced each time the same device runs again,
+and a PNG plot (``plot_results``; needs matplotlib, the ``memattn[bench]`` extra) of the
+speed-up per row and the peak-memory sweep, linked from that section.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "allowed_pairs",
     "case_flops",
     "make_cases",
+    "plot_results",
     "run_bench",
     "update_results_markdown",
 ]
@@ -725,8 +728,10 @@ def _fmt_mib(r: dict[str, Any]) -> str:
     return f"{r['peak_bytes'] / 2**20:.1f}"
 
 
-def markdown_tables(result: dict[str, Any]) -> str:
-    """The markdown section for one device: header facts, the timing table, the memory table."""
+def markdown_tables(result: dict[str, Any], plot_link: str | None = None) -> str:
+    """The markdown section for one device: header facts, the plot (an image link to
+    `plot_link`, relative to the markdown file, when given), the timing table, the memory
+    table."""
     meta, cfg = result["meta"], result["config"]
     device = meta["device"]
     impls = [
@@ -765,6 +770,12 @@ def markdown_tables(result: dict[str, Any]) -> str:
     if cfg.get("quick"):
         lines.append("- **quick mode**: a tiny smoke-test sweep, not a performance measurement.")
     lines.append("")
+    if plot_link:
+        lines.append(
+            f"![memattn speed-up over the best PyTorch backend, and peak memory vs L "
+            f"({device.upper()})]({plot_link})"
+        )
+        lines.append("")
     head = ["pass", "case", "memattn ms", f"memattn {rate}"] + [
         f"{n} ms" for n in impls if n != "memattn"
     ]
@@ -890,3 +901,209 @@ def write_json(path: str, result: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+PLOT_INSTALL_HINT = "pip install 'memattn[bench]'"
+
+
+def default_plot_path(json_path: str) -> str:
+    """The PNG next to a results JSON: bench/results_cpu.json -> bench/results_cpu.png."""
+    root, ext = os.path.splitext(json_path)
+    return (root if ext.lower() == ".json" else json_path) + ".png"
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        result = json.load(f)
+    if not isinstance(result, dict) or "meta" not in result or "rows" not in result:
+        raise ValueError(f"{path} is not a `memattn bench` JSON (no 'meta' and 'rows')")
+    return result
+
+
+def plot_results(result: dict[str, Any], path: str) -> None:
+    """Draws a results dict (as written to the JSON) into a PNG at `path`: the speed-up of
+    memattn over the best PyTorch backend per row, grouped by case (top), and the peak-memory
+    sweep, log-log (bottom left), with a summary (bottom right).
+
+    Needs matplotlib (`pip install 'memattn[bench]'`); raises ImportError without it. Uses
+    matplotlib's object API only (no pyplot), so it neither needs a display nor changes the
+    caller's backend."""
+    from matplotlib.figure import Figure
+
+    meta, cfg = result["meta"], result.get("config", {})
+    device = meta.get("device", "?")
+    rows = result.get("rows", [])
+    mem_rows = result.get("memory", [])
+
+    # Groups: one per case without its dtype; bars: (dtype, pass) in the order they ran.
+    groups: list[str] = []
+    series: list[tuple[str, str]] = []
+    speedup: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        dt = r["case"]["dtype"]
+        group = r["label"].replace(f" {dt} ", " ", 1)
+        if group not in groups:
+            groups.append(group)
+        if (dt, r["pass"]) not in series:
+            series.append((dt, r["pass"]))
+        if r.get("speedup_vs_best_torch") is not None:
+            speedup[(group, dt, r["pass"])] = float(r["speedup_vs_best_torch"])
+    dtypes = list(dict.fromkeys(dt for dt, _ in series))
+    series.sort(key=lambda s: (dtypes.index(s[0]), s[1] != "fwd"))
+
+    fig = Figure(figsize=(15, 10.5), dpi=80, layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.35, 1], width_ratios=[1.5, 1])
+    ax = fig.add_subplot(grid[0, :])
+    ax_mem = fig.add_subplot(grid[1, 0])
+    ax_txt = fig.add_subplot(grid[1, 1])
+
+    # --- speed-up bars
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    width = 0.8 / max(1, len(series))
+    for i, (dt, pass_) in enumerate(series):
+        base = palette[dtypes.index(dt) % len(palette)]
+        xs, ys = [], []
+        for g, group in enumerate(groups):
+            if (group, dt, pass_) in speedup:
+                xs.append(g - 0.4 + width * (i + 0.5))
+                ys.append(speedup[(group, dt, pass_)])
+        bwd = pass_ == "fwd+bwd"
+        ax.bar(
+            xs,
+            ys,
+            width,
+            color=base,
+            alpha=1.0 if bwd else 0.55,
+            hatch="//" if bwd else None,
+            edgecolor="white" if bwd else base,
+            linewidth=0.5,
+            label=f"{dt} {pass_}",
+        )
+        for x, y in zip(xs, ys, strict=True):
+            if round(y, 2) < 1.0:
+                ax.annotate(
+                    f"{y:.2f}x",
+                    (x, y),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                    color="#b00000",
+                )
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="1.0x (parity)")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylim(0, max([1.0, *speedup.values()]) * 1.12)  # room for the legend
+    ax.set_ylabel("speed-up: best PyTorch time / memattn time")
+    ax.set_title("memattn speed-up over the best PyTorch SDPA backend (> 1: memattn is faster)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, ncol=len(series) + 1)
+    if not groups:
+        ax.text(0.5, 0.5, "no timing rows", ha="center", va="center", transform=ax.transAxes)
+
+    # --- peak memory, log-log
+    if mem_rows:
+        m0 = mem_rows[0]
+        styles = {
+            "memattn": {"color": "#d62728", "marker": "o", "linewidth": 2.2, "zorder": 3},
+            "sdpa_flash": {"color": "#1f77b4", "marker": "s"},
+            "sdpa_math": {"color": "#7f7f7f", "marker": "^"},
+            "sdpa_efficient": {"color": "#2ca02c", "marker": "D"},
+            "sdpa_cudnn": {"color": "#9467bd", "marker": "v"},
+        }
+        notes = []
+        for name in m0["results"]:
+            pts = [
+                (m["L"], m["results"][name]["peak_bytes"] / 2**20)
+                for m in mem_rows
+                if m["results"].get(name, {}).get("ok")
+            ]
+            missing = [
+                m["L"]
+                for m in mem_rows
+                if not m["results"].get(name, {}).get("ok")
+                and "no such" not in m["results"].get(name, {}).get("error", "")
+            ]
+            if missing:
+                notes.append(f"{name}: no point at L={', '.join(map(str, missing))} (skipped)")
+            if pts:
+                style = {"marker": "o", **styles.get(name, {})}
+                ax_mem.plot(*zip(*pts, strict=True), label=name, **style)
+        ax_mem.plot(
+            [m["L"] for m in mem_rows],
+            [m["output_bytes"] / 2**20 for m in mem_rows],
+            color="black",
+            linestyle=":",
+            linewidth=1,
+            label="the output alone",
+        )
+        ax_mem.set_xscale("log", base=2)
+        ax_mem.set_yscale("log")
+        ax_mem.set_xticks([m["L"] for m in mem_rows], [str(m["L"]) for m in mem_rows])
+        ax_mem.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+        ax_mem.set_xlabel("sequence length L")
+        ax_mem.set_ylabel("peak MiB")
+        ax_mem.set_title(
+            f"Peak memory of one forward pass (B=1, H={m0['H']}, D={m0['D']}, {m0['dtype']})"
+        )
+        ax_mem.grid(which="both", alpha=0.3)
+        ax_mem.legend(fontsize=8, loc="upper left")
+        if notes:
+            ax_mem.text(
+                0.99,
+                0.02,
+                "\n".join(notes),
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                transform=ax_mem.transAxes,
+            )
+    else:
+        ax_mem.set_axis_off()
+        ax_mem.text(0.5, 0.5, "no memory sweep (--no-memory)", ha="center", va="center")
+
+    # --- summary
+    ax_txt.set_axis_off()
+    lines = []
+    for dt in dtypes:
+        for pass_ in ("fwd", "fwd+bwd"):
+            vals = [v for (_, d, p), v in speedup.items() if d == dt and p == pass_]
+            if vals:
+                geo = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                lines.append(
+                    f"{dt} {pass_:8s} geo-mean {geo:.2f}x  min {min(vals):.2f}x  "
+                    f"max {max(vals):.2f}x  ({len(vals)} rows)"
+                )
+    below = sum(1 for v in speedup.values() if round(v, 2) < 1.0)
+    lines.append(f"rows below 1.0x: {below} of {len(speedup)}")
+    lines.append("")
+    where = meta.get("gpu") if device == "cuda" else meta.get("cpu", {}).get("model", "?")
+    lines.append(f"{device.upper()}: {where}")
+    lines.append(
+        f"threads: {meta.get('torch_threads', '?')}; memattn kernel: "
+        f"{meta.get('memattn_cpu_isa', '?') if device == 'cpu' else 'cuda'}"
+    )
+    if cfg:
+        lines.append(
+            f"sweep: {cfg.get('tokens')} tokens/batch, hidden {cfg.get('hidden')}, "
+            f"median of up to {cfg.get('reps')} calls"
+        )
+    if meta.get("git_commit"):
+        lines.append(f"git {meta['git_commit']}")
+    if cfg.get("quick"):
+        lines.append("QUICK MODE: a smoke test, not a measurement")
+    ax_txt.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9)
+
+    title = (
+        f"memattn bench, {device.upper()} ({where}), {meta.get('date', '?')}, "
+        f"torch {meta.get('torch', '?')}, memattn {meta.get('memattn_version', '?')}"
+    )
+    if cfg.get("quick"):
+        title += " [quick mode]"
+    fig.suptitle(title, fontsize=12)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})

@@ -2,6 +2,8 @@
 
     memattn demo   [--device auto|cpu|cuda] [--json]
     memattn bench  --device cpu|cuda [--quick] [--dtypes fp32 bf16] [--out-json PATH] [--results PATH]
+                   [--plot PATH]
+    memattn bench  --plot-from JSON [--plot PATH] [--results PATH]
     memattn doctor [--json]
 
 Tables go to stdout, progress to stderr. Exit codes: 0 success, 1 failure, 2 bad usage or a
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from memattn.bench import PLOT_INSTALL_HINT
 
 __all__ = ["main"]
 
@@ -91,7 +96,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _write_plot(result: dict[str, Any], path: str) -> bool:
+    """Draws the benchmark plot; says why in one line and returns False when it can't."""
+    from memattn import bench
+
+    try:
+        bench.plot_results(result, path)
+    except ImportError as e:
+        print(
+            f"memattn bench: plot skipped, matplotlib is not importable ({e}); "
+            f"to get the plot: {PLOT_INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return False
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the measured results
+        print(f"memattn bench: plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    print(f"wrote {path}", file=sys.stderr)
+    return True
+
+
+def _plot_link(plot: str, markdown: str) -> str:
+    """The plot's path relative to the markdown file's folder, with forward slashes."""
+    rel = os.path.relpath(os.path.abspath(plot), os.path.dirname(os.path.abspath(markdown)))
+    return rel.replace(os.sep, "/")
+
+
+def _bench_plot_from(args: argparse.Namespace) -> int:
+    """`memattn bench --plot-from JSON`: the plot (and, with --results, the markdown section)
+    from a results JSON, without running anything."""
+    from memattn import bench
+
+    try:
+        result = bench.read_json(args.plot_from)
+    except (OSError, ValueError) as e:
+        print(f"memattn bench: --plot-from: {e}", file=sys.stderr)
+        return 2
+    plot = args.plot or bench.default_plot_path(args.plot_from)
+    if not _write_plot(result, plot):
+        return 1
+    if args.results:
+        device = result["meta"]["device"]
+        section = bench.markdown_tables(result, plot_link=_plot_link(plot, args.results))
+        bench.update_results_markdown(args.results, device, section)
+        print(f"wrote {args.results} (section '{device}')", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return _bench_plot_from(args)
+    if args.device is None:
+        print("memattn bench: --device is required (or --plot-from JSON)", file=sys.stderr)
+        return 2
+
     import torch
 
     from memattn import bench, demo
@@ -161,10 +219,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # smoke test never overwrites the committed results.
     out_json = args.out_json or (None if args.quick else f"bench/results_{device}.json")
     results_md = args.results or (None if args.quick else "bench/RESULTS.md")
+    plot = args.plot or (None if args.quick or not out_json else bench.default_plot_path(out_json))
     if out_json:
         bench.write_json(out_json, result)
         print(f"wrote {out_json}", file=sys.stderr)
+    plotted = bool(plot) and _write_plot(result, plot)
     if results_md:
+        if plotted:
+            section = bench.markdown_tables(result, plot_link=_plot_link(plot, results_md))
         bench.update_results_markdown(results_md, device, section)
         print(f"wrote {results_md} (section '{device}')", file=sys.stderr)
     ours = [r for r in result["rows"] if "median_ms" not in r["results"].get("memattn", {})]
@@ -215,11 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark against PyTorch SDPA backends (DESIGN.md §5)",
         description="Times memattn and every PyTorch SDPA backend of the device in "
-        "the same run, on the same inputs and threads; writes JSON and a markdown "
-        "table. A full run writes bench/results_DEVICE.json and the DEVICE section "
-        "of bench/RESULTS.md; --quick writes only where --out-json/--results say.",
+        "the same run, on the same inputs and threads; writes JSON, a markdown "
+        "table and a PNG plot. A full run writes bench/results_DEVICE.json, "
+        "bench/results_DEVICE.png and the DEVICE section of bench/RESULTS.md; "
+        "--quick writes only where --out-json/--results/--plot say. The plot needs "
+        f"matplotlib ({PLOT_INSTALL_HINT}); without it the plot is skipped with a "
+        "message, never the benchmark. `memattn bench --plot-from JSON [--plot PNG] "
+        "[--results MD]` redraws the plot (and the markdown section) from a results "
+        "JSON without running anything.",
     )
-    b.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where to run (required, except with --plot-from)",
+    )
     b.add_argument("--quick", action="store_true", help="a tiny sweep (seconds): a smoke test")
     b.add_argument(
         "--dtypes",
@@ -268,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--out-json", default=None, help="write the JSON results here")
     b.add_argument("--results", default=None, help="update this markdown file's device section")
+    b.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="write the PNG plot here (default for a full run: the JSON's path with .png, "
+        "bench/results_DEVICE.png; --quick: none unless given)",
+    )
+    b.add_argument(
+        "--plot-from",
+        default=None,
+        metavar="JSON",
+        help="run nothing: draw the plot from this results JSON (to --plot, default: the "
+        "JSON's path with .png) and, with --results, rewrite that file's section; "
+        "sweep options are ignored",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     b.set_defaults(func=cmd_bench)
 

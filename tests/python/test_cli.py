@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shutil
@@ -128,8 +131,16 @@ def test_doctor_respects_forced_isa(capsys, monkeypatch):
 # bench
 
 
-def test_bench_quick_writes_json_and_markdown(capsys, tmp_path):
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """One `memattn bench --quick` run (seconds), shared by the tests that read its files."""
+    tmp_path = tmp_path_factory.mktemp("quick_bench")
     out_json, results = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    plot = tmp_path / "bench.png"
     argv = [
         "bench",
         "--device",
@@ -142,9 +153,26 @@ def test_bench_quick_writes_json_and_markdown(capsys, tmp_path):
         str(out_json),
         "--results",
         str(results),
+        "--plot",
+        str(plot),
     ]
-    code, out, _ = run_cli(capsys, *argv)
-    assert code == 0
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return {
+        "code": code,
+        "out": out.getvalue(),
+        "err": err.getvalue(),
+        "json": out_json,
+        "results": results,
+        "plot": plot,
+    }
+
+
+def test_bench_quick_writes_json_markdown_and_plot(quick_bench):
+    code, out, err = quick_bench["code"], quick_bench["out"], quick_bench["err"]
+    out_json, results = quick_bench["json"], quick_bench["results"]
+    assert code == 0, err
     data = json.loads(out_json.read_text())
     meta = data["meta"]
     assert meta["device"] == "cpu"
@@ -181,6 +209,85 @@ def test_bench_quick_writes_json_and_markdown(capsys, tmp_path):
     assert "| fwd+bwd | self fp32 2x2x256x64 (causal) |" in md
     assert md.split("<!-- memattn-bench:cpu:begin -->")[1].strip().startswith("## CPU")
     assert "## CPU" in out  # the table is printed too
+    plot = quick_bench["plot"]
+    if HAVE_MATPLOTLIB:
+        assert plot.read_bytes().startswith(PNG_MAGIC)
+        assert "![memattn speed-up" in md
+        assert "](bench.png)" in md  # relative to the markdown file
+        assert f"wrote {plot}" in err
+    else:
+        assert not plot.exists()
+        assert "![" not in md
+        assert "plot skipped" in err
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib (pip install 'memattn[bench]')")
+def test_bench_plot_from_json(quick_bench, capsys, tmp_path):
+    src = tmp_path / "quick.json"
+    shutil.copy(quick_bench["json"], src)
+    png, md = tmp_path / "out" / "plot.png", tmp_path / "out" / "RESULTS.md"
+    code, out, err = run_cli(
+        capsys, "bench", "--plot-from", str(src), "--plot", str(png), "--results", str(md)
+    )
+    assert code == 0, err
+    assert out == ""  # nothing is run or printed, only written
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    assert 10_000 < len(data) < 200_000
+    text = md.read_text()
+    assert "![memattn speed-up" in text
+    assert "](plot.png)" in text
+    assert "| fwd+bwd | self fp32 2x2x256x64 (causal) |" in text  # the section, from the JSON
+    # Without --plot the PNG goes next to the JSON.
+    code, _, err = run_cli(capsys, "bench", "--plot-from", str(src))
+    assert code == 0, err
+    assert (tmp_path / "quick.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bench_plot_from_bad_json_and_missing_device(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a bench result"}')
+    code, _, err = run_cli(capsys, "bench", "--plot-from", str(bad))
+    assert code == 2
+    assert "not a `memattn bench` JSON" in err
+    code, _, err = run_cli(capsys, "bench", "--plot-from", str(tmp_path / "missing.json"))
+    assert code == 2
+    code, _, err = run_cli(capsys, "bench", "--quick")
+    assert code == 2
+    assert "--device is required" in err
+
+
+def test_bench_plot_skipped_without_matplotlib(quick_bench, capsys, monkeypatch, tmp_path):
+    # None in sys.modules makes `import matplotlib...` raise ImportError.
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)
+    hint = "pip install 'memattn[bench]'"
+
+    # --plot-from: the plot is all it does, so it fails (status 1), with the one-line reason.
+    png = tmp_path / "plot.png"
+    code, _, err = run_cli(
+        capsys, "bench", "--plot-from", str(quick_bench["json"]), "--plot", str(png)
+    )
+    assert code == 1
+    lines = [x for x in err.splitlines() if "plot skipped" in x]
+    assert len(lines) == 1, err
+    assert hint in lines[0]
+    assert not png.exists()
+
+    # A benchmark run never fails for it: the JSON and markdown are written, without the link.
+    result = json.loads(quick_bench["json"].read_text())
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: result)
+    out_json, md = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    argv = ["bench", "--device", "cpu", "--quick", "--out-json", str(out_json)]
+    argv += ["--results", str(md), "--plot", str(png)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["rows"] == result["rows"]
+    assert "![" not in md.read_text()
+    assert not png.exists()
+    lines = [x for x in err.splitlines() if "plot skipped" in x]
+    assert len(lines) == 1, err
+    assert hint in lines[0]
 
 
 def test_results_markdown_sections_are_replaced(tmp_path):
