@@ -238,12 +238,31 @@ Acc dot(const Acc* a, const Acc* b, index_t n) {
   return S::sum(acc);
 }
 
-// y[c] = y[c] * y_scale + alpha * x[c] over n (a multiple of the vector width).
+// y[0, n) = y * y_scale + sum over c < count of p[c] * X[c][0, n), rows of X ld apart; n a
+// multiple of the vector width. Chunks of y stay in registers across all rows of X.
 template <class Acc>
-void scale_add(Acc* y, Acc y_scale, Acc alpha, const Acc* x, index_t n) {
+void gemv_rows(Acc* y, Acc y_scale, const Acc* p, index_t count, const Acc* X, index_t ld,
+               index_t n) {
   using S = Simd<Acc>;
-  for (index_t c = 0; c < n; c += S::kWidth)
-    S::store(y + c, S::load(y + c) * y_scale + S::load(x + c) * alpha);
+  constexpr int W = S::kWidth, kChunk = 4;
+  index_t col = 0;
+  for (; col + kChunk * W <= n; col += kChunk * W) {
+    typename S::Vec acc[kChunk];
+#pragma GCC unroll 4
+    for (int u = 0; u < kChunk; ++u) acc[u] = S::load(y + col + u * W) * y_scale;
+    for (index_t c = 0; c < count; ++c) {
+      const auto pc = S::splat(p[c]);
+#pragma GCC unroll 4
+      for (int u = 0; u < kChunk; ++u) acc[u] += pc * S::load(X + c * ld + col + u * W);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < kChunk; ++u) S::store(y + col + u * W, acc[u]);
+  }
+  for (; col < n; col += W) {
+    auto acc = S::load(y + col) * y_scale;
+    for (index_t c = 0; c < count; ++c) acc += S::splat(p[c]) * S::load(X + c * ld + col);
+    S::store(y + col, acc);
+  }
 }
 
 // ---------------------------------------------------------------- operands
@@ -503,6 +522,10 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
   const MaskContext<Acc> masks = mask_context<Acc>(a, s);
   const Dropout dropout = dropout_of(a);
   const Acc q_scale = static_cast<Acc>(s.scale * kLog2e);
+  // Rows of k and v that already are contiguous Acc vectors (whole vectors, so no read past a
+  // row's end) are read where they lie instead of being packed.
+  const bool in_place = std::is_same_v<T, Acc> && a.k.strides[3] == 1 && a.v.strides[3] == 1 &&
+                        s.D % W == 0 && s.Dv % W == 0;
 
   parallel_for(tasks, workers, [&](index_t task, int worker) {
     const index_t split = task % splits, unit = task / splits;
@@ -527,19 +550,29 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
     for (index_t kb = split * chunk_blocks; kb < kb_end; ++kb) {
       const index_t j0 = kb * Bn, nk = std::min(Bn, s.Lk - j0);
       if (a.is_causal && j0 > s.Lq - 1 + s.causal_offset) break;  // hidden from every row
-      pack_rows(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Acc(1), Ks,
-                d_pad);
-      pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1), Vs,
-                dv_pad);
+      const Acc *k_rows = Ks, *v_rows = Vs;
+      index_t k_ld = d_pad, v_ld = dv_pad;
+      if constexpr (std::is_same_v<T, Acc>) {
+        if (in_place) {
+          k_rows = element<T>(a.k, b, hk, j0);
+          v_rows = element<T>(a.v, b, hk, j0);
+          k_ld = a.k.strides[2];
+          v_ld = a.v.strides[2];
+        }
+      }
+      if (k_rows == Ks) {
+        pack_rows(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Acc(1),
+                  Ks, d_pad);
+        pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1),
+                  Vs, dv_pad);
+      }
       for (index_t row = 0; row < rows; ++row) {
         const index_t h = hk * group + row / s.Lq, i = row % s.Lq;
-        for (index_t c = 0; c < nk; ++c) p[c] = dot(Qs + row * d_pad, Ks + c * d_pad, d_pad);
+        for (index_t c = 0; c < nk; ++c) p[c] = dot(Qs + row * d_pad, k_rows + c * k_ld, d_pad);
         const SoftmaxStep<Acc> step = online_softmax_step(
             p, nk, n_pad, running_max[row], row_sum[row], masks, dropout, b, h, s.Hq, i, j0);
         if (step.empty) continue;
-        Acc* o = O + row * dv_pad;
-        for (index_t c = 0; c < nk; ++c)
-          scale_add(o, c == 0 ? step.rescale : Acc(1), p[c], Vs + c * dv_pad, dv_pad);
+        gemv_rows(O + row * dv_pad, step.rescale, p, nk, v_rows, v_ld, dv_pad);
       }
     }
   });
