@@ -561,10 +561,10 @@ void forward_rowwise(const ForwardArgs& a, const ProblemShape& s, int num_thread
         }
       }
       if (k_rows == Ks) {
-        pack_rows(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Acc(1),
-                  Ks, d_pad);
-        pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1),
-                  Vs, dv_pad);
+        pack_rows(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, Acc(1), Ks,
+                  d_pad);
+        pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1), Vs,
+                  dv_pad);
       }
       for (index_t row = 0; row < rows; ++row) {
         const index_t h = hk * group + row / s.Lq, i = row % s.Lq;
