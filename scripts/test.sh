@@ -20,7 +20,9 @@ step_done() { TIMES+=("$(printf '%-28s %5ds' "$1" $((SECONDS - $2)))"); }
 t=$SECONDS
 setup_venv
 log "pip install '.[test]' (builds the C++ extension)"
-python -m pip install --quiet '.[test]'
+# Warnings are errors for the extension too (the ctest build below covers the core alone).
+python -m pip install --quiet --config-settings=cmake.define.CMAKE_COMPILE_WARNING_AS_ERROR=ON \
+  '.[test]'
 step_done "setup + pip install" "$t"
 
 t=$SECONDS

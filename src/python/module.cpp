@@ -139,6 +139,20 @@ void set_options(memattn::ForwardArgs& a, bool is_causal, const std::string& cau
   a.scale = scale.value_or(0.0);
 }
 
+// The tensors of a forward call, from ndarrays or from specs alike.
+template <class Tensor, class OptionalTensor>
+memattn::ForwardArgs forward_args(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const OptionalTensor& attn_mask,
+                                  const OptionalTensor& key_padding_mask) {
+  memattn::ForwardArgs a;
+  a.q = view_of(q, "q");
+  a.k = view_of(k, "k");
+  a.v = view_of(v, "v");
+  a.attn_mask = view_of(attn_mask, "attn_mask");
+  a.key_padding_mask = view_of(key_padding_mask, "key_padding_mask");
+  return a;
+}
+
 nb::dict shape_dict(const memattn::ProblemShape& s) {
   nb::dict d;
   d["B"] = s.B;
@@ -196,12 +210,7 @@ NB_MODULE(_memattn, m) {
          const std::optional<TensorSpec>& attn_mask,
          const std::optional<TensorSpec>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::optional<double> scale) {
-        memattn::ForwardArgs a;
-        a.q = view_of(q, "q");
-        a.k = view_of(k, "k");
-        a.v = view_of(v, "v");
-        a.attn_mask = view_of(attn_mask, "attn_mask");
-        a.key_padding_mask = view_of(key_padding_mask, "key_padding_mask");
+        memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         set_options(a, is_causal, causal_alignment, dropout_p, 0, scale);
         return shape_dict(memattn::validate_forward(a));
       },
@@ -217,12 +226,7 @@ NB_MODULE(_memattn, m) {
          const std::optional<TensorSpec>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::optional<double> scale,
          bool backward) {
-        memattn::ForwardArgs a;
-        a.q = view_of(q, "q");
-        a.k = view_of(k, "k");
-        a.v = view_of(v, "v");
-        a.attn_mask = view_of(attn_mask, "attn_mask");
-        a.key_padding_mask = view_of(key_padding_mask, "key_padding_mask");
+        memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         set_options(a, is_causal, causal_alignment, dropout_p, 0, scale);
         const auto shape = memattn::validate_forward(a);
         return plan_dict(memattn::plan(a, shape, backward));
@@ -240,14 +244,9 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads) {
-        memattn::ForwardArgs a;
-        a.q = view_of(q, "q");
-        a.k = view_of(k, "k");
-        a.v = view_of(v, "v");
+        memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.out = view_of(out, "out");
         a.lse = view_of(lse, "lse");
-        a.attn_mask = view_of(attn_mask, "attn_mask");
-        a.key_padding_mask = view_of(key_padding_mask, "key_padding_mask");
         set_options(a, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
@@ -271,13 +270,9 @@ NB_MODULE(_memattn, m) {
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads) {
         memattn::BackwardArgs a;
-        a.fwd.q = view_of(q, "q");
-        a.fwd.k = view_of(k, "k");
-        a.fwd.v = view_of(v, "v");
+        a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");
         a.fwd.lse = view_of(lse, "lse");
-        a.fwd.attn_mask = view_of(attn_mask, "attn_mask");
-        a.fwd.key_padding_mask = view_of(key_padding_mask, "key_padding_mask");
         set_options(a.fwd, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         a.grad_out = view_of(grad_out, "grad_out");
         a.grad_q = view_of(grad_q, "grad_q");
