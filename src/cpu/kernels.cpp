@@ -67,12 +67,9 @@ inline double widen(double x) { return x; }
 inline void narrow(float x, bf16& out) {  // round to nearest even, NaN stays NaN
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    out.bits = 0x7fc0;
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  out.bits = static_cast<std::uint16_t>(u >> 16);
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  // A select, not a branch, so loops of narrow() vectorise.
+  out.bits = static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 inline void narrow(float x, float& out) { out = x; }
 inline void narrow(double x, double& out) { out = x; }
@@ -480,8 +477,15 @@ void transpose_tile(const Acc* src, index_t ld_src, index_t rows, index_t cols, 
 template <class T, class Acc>
 void store_rows(const Acc* src, index_t ld, index_t rows, index_t cols, Acc scale, T* dst,
                 index_t rs, index_t cs) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c = 0; c < cols; ++c) narrow(src[r * ld + c] * scale, dst[r * rs + c * cs]);
+  for (index_t r = 0; r < rows; ++r) {
+    const Acc* s = src + r * ld;
+    T* d = dst + r * rs;
+    if (cs == 1) {  // the common layout: a loop the compiler vectorises
+      for (index_t c = 0; c < cols; ++c) narrow(s[c] * scale, d[c]);
+    } else {
+      for (index_t c = 0; c < cols; ++c) narrow(s[c] * scale, d[c * cs]);
+    }
+  }
 }
 
 template <class T>
