@@ -31,8 +31,8 @@ class ThreadPool {
   void worker_loop(int worker);
   void drain(int worker);
 
-  std::mutex mutex_;  // guards the job fields below and serialises run() calls
-  std::mutex run_mutex_;
+  std::mutex mutex_;      // guards the job fields below
+  std::mutex run_mutex_;  // one job at a time (callers from several Python threads)
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   std::uint64_t generation_ = 0;
