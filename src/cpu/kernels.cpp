@@ -632,9 +632,12 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
   const int workers = static_cast<int>(std::min<index_t>(std::max(num_threads, 1), tasks));
 
   // K^T and V, packed once per call into fp32 (fp64) tiles that every query block reads:
-  // per (b, kv head, key block) a [D][Bn] tile of K^T followed by a [Bn][Dv] tile of V.
+  // per (b, kv head, key block) a [D][Bn] tile of K^T followed by a [Bn][Dv] tile of V. V
+  // rows that already are whole Acc vectors are read in place instead (no V tile).
+  const bool v_in_place = std::is_same_v<T, Acc> && a.v.strides[3] == 1 && s.Dv % NR == 0;
   const index_t k_blocks = (s.Lk + Bn - 1) / Bn;
-  const index_t kt_tile = s.D * cols_pad, v_tile = Bn * dv_pad, kv_tile = kt_tile + v_tile;
+  const index_t kt_tile = s.D * cols_pad, v_tile = v_in_place ? 0 : Bn * dv_pad;
+  const index_t kv_tile = kt_tile + v_tile;
   Scratch<Acc> packed(s.B * s.Hk * k_blocks * kv_tile, 1);
   parallel_for(s.B * s.Hk * k_blocks, workers, [&](index_t task, int) {
     const index_t bhk = task / k_blocks, j0 = (task % k_blocks) * Bn;
@@ -642,8 +645,9 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     Acc* tile = packed.data() + task * kv_tile;
     pack_transposed(element<T>(a.k, b, hk, j0), a.k.strides[2], a.k.strides[3], nk, s.D, tile,
                     cols_pad);
-    pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1),
-              tile + kt_tile, dv_pad);
+    if (!v_in_place)
+      pack_rows(element<T>(a.v, b, hk, j0), a.v.strides[2], a.v.strides[3], nk, s.Dv, Acc(1),
+                tile + kt_tile, dv_pad);
   });
 
   const index_t per_worker =
@@ -681,7 +685,14 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
     for (index_t j0 = 0; j0 < key_end; j0 += Bn) {
       const index_t nk = std::min(Bn, key_end - j0), n_cols = round_up(nk, NR);
       const Acc* Kt = kv_tiles + (j0 / Bn) * kv_tile;  // [D][Bn]
-      const Acc* Vs = Kt + kt_tile;                    // [Bn][Dv]
+      const Acc* Vs = Kt + kt_tile;                    // [Bn][Dv], ld dv_pad
+      index_t v_ld = dv_pad;
+      if constexpr (std::is_same_v<T, Acc>) {
+        if (v_in_place) {
+          Vs = element<T>(a.v, b, hk, j0);
+          v_ld = a.v.strides[2];
+        }
+      }
       gemm<Acc>(m_rows, n_cols, s.D, Qs, s.D, Kt, cols_pad, P, cols_pad, false);
 
       for (index_t r = 0; r < mq; ++r) {
@@ -694,7 +705,7 @@ void forward_impl(const ForwardArgs& a, const ProblemShape& s, int num_threads) 
       for (index_t r = 0; r < mq; ++r)
         if (rescale[r] != Acc(1))
           for (index_t c = 0; c < dv_pad; ++c) O[r * dv_pad + c] *= rescale[r];
-      gemm<Acc>(m_rows, dv_pad, nk, P, cols_pad, Vs, dv_pad, O, dv_pad, true);
+      gemm<Acc>(m_rows, dv_pad, nk, P, cols_pad, Vs, v_ld, O, dv_pad, true);
     }
 
     // Normalise; a row that saw no key gives 0 and lse = -inf.
