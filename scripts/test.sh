@@ -27,8 +27,8 @@ step_done "setup + pip install" "$t"
 
 t=$SECONDS
 log "ruff"
-ruff check python tests
-ruff format --check python tests
+ruff check python tests bench
+ruff format --check python tests bench
 step_done "ruff" "$t"
 
 t=$SECONDS
