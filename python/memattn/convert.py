@@ -433,31 +433,39 @@ class MHALayoutAdapter(Adapter):
         return _mha_probes(module)
 
 
-class EncoderLayerAdapter(Adapter):
-    """``torch.nn.TransformerEncoderLayer`` (and subclasses) whose ``self_attn`` is memattn's
-    -> ``memattn.nn.TransformerEncoderLayer`` (in place; a subclass keeps its own methods and
-    gets memattn's forward under it, so ``super().forward`` reaches memattn's)."""
+class _ClassSwapAdapter(Adapter):
+    """Converts a torch container in place by swapping its class for a memattn subclass of it
+    (a user subclass keeps its own methods and gets memattn's forward under them)."""
 
-    name = "torch.nn.TransformerEncoderLayer"
     kind = "container"
+    torch_cls: type
+    memattn_cls: type
 
     def matches(self, module):
-        return isinstance(module, nn.TransformerEncoderLayer) and not isinstance(
-            module, mnn.TransformerEncoderLayer
-        )
-
-    def check(self, module):
-        if not isinstance(module.self_attn, mnn.MultiheadAttention):
-            return "its self_attn is not converted, so there is nothing to route to memattn"
-        return None
+        return isinstance(module, self.torch_cls) and not isinstance(module, self.memattn_cls)
 
     def convert(self, module):
-        module.__class__ = _memattn_subclass(type(module), mnn.TransformerEncoderLayer)
+        module.__class__ = _memattn_subclass(type(module), self.memattn_cls)
         return module
 
     def restore(self, module, origin):
         module.__class__ = origin.cls
         return module
+
+
+class EncoderLayerAdapter(_ClassSwapAdapter):
+    """``torch.nn.TransformerEncoderLayer`` (and subclasses) whose ``self_attn`` is memattn's
+    -> ``memattn.nn.TransformerEncoderLayer`` (in place; a subclass keeps its own methods and
+    gets memattn's forward under it, so ``super().forward`` reaches memattn's)."""
+
+    name = "torch.nn.TransformerEncoderLayer"
+    torch_cls = nn.TransformerEncoderLayer
+    memattn_cls = mnn.TransformerEncoderLayer
+
+    def check(self, module):
+        if not isinstance(module.self_attn, mnn.MultiheadAttention):
+            return "its self_attn is not converted, so there is nothing to route to memattn"
+        return None
 
     def probes(self, module):
         attn = module.self_attn
@@ -476,30 +484,18 @@ class EncoderLayerAdapter(Adapter):
         ]
 
 
-class EncoderAdapter(Adapter):
+class EncoderAdapter(_ClassSwapAdapter):
     """``torch.nn.TransformerEncoder`` whose layers are memattn's -> ``memattn.nn.
     TransformerEncoder`` (in place): no nested-tensor conversion of padded batches."""
 
     name = "torch.nn.TransformerEncoder"
-    kind = "container"
-
-    def matches(self, module):
-        return isinstance(module, nn.TransformerEncoder) and not isinstance(
-            module, mnn.TransformerEncoder
-        )
+    torch_cls = nn.TransformerEncoder
+    memattn_cls = mnn.TransformerEncoder
 
     def check(self, module):
         if not all(isinstance(layer, mnn.TransformerEncoderLayer) for layer in module.layers):
             return "not all of its layers are converted"
         return None
-
-    def convert(self, module):
-        module.__class__ = _memattn_subclass(type(module), mnn.TransformerEncoder)
-        return module
-
-    def restore(self, module, origin):
-        module.__class__ = origin.cls
-        return module
 
     def probes(self, module):
         plain, padded = EncoderLayerAdapter().probes(module.layers[0])[:2]
