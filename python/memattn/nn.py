@@ -73,6 +73,21 @@ def _restore_mask_warnings(token) -> None:
         _MASKS_WARNED.reset(token)
 
 
+def _run_with_checked_masks(forward, src, attn_mask, key_padding_mask, is_causal, names):
+    """Checks a container's masks once (dtypes, mismatched kinds: torch's checks and warnings)
+    and runs ``forward(src, attn_mask, key_padding_mask, is_causal)`` with the attention inside
+    told not to warn about them again. ``names``: (key padding mask's name, attn mask's name)."""
+    padding_name, mask_name = names
+    _check_mask_dtype(key_padding_mask, padding_name)
+    _warn_mismatched_masks(key_padding_mask, attn_mask, names)
+    _check_mask_dtype(attn_mask, mask_name)
+    token = _suppress_mask_warnings()
+    try:
+        return forward(src, attn_mask, key_padding_mask, is_causal)
+    finally:
+        _restore_mask_warnings(token)
+
+
 def _tracer():
     """The active ``memattn.inspect`` recorder, or None (always None while compiling)."""
     return None if torch.compiler.is_compiling() else _TRACER.get()
@@ -723,14 +738,14 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
-        _warn_mismatched_masks(src_key_padding_mask, src_mask, ("src_key_padding_mask", "src_mask"))
-        _check_mask_dtype(src_mask, "src_mask")
-        token = _suppress_mask_warnings()
-        try:
-            return self._forward(src, src_mask, src_key_padding_mask, is_causal)
-        finally:
-            _restore_mask_warnings(token)
+        return _run_with_checked_masks(
+            self._forward,
+            src,
+            src_mask,
+            src_key_padding_mask,
+            is_causal,
+            ("src_key_padding_mask", "src_mask"),
+        )
 
     def _forward(self, src, src_mask, src_key_padding_mask, is_causal):
         if src.is_nested:
@@ -776,14 +791,14 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool | None = None,
     ) -> Tensor:
-        _check_mask_dtype(src_key_padding_mask, "src_key_padding_mask")
-        _warn_mismatched_masks(src_key_padding_mask, mask, ("src_key_padding_mask", "mask"))
-        _check_mask_dtype(mask, "mask")
-        token = _suppress_mask_warnings()
-        try:
-            return self._forward(src, mask, src_key_padding_mask, is_causal)
-        finally:
-            _restore_mask_warnings(token)
+        return _run_with_checked_masks(
+            self._forward,
+            src,
+            mask,
+            src_key_padding_mask,
+            is_causal,
+            ("src_key_padding_mask", "mask"),
+        )
 
     def _forward(self, src, mask, src_key_padding_mask, is_causal):
         from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
