@@ -46,7 +46,8 @@ struct BuildInfo {
   std::string cpu_isa_selected;
   std::string cpu_isa_reason;
   bool cuda_built = false;
-  std::string cuda_reason;
+  std::string cuda_reason;   // why not built (empty when built)
+  std::string cuda_summary;  // what it was built for (empty when not built)
 };
 BuildInfo build_info();
 

@@ -49,6 +49,9 @@ struct BackwardArgs {
   // allowed to be 1, zero-filled by the caller; the kernel
   // adds the mask gradient into it (size-1 dims receive the sum over that dim).
   TensorView grad_attn_mask;
+  // CUDA only: float32 [B, Hq, Lq] contiguous scratch (rowsum(grad_out * out)), allocated by
+  // the caller so the core never allocates device memory. Ignored by the CPU backend.
+  TensorView grad_scratch;
 };
 
 // Sizes derived once by validation; backends read these instead of re-deriving them.

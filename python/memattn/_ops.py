@@ -12,8 +12,11 @@ The forward op is differentiable (``register_autograd``): it saves its inputs, `
 callers that merge partial attentions; it is not differentiable.
 
 Every output is allocated here with torch (the core never allocates), so torch's caching
-allocator and streams are respected. Inputs are passed with their strides as they are: the core
-reads any strides, so a non-contiguous view costs no copy here.
+allocator and streams are respected: CUDA kernels are queued on torch's current stream. On CPU,
+inputs are passed with their strides as they are (the core reads any strides). On CUDA the
+kernels need a contiguous last dim, and the fp16/bf16 tensor-core kernels 16-byte aligned rows
+and a head dim that is a multiple of 8: other inputs are copied (or zero-padded in the head
+dim, which changes no result) by ``_CudaLayout``; ``memattn.explain`` reports when that happens.
 
 Shapes: q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv], out [B, Hq, Lq, Dv],
 lse [B, Hq, Lq] float32 (float64 for float64 inputs), attn_mask 4-D with each dim 1 or full,
@@ -124,6 +127,103 @@ def _empty_grad_mask(q: Tensor, attn_mask: Tensor | None, needs_grad: bool) -> T
     return q.new_zeros(attn_mask.shape, dtype=_stat_dtype(q))
 
 
+_TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _stream(t: Tensor) -> int:
+    """torch's current stream on t's device as an integer cudaStream_t (0 on CPU)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def cuda_layout_copies(t: Tensor) -> str | None:
+    """Why a CUDA tensor must be copied before memattn's CUDA kernels read it (None if not)."""
+    if not t.is_cuda:
+        return None
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return f"last dim not contiguous (strides {tuple(t.stride())})"
+    if t.dtype in _TENSOR_CORE_DTYPES:
+        d = t.shape[-1]
+        if d % 8:
+            return f"head dim {d} not a multiple of 8 (zero-padded to {d + (-d) % 8})"
+        if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1):
+            return f"rows not 16-byte aligned (strides {tuple(t.stride())})"
+        if t.data_ptr() % 16:
+            return "data not 16-byte aligned"
+    return None
+
+
+def _cuda_ready(t: Tensor) -> Tensor:
+    """t laid out as the CUDA kernels need (see cuda_layout_copies); t itself when it already is.
+    A head dim that is not a multiple of 8 is zero-padded: zeros add nothing to q k^T, and
+    padded value columns produce output columns that are sliced off."""
+    if cuda_layout_copies(t) is None:
+        return t
+    if t.dtype in _TENSOR_CORE_DTYPES and t.shape[-1] % 8:
+        return torch.nn.functional.pad(t, (0, (-t.shape[-1]) % 8))
+    return t.contiguous()
+
+
+def cuda_ready_spec(t: Tensor):
+    """``(tensor_spec, note)`` of t as ``_cuda_ready`` will hand it to the kernels, without
+    copying anything: for ``explain``. ``note`` says why a copy is made (None when none is)."""
+    note = cuda_layout_copies(t)
+    if note is None:
+        return tensor_spec(t), None
+    shape = [_concrete(n) for n in t.shape]
+    if t.dtype in _TENSOR_CORE_DTYPES and shape[-1] is not None:
+        shape[-1] += (-shape[-1]) % 8
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n or 1, 1)
+    return (
+        str(t.dtype).removeprefix("torch."),
+        tuple(shape),
+        tuple(reversed(strides)),
+        "cuda",
+    ), note
+
+
+def _padded_like(t: Tensor, last: int) -> Tensor:
+    """An empty tensor of t's shape with the last dim `last`, in t's dtype and device."""
+    return t.new_empty((*t.shape[:-1], last))
+
+
+def _into(dst: Tensor, src: Tensor) -> Tensor:
+    """dst filled from src[..., :dst.shape[-1]] (src is dst's padded twin), or src itself."""
+    if src.shape == dst.shape:
+        return src
+    dst.copy_(src[..., : dst.shape[-1]])
+    return dst
+
+
+def _default_scale(q: Tensor, scale: float | None) -> float | None:
+    """The softmax scale of the unpadded head dim (padding must not change 1 / sqrt(D))."""
+    if scale is None and q.is_cuda and q.dtype in _TENSOR_CORE_DTYPES and q.shape[-1] % 8:
+        return q.shape[-1] ** -0.5
+    return scale
+
+
+def _full_length_mask_grad(
+    attn_mask: Tensor, grad_mask: Tensor, lq: int, lk: int
+) -> tuple[Tensor, Tensor]:
+    """(mask, gradient buffer) for the CUDA backward. Its kernels sum a broadcast mask's gradient
+    over batch and heads inside one block (no atomics) but need full query and key dims: a mask
+    broadcast over queries or keys is expanded (a view), its gradient is taken at full size and
+    summed back by ``_sum_to``. Returns the inputs unchanged when no dim needs it."""
+    m0, m1, mq, mk = attn_mask.shape
+    if (mq, mk) == (lq, lk):
+        return attn_mask.detach(), grad_mask
+    full = (m0, m1, lq, lk)
+    return attn_mask.detach().expand(full), grad_mask.new_zeros(full)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """t summed over the dims where `shape` has size 1 (and t does not)."""
+    dims = tuple(d for d in range(t.dim()) if shape[d] == 1 and t.shape[d] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
 def _seed_value(dropout_seed: Tensor | None) -> int:
     return 0 if dropout_seed is None else int(dropout_seed.item())
 
@@ -152,11 +252,16 @@ def attention_forward(
     """
     out = _empty_out(q, v)
     lse = _empty_lse(q)
+    kq, kk, kv, kout = q.detach(), k.detach(), v.detach(), out
+    if q.is_cuda:
+        kq, kk, kv = _cuda_ready(kq), _cuda_ready(kk), _cuda_ready(kv)
+        if kv.shape[-1] != v.shape[-1]:
+            kout = _padded_like(out, kv.shape[-1])
     _memattn.forward(
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        out,
+        kq,
+        kk,
+        kv,
+        kout,
         lse,
         _detached(attn_mask),
         _detached(key_padding_mask),
@@ -164,10 +269,11 @@ def attention_forward(
         causal_alignment=causal_alignment,
         dropout_p=dropout_p,
         dropout_seed=_seed_value(dropout_seed),
-        scale=scale,
+        scale=_default_scale(q, scale),
         num_threads=torch.get_num_threads(),
+        stream=_stream(q),
     )
-    return out, lse
+    return _into(out, kout), lse
 
 
 @attention_forward.register_fake
@@ -215,27 +321,40 @@ def attention_backward(
     grad_v = torch.empty_like(v)
     mask_needs_grad = attn_mask_needs_grad and attn_mask is not None
     grad_mask = _empty_grad_mask(q, attn_mask, mask_needs_grad)
+    tensors = [t.detach() for t in (grad_out, q, k, v, out)]
+    grads = [grad_q, grad_k, grad_v]
+    kernel_mask, kernel_grad_mask, scratch = _detached(attn_mask), grad_mask, None
+    if q.is_cuda:
+        tensors = [_cuda_ready(t) for t in tensors]
+        grads = [
+            g if t.shape[-1] == g.shape[-1] else _padded_like(g, t.shape[-1])
+            for g, t in zip(grads, tensors[1:4], strict=True)
+        ]
+        B, Hq, Lq, _ = q.shape
+        scratch = q.new_empty((B * Hq * Lq,), dtype=torch.float32)
+        if mask_needs_grad:
+            kernel_mask, kernel_grad_mask = _full_length_mask_grad(
+                attn_mask, grad_mask, Lq, k.shape[2]
+            )
     _memattn.backward(
-        grad_out.detach(),
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        out.detach(),
+        *tensors,
         lse.detach(),
-        grad_q,
-        grad_k,
-        grad_v,
-        grad_mask if mask_needs_grad else None,
-        _detached(attn_mask),
+        *grads,
+        kernel_grad_mask if mask_needs_grad else None,
+        kernel_mask,
         _detached(key_padding_mask),
         is_causal=is_causal,
         causal_alignment=causal_alignment,
         dropout_p=dropout_p,
         dropout_seed=_seed_value(dropout_seed),
-        scale=scale,
+        scale=_default_scale(q, scale),
         num_threads=torch.get_num_threads(),
+        grad_scratch=scratch,
+        stream=_stream(q),
     )
-    return grad_q, grad_k, grad_v, grad_mask
+    if mask_needs_grad and kernel_grad_mask is not grad_mask:
+        grad_mask.copy_(_sum_to(kernel_grad_mask, grad_mask.shape))
+    return _into(grad_q, grads[0]), _into(grad_k, grads[1]), _into(grad_v, grads[2]), grad_mask
 
 
 @attention_backward.register_fake

@@ -169,7 +169,8 @@ def explain(
     Returns a dict: ``backend`` (e.g. ``"cpu"``, or ``""`` when none can run the call),
     ``kernel`` (e.g. ``"cpu/avx512/f32"``), ``reason`` (one line) and ``verdicts``, a list of
     ``(backend, [reasons it cannot run])`` for every backend considered, the chosen one
-    included (with an empty list). ``backward=True`` plans the backward pass. Other keyword
+    included (with an empty list), and ``layout_copies``: the inputs copied (or zero-padded in
+    the head dim) first because the CUDA kernels need another layout, each with why. ``backward=True`` plans the backward pass. Other keyword
     arguments of ``attention`` (``return_lse``, ``generator``) are accepted and ignored.
     Raises like ``attention`` for invalid arguments.
     """
@@ -180,10 +181,14 @@ def explain(
         raise TypeError(f"backward: expected a bool, got {type(backward).__name__}")
     _check_devices(q, k, v, attn_mask, key_padding_mask)
     mask4 = _mask_4d(attn_mask)
-    return _memattn.plan(
-        _ops.tensor_spec(q),
-        _ops.tensor_spec(k),
-        _ops.tensor_spec(v),
+    specs, copies = [], []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        spec, note = _ops.cuda_ready_spec(t)
+        specs.append(spec)
+        if note is not None:
+            copies.append(f"{name}: {note}")
+    plan = _memattn.plan(
+        *specs,
         None if mask4 is None else _ops.tensor_spec(mask4),
         None if key_padding_mask is None else _ops.tensor_spec(key_padding_mask),
         is_causal=is_causal,
@@ -192,6 +197,10 @@ def explain(
         scale=None if scale is None else float(scale),
         backward=backward,
     )
+    plan["layout_copies"] = copies
+    if copies and plan["backend"]:
+        plan["reason"] += "; copied first: " + "; ".join(copies)
+    return plan
 
 
 def _type_name(x) -> str:

@@ -38,13 +38,17 @@ void forward(const ForwardArgs& args, const ExecContext& ctx) {
   const ProblemShape shape = validate_forward(args);
   require_outputs(args);
   const Plan p = plan(args, shape, /*backward=*/false);
-  chosen(p).forward(args, shape, std::max(ctx.num_threads, 1));
+  ExecContext run_ctx = ctx;
+  run_ctx.num_threads = std::max(ctx.num_threads, 1);
+  chosen(p).forward(args, shape, run_ctx);
 }
 
 void backward(const BackwardArgs& args, const ExecContext& ctx) {
   const ProblemShape shape = validate_backward(args);
   const Plan p = plan(args.fwd, shape, /*backward=*/true);
-  chosen(p).backward(args, shape, std::max(ctx.num_threads, 1));
+  ExecContext run_ctx = ctx;
+  run_ctx.num_threads = std::max(ctx.num_threads, 1);
+  chosen(p).backward(args, shape, run_ctx);
 }
 
 BuildInfo build_info() {
@@ -55,8 +59,9 @@ BuildInfo build_info() {
   info.cpu_isas_usable = isa.usable;
   info.cpu_isa_selected = isa.selected;
   info.cpu_isa_reason = isa.reason;
-  info.cuda_built = false;
   info.cuda_reason = core::cuda_unavailable_reason();
+  info.cuda_built = info.cuda_reason.empty();
+  info.cuda_summary = core::cuda_build_summary();
   return info;
 }
 

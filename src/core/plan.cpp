@@ -3,12 +3,19 @@
 #include "core/registry.h"
 #include "cpu/cpu_backend.h"
 #include "memattn/api.h"
+#if MEMATTN_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 
 namespace memattn {
 namespace core {
 namespace {
 
-// Until the CUDA backend lands, CUDA calls get a verdict instead of a kernel.
+#if MEMATTN_HAVE_CUDA
+constexpr Backend kCuda = {"cuda", &cuda::unsupported_reasons, &cuda::kernel_name, &cuda::forward,
+                           &cuda::backward};
+#else
+// A build without nvcc: CUDA calls get a verdict instead of a kernel.
 std::vector<std::string> cuda_reasons(const ForwardArgs& args, const ProblemShape&) {
   std::vector<std::string> reasons{cuda_unavailable_reason()};
   if (args.q.device != DeviceType::cuda)
@@ -16,19 +23,34 @@ std::vector<std::string> cuda_reasons(const ForwardArgs& args, const ProblemShap
   return reasons;
 }
 std::string no_kernel(const ForwardArgs&) { return ""; }
+constexpr Backend kCuda = {"cuda", &cuda_reasons, &no_kernel, nullptr, nullptr};
+#endif
+
+void cpu_forward(const ForwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
+  cpu::forward(a, s, ctx.num_threads);
+}
+void cpu_backward(const BackwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
+  cpu::backward(a, s, ctx.num_threads);
+}
 
 constexpr Backend kBackends[] = {
-    {"cuda", &cuda_reasons, &no_kernel, nullptr, nullptr},
-    {"cpu", &cpu::unsupported_reasons, &cpu::kernel_name, &cpu::forward, &cpu::backward},
+    kCuda,
+    {"cpu", &cpu::unsupported_reasons, &cpu::kernel_name, &cpu_forward, &cpu_backward},
 };
 
 }  // namespace
 
 std::span<const Backend> backends() { return kBackends; }
 
+#if MEMATTN_HAVE_CUDA
+const char* cuda_unavailable_reason() { return ""; }
+std::string cuda_build_summary() { return cuda::build_summary(); }
+#else
 const char* cuda_unavailable_reason() {
-  return "memattn was built without CUDA (the CUDA backend is not part of this version yet)";
+  return "memattn was built without CUDA (no nvcc was found when it was built, or MEMATTN_CUDA=OFF)";
 }
+std::string cuda_build_summary() { return ""; }
+#endif
 
 }  // namespace core
 

@@ -14,13 +14,15 @@ struct Backend {
   const char* name;
   std::vector<std::string> (*unsupported_reasons)(const ForwardArgs&, const ProblemShape&);
   std::string (*kernel_name)(const ForwardArgs&);
-  void (*forward)(const ForwardArgs&, const ProblemShape&, int num_threads);
-  void (*backward)(const BackwardArgs&, const ProblemShape&, int num_threads);
+  void (*forward)(const ForwardArgs&, const ProblemShape&, const ExecContext&);
+  void (*backward)(const BackwardArgs&, const ProblemShape&, const ExecContext&);
 };
 
 std::span<const Backend> backends();
 
 // Why the CUDA backend is absent from this build (empty when it is built).
 const char* cuda_unavailable_reason();
+// What the CUDA backend was built for (empty when it is not built).
+std::string cuda_build_summary();
 
 }  // namespace memattn::core

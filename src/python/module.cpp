@@ -243,21 +243,23 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& attn_mask,
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
-         std::optional<double> scale, int num_threads) {
+         std::optional<double> scale, int num_threads, std::uintptr_t stream) {
         memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.out = view_of(out, "out");
         a.lse = view_of(lse, "lse");
         set_options(a, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
+        ctx.stream = reinterpret_cast<void*>(stream);
         nb::gil_scoped_release release;
         memattn::forward(a, ctx);
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "attn_mask"_a.none(), "key_padding_mask"_a.none(),
       nb::kw_only(), "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a,
-      "scale"_a.none(), "num_threads"_a,
+      "scale"_a.none(), "num_threads"_a, "stream"_a = 0,
       "Runs the forward pass into the caller's `out` [B, Hq, Lq, Dv] and `lse` [B, Hq, Lq] "
-      "(float32).");
+      "(float32). CUDA calls are queued on `stream` (a cudaStream_t as an integer, 0 = the "
+      "default stream) and not synchronized.");
 
   m.def(
       "backward",
@@ -268,7 +270,8 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& attn_mask,
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
-         std::optional<double> scale, int num_threads) {
+         std::optional<double> scale, int num_threads, const std::optional<nb::ndarray<>>& grad_scratch,
+         std::uintptr_t stream) {
         memattn::BackwardArgs a;
         a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");
@@ -279,17 +282,20 @@ NB_MODULE(_memattn, m) {
         a.grad_k = view_of(grad_k, "grad_k");
         a.grad_v = view_of(grad_v, "grad_v");
         a.grad_attn_mask = view_of(grad_attn_mask, "grad_attn_mask");
+        a.grad_scratch = view_of(grad_scratch, "grad_scratch");
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
+        ctx.stream = reinterpret_cast<void*>(stream);
         nb::gil_scoped_release release;
         memattn::backward(a, ctx);
       },
       "grad_out"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "grad_q"_a, "grad_k"_a, "grad_v"_a,
       "grad_attn_mask"_a.none(), "attn_mask"_a.none(), "key_padding_mask"_a.none(), nb::kw_only(),
       "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a, "scale"_a.none(),
-      "num_threads"_a,
+      "num_threads"_a, "grad_scratch"_a.none() = nb::none(), "stream"_a = 0,
       "Runs the backward pass into the caller's grad_q/grad_k/grad_v (and grad_attn_mask, "
-      "float32, zero-filled, the 4-D shape of attn_mask, when the mask needs a gradient).");
+      "float32, zero-filled, the 4-D shape of attn_mask, when the mask needs a gradient). CUDA "
+      "calls need `grad_scratch`, float32 [B, Hq, Lq], and are queued on `stream`.");
 
   m.def("build_info", [] {
     const auto info = memattn::build_info();
@@ -301,6 +307,7 @@ NB_MODULE(_memattn, m) {
     d["cpu_isa_reason"] = info.cpu_isa_reason;
     d["cuda_built"] = info.cuda_built;
     d["cuda_reason"] = info.cuda_reason;
+    d["cuda_summary"] = info.cuda_summary;
     return d;
   });
 }

@@ -1,0 +1,78 @@
+// Device-side parameters of one attention call: plain data, filled on the host from the core's
+// ForwardArgs/BackwardArgs (cuda_backend.cu) and passed by value to every CUDA kernel.
+//
+// Conventions: strides are in elements; the last dim of q/k/v/out/grad_* is contiguous
+// (stride 1) and not stored. Sizes that index memory are int64 (int64 offsets everywhere).
+#pragma once
+
+#include <cstdint>
+
+namespace memattn::cuda {
+
+// additive: q's dtype; additive_f32: a float32 mask with fp16/bf16 inputs.
+enum class MaskKind : std::uint8_t { none, boolean, additive, additive_f32 };
+
+// Strides of a [B, H, L, D] tensor whose last dim is contiguous.
+struct Strides3 {
+  std::int64_t b = 0, h = 0, l = 0;
+};
+
+struct DeviceParams {
+  // ---- forward ----
+  const void* q = nullptr;  // [B, Hq, Lq, D]
+  const void* k = nullptr;  // [B, Hk, Lk, D]
+  const void* v = nullptr;  // [B, Hk, Lk, Dv]
+  void* out = nullptr;      // [B, Hq, Lq, Dv]
+  float* lse = nullptr;     // [B, Hq, Lq], natural log, -inf for fully masked rows
+  Strides3 q_st, k_st, v_st, out_st, lse_st;  // lse_st.l is its last stride
+
+  int B = 0, Hq = 0, Hk = 0, group = 1;  // group = Hq / Hk (GQA)
+  int Lq = 0, Lk = 0, D = 0, Dv = 0;
+  float scale = 0.f;       // softmax scale (natural units)
+  float scale_log2 = 0.f;  // scale * log2(e): scores are kept in log2 units
+
+  bool causal = false;
+  std::int64_t causal_offset = 0;  // query i sees key j iff j <= i + causal_offset
+
+  // attn_mask: bool (true = attend) or additive in q's dtype, read with stride 0 on broadcast
+  // dims; index order [b, h, i, j].
+  MaskKind mask_kind = MaskKind::none;
+  const void* mask = nullptr;
+  std::int64_t mask_st[4] = {0, 0, 0, 0};
+
+  const std::uint8_t* key_padding = nullptr;  // bool [B, Lk], true = padding
+  std::int64_t key_padding_st[2] = {0, 0};
+
+  // Dropout: key (i, j) of row bh = b * Hq + h is kept iff
+  // philox::dropout_draws(seed, bh, i, j >> 2).x[j & 3] >= dropout_threshold.
+  bool dropout = false;
+  std::uint64_t dropout_seed = 0;
+  std::uint32_t dropout_threshold = 0;
+  float dropout_keep_scale = 1.f;  // 1 / (1 - p)
+
+  // ---- backward ----
+  const void* grad_out = nullptr;  // [B, Hq, Lq, Dv]
+  void* grad_q = nullptr;
+  void* grad_k = nullptr;
+  void* grad_v = nullptr;
+  Strides3 grad_out_st, grad_q_st, grad_k_st, grad_v_st;
+  float* delta = nullptr;  // [B, Hq, Lq] contiguous scratch: rowsum(grad_out * out)
+
+  // Mask gradient, float32, attn_mask's 4-D shape with full Lq and Lk dims; its b/h dims may be
+  // size 1 (mask broadcast there), then that dim receives the sum. Kernels that write it loop
+  // over the summed (b, h) combinations inside one block, so no two blocks touch one element
+  // and no atomics are needed.
+  float* grad_mask = nullptr;
+  std::int64_t grad_mask_st[4] = {0, 0, 0, 0};
+  int grad_mask_b_outer = 0;  // B, or 1 when grad_mask's b dim is summed
+  int grad_mask_h_outer = 0;  // Hq, or 1 when grad_mask's h dim is summed
+};
+
+// Whether a call needs the general kernels (masks, key padding, dropout, mask gradient) rather
+// than the lean ones that check only bounds and causality.
+inline bool has_features(const DeviceParams& p) {
+  return p.mask_kind != MaskKind::none || p.key_padding != nullptr || p.dropout ||
+         p.grad_mask != nullptr;
+}
+
+}  // namespace memattn::cuda

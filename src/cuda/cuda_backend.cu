@@ -1,0 +1,275 @@
+// Host side of the CUDA backend: capability checks, DeviceParams from the core's arguments and
+// the choice of kernel (tensor-core sm80 kernels for fp16/bf16, SIMT kernels for fp32).
+#include "cuda/cuda_backend.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda/common/check.h"
+#include "cuda/common/params.h"
+#include "cuda/launch.h"
+#include "memattn/error.h"
+#include "memattn/philox.h"
+
+#ifndef MEMATTN_CUDA_ARCHS
+#error "MEMATTN_CUDA_ARCHS must be defined by the build"
+#endif
+
+namespace memattn::cuda {
+namespace {
+
+constexpr int kMinMajor = 8;  // mma.sync bf16, cp.async, ldmatrix: sm_80 and newer
+
+struct DeviceCaps {
+  bool known = false;
+  cudaError_t error = cudaSuccess;
+  int major = 0, minor = 0;
+};
+
+// Compute capability per device, read once (cudaGetDeviceProperties is slow).
+DeviceCaps device_caps(int device) {
+  static std::mutex mutex;
+  static std::array<DeviceCaps, 64> cache;
+  if (device < 0 || device >= static_cast<int>(cache.size())) return {true, cudaErrorInvalidDevice};
+  std::lock_guard<std::mutex> lock(mutex);
+  DeviceCaps& c = cache[device];
+  if (!c.known) {
+    c.known = true;
+    c.error = cudaDeviceGetAttribute(&c.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (c.error == cudaSuccess)
+      c.error = cudaDeviceGetAttribute(&c.minor, cudaDevAttrComputeCapabilityMinor, device);
+  }
+  return c;
+}
+
+bool uses_tensor_cores(DType dtype) { return dtype == DType::f16 || dtype == DType::bf16; }
+
+// Head-dim bucket of the tensor-core kernels: the smallest of 64, 96, 128, 256 that holds D and Dv.
+int head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256; }
+
+const char* short_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::f16: return "f16";
+    case DType::bf16: return "bf16";
+    case DType::f32: return "f32";
+    default: return dtype_name(dtype);
+  }
+}
+
+// Layout rules of the kernels for one [B, H, L, D] tensor: contiguous last dim; for the
+// tensor-core kernels also 16-byte aligned rows (cp.async copies 16 bytes at a time).
+void layout_reasons(std::vector<std::string>& reasons, const TensorView& t, const char* name,
+                    bool tensor_cores) {
+  if (!t.present() || t.numel() == 0) return;  // nothing is read
+  if (t.strides[3] != 1 && t.sizes[3] > 1)
+    reasons.push_back(std::string(name) + ": the CUDA kernels need a contiguous last dim (stride 1), got strides " +
+                      t.stride_string());
+  if (!tensor_cores) return;
+  if (t.sizes[3] % 8 != 0)
+    reasons.push_back(std::string(name) + ": the tensor-core kernels need a head dim that is a multiple of 8, got shape " +
+                      t.shape_string());
+  for (int d = 0; d < 3; ++d)
+    if (t.sizes[d] > 1 && t.strides[d] % 8 != 0) {
+      reasons.push_back(std::string(name) + ": the tensor-core kernels need 16-byte aligned rows (strides of dims 0-2 a multiple of 8 elements), got strides " +
+                        t.stride_string());
+      break;
+    }
+  if (reinterpret_cast<std::uintptr_t>(t.data) % 16 != 0)
+    reasons.push_back(std::string(name) + ": the tensor-core kernels need 16-byte aligned data");
+}
+
+Strides3 strides3(const TensorView& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
+
+// Stride of dim d, 0 where the view is broadcast (size 1).
+std::int64_t broadcast_stride(const TensorView& t, int d) {
+  return t.sizes[d] == 1 ? 0 : t.strides[d];
+}
+
+DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
+  DeviceParams p;
+  p.q = a.q.data;
+  p.k = a.k.data;
+  p.v = a.v.data;
+  p.out = a.out.data;
+  p.lse = static_cast<float*>(a.lse.data);
+  p.q_st = strides3(a.q);
+  p.k_st = strides3(a.k);
+  p.v_st = strides3(a.v);
+  p.out_st = strides3(a.out);
+  p.lse_st = {a.lse.strides[0], a.lse.strides[1], a.lse.strides[2]};
+  p.B = static_cast<int>(s.B);
+  p.Hq = static_cast<int>(s.Hq);
+  p.Hk = static_cast<int>(s.Hk);
+  p.group = static_cast<int>(s.group_size());
+  p.Lq = static_cast<int>(s.Lq);
+  p.Lk = static_cast<int>(s.Lk);
+  p.D = static_cast<int>(s.D);
+  p.Dv = static_cast<int>(s.Dv);
+  p.scale = static_cast<float>(s.scale);
+  p.scale_log2 = static_cast<float>(s.scale * 1.4426950408889634);
+  p.causal = a.is_causal;
+  p.causal_offset = s.causal_offset;
+  if (a.attn_mask.present()) {
+    p.mask_kind = a.attn_mask.dtype == DType::boolean  ? MaskKind::boolean
+                  : a.attn_mask.dtype == a.q.dtype    ? MaskKind::additive
+                  : a.attn_mask.dtype == DType::f32    ? MaskKind::additive_f32
+                                                       : throw Error(ErrorKind::invalid_type,
+                                                                     std::string("attn_mask: no CUDA kernel reads dtype ") +
+                                                                         dtype_name(a.attn_mask.dtype));
+    p.mask = a.attn_mask.data;
+    for (int d = 0; d < 4; ++d) p.mask_st[d] = broadcast_stride(a.attn_mask, d);
+  }
+  if (a.key_padding_mask.present()) {
+    p.key_padding = static_cast<const std::uint8_t*>(a.key_padding_mask.data);
+    p.key_padding_st[0] = a.key_padding_mask.strides[0];
+    p.key_padding_st[1] = a.key_padding_mask.strides[1];
+  }
+  if (a.dropout_p > 0.0) {
+    p.dropout = true;
+    p.dropout_seed = a.dropout_seed;
+    p.dropout_threshold = philox::dropout_threshold(a.dropout_p);
+    p.dropout_keep_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
+  }
+  p.grad_mask_b_outer = p.B;
+  p.grad_mask_h_outer = p.Hq;
+  return p;
+}
+
+// Makes the tensors' device current for the call and restores the caller's afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+template <class T>
+void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
+  switch (bucket) {
+    case 64: return backward ? sm80_backward<T, 64>(p, stream) : sm80_forward<T, 64>(p, stream);
+    case 96: return backward ? sm80_backward<T, 96>(p, stream) : sm80_forward<T, 96>(p, stream);
+    case 128: return backward ? sm80_backward<T, 128>(p, stream) : sm80_forward<T, 128>(p, stream);
+    default: return backward ? sm80_backward<T, 256>(p, stream) : sm80_forward<T, 256>(p, stream);
+  }
+}
+
+void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const DeviceParams& p,
+         cudaStream_t stream) {
+  const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
+  switch (a.q.dtype) {
+    case DType::f16: return run_tensor_core<__half>(backward, bucket, p, stream);
+    case DType::bf16: return run_tensor_core<__nv_bfloat16>(backward, bucket, p, stream);
+    case DType::f32: return backward ? simt_backward(p, stream) : simt_forward(p, stream);
+    default:
+      throw Error(ErrorKind::not_implemented,
+                  std::string("memattn CUDA backend: no kernel for dtype ") + dtype_name(a.q.dtype));
+  }
+}
+
+// The backward's own tensors must follow the same layout rules as the forward's.
+void require_layout(const TensorView& t, const char* name, bool tensor_cores) {
+  std::vector<std::string> reasons;
+  layout_reasons(reasons, t, name, tensor_cores);
+  if (!reasons.empty()) throw Error(ErrorKind::not_implemented, "memattn CUDA backward: " + reasons[0]);
+}
+
+}  // namespace
+
+std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const ProblemShape&) {
+  std::vector<std::string> reasons;
+  if (a.q.device != DeviceType::cuda) {
+    reasons.push_back(std::string("tensors are on ") + device_name(a.q.device) + ", not cuda");
+    return reasons;
+  }
+  if (a.q.dtype != DType::f16 && a.q.dtype != DType::bf16 && a.q.dtype != DType::f32)
+    reasons.push_back(std::string("dtype ") + dtype_name(a.q.dtype) +
+                      " is not supported on CUDA (float16, bfloat16, float32)");
+  const DeviceCaps caps = device_caps(a.q.device_index);
+  if (caps.error != cudaSuccess)
+    reasons.push_back("cannot query CUDA device " + std::to_string(a.q.device_index) + ": " +
+                      cudaGetErrorString(caps.error));
+  else if (caps.major < kMinMajor)
+    reasons.push_back("GPU compute capability " + std::to_string(caps.major) + "." +
+                      std::to_string(caps.minor) + " is older than 8.0 (sm_80), which the CUDA kernels need");
+  const bool tc = uses_tensor_cores(a.q.dtype);
+  layout_reasons(reasons, a.q, "q", tc);
+  layout_reasons(reasons, a.k, "k", tc);
+  layout_reasons(reasons, a.v, "v", tc);
+  layout_reasons(reasons, a.out, "out", tc);
+  return reasons;
+}
+
+std::string kernel_name(const ForwardArgs& a) {
+  if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + short_dtype(a.q.dtype);
+  const std::int64_t d = a.q.sizes[3] > a.v.sizes[3] ? a.q.sizes[3] : a.v.sizes[3];
+  return std::string("cuda/sm80/") + short_dtype(a.q.dtype) + "/d" +
+         std::to_string(head_dim_bucket(d));
+}
+
+void forward(const ForwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
+  if (s.B * s.Hq * s.Lq == 0) return;
+  DeviceGuard guard(a.q.device_index);
+  run(/*backward=*/false, a, s, make_params(a, s), static_cast<cudaStream_t>(ctx.stream));
+}
+
+void backward(const BackwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
+  const bool tc = uses_tensor_cores(a.fwd.q.dtype);
+  require_layout(a.grad_out, "grad_out", tc);
+  require_layout(a.grad_q, "grad_q", tc);
+  require_layout(a.grad_k, "grad_k", tc);
+  require_layout(a.grad_v, "grad_v", tc);
+  const TensorView& scratch = a.grad_scratch;
+  if (!scratch.present() || scratch.dtype != DType::f32 || scratch.device != DeviceType::cuda ||
+      scratch.numel() < s.B * s.Hq * s.Lq)
+    throw Error(ErrorKind::invalid_value,
+                "grad_scratch: the CUDA backward needs a float32 CUDA tensor of B*Hq*Lq = " +
+                    std::to_string(s.B * s.Hq * s.Lq) + " contiguous elements");
+  if (s.B * s.Hq * s.Lq == 0 && s.B * s.Hk * s.Lk == 0) return;
+
+  DeviceParams p = make_params(a.fwd, s);
+  p.grad_out = a.grad_out.data;
+  p.grad_q = a.grad_q.data;
+  p.grad_k = a.grad_k.data;
+  p.grad_v = a.grad_v.data;
+  p.grad_out_st = strides3(a.grad_out);
+  p.grad_q_st = strides3(a.grad_q);
+  p.grad_k_st = strides3(a.grad_k);
+  p.grad_v_st = strides3(a.grad_v);
+  p.delta = static_cast<float*>(scratch.data);
+  if (a.grad_attn_mask.present()) {
+    const TensorView& g = a.grad_attn_mask;
+    if ((g.sizes[2] != s.Lq) || (g.sizes[3] != s.Lk))
+      throw Error(ErrorKind::not_implemented,
+                  "grad_attn_mask: the CUDA backward needs full query and key dims [*, *, " +
+                      std::to_string(s.Lq) + ", " + std::to_string(s.Lk) + "], got " +
+                      g.shape_string() + " (memattn's Python layer expands the mask first)");
+    p.grad_mask = static_cast<float*>(g.data);
+    for (int d = 0; d < 4; ++d) p.grad_mask_st[d] = broadcast_stride(g, d);
+    p.grad_mask_b_outer = g.sizes[0] == 1 ? 1 : p.B;
+    p.grad_mask_h_outer = g.sizes[1] == 1 ? 1 : p.Hq;
+  }
+  DeviceGuard guard(a.fwd.q.device_index);
+  run(/*backward=*/true, a.fwd, s, p, static_cast<cudaStream_t>(ctx.stream));
+}
+
+std::string build_summary() {
+  return std::string("kernels for ") + MEMATTN_CUDA_ARCHS + " (CUDA runtime " +
+         std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10) +
+         ", linked statically)";
+}
+
+}  // namespace memattn::cuda

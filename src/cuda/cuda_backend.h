@@ -1,0 +1,27 @@
+// The CUDA backend as the core sees it (cf. cpu/cpu_backend.h): capability checks that list
+// every failing reason, the kernel that would run, and the entry points. Plain C++ header:
+// the core includes it without nvcc.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "memattn/params.h"
+
+namespace memattn::cuda {
+
+// Every reason this backend cannot run the call; empty when it can. Reads the device's compute
+// capability (cached) only when the tensors are on a CUDA device.
+std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const ProblemShape& shape);
+// "cuda/sm80/bf16/d128" (tensor cores) or "cuda/simt/f32".
+std::string kernel_name(const ForwardArgs& args);
+
+// Launch on ctx.stream (the caller's current stream) and return without synchronizing.
+void forward(const ForwardArgs& args, const ProblemShape& shape, const ExecContext& ctx);
+// Needs args.grad_scratch: float32 [B, Hq, Lq] contiguous on the same device.
+void backward(const BackwardArgs& args, const ProblemShape& shape, const ExecContext& ctx);
+
+// "sm_80, sm_90 (CUDA 13.0)": what the module's kernels were built for.
+std::string build_summary();
+
+}  // namespace memattn::cuda

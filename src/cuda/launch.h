@@ -1,0 +1,30 @@
+// Kernel launchers of the CUDA backend. Each takes filled DeviceParams (common/params.h) and the
+// caller's stream, launches asynchronously and checks the launch (common/check.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/common/params.h"
+
+namespace memattn::cuda {
+
+// delta[b, h, i] = sum_d grad_out[b, h, i, d] * out[b, h, i, d] in fp32: the row term of the
+// softmax gradient, computed once before the backward kernels. T = float, __half or
+// __nv_bfloat16.
+template <class T>
+void launch_backward_delta(const DeviceParams& p, cudaStream_t stream);
+
+// SIMT kernels (no tensor cores) for float32 inputs: any D, Dv <= 256, exact fp32 accumulation.
+// Backward computes delta itself and writes grad_q, grad_k, grad_v (and grad_mask if set).
+void simt_forward(const DeviceParams& p, cudaStream_t stream);
+void simt_backward(const DeviceParams& p, cudaStream_t stream);
+
+// Tensor-core kernels (mma.sync m16n8k16, ldmatrix, cp.async; sm_80 and newer) for fp16/bf16.
+// kHeadDim is the head-dim bucket (64, 96, 128, 256): any D, Dv <= kHeadDim that are multiples
+// of 8, with 16-byte aligned rows.
+template <class T, int kHeadDim>
+void sm80_forward(const DeviceParams& p, cudaStream_t stream);
+template <class T, int kHeadDim>
+void sm80_backward(const DeviceParams& p, cudaStream_t stream);
+
+}  // namespace memattn::cuda

@@ -1,0 +1,183 @@
+// FlashAttention-2-style forward for sm_80+: one block of kBlockM queries per CTA, looping over
+// key blocks with an online softmax held in registers; K and V tiles arrive by cp.async while
+// the previous product runs. Saves only out and lse.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/common/check.h"
+#include "cuda/common/params.h"
+#include "cuda/common/semantics.cuh"
+#include "cuda/launch.h"
+#include "cuda/sm80/scores.cuh"
+#include "cuda/sm80/warp_gemm.cuh"
+
+namespace memattn::cuda::sm80 {
+
+// Tile shape per head-dim bucket. Each warp owns kMTiles x 16 query rows.
+template <int kHeadDim>
+struct ForwardTraits {
+  static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr int kMTiles = kHeadDim <= 64 ? 2 : 1;
+  static constexpr int kBlockM = kWarps * 16 * kMTiles;
+  static constexpr int kBlockN = 64;                      // keys per iteration
+  static constexpr int kThreads = kWarps * 32;
+};
+
+template <class T, int kHeadDim>
+struct ForwardSmem {
+  using Tr = ForwardTraits<kHeadDim>;
+  using QTile = SmemTile<T, Tr::kBlockM, kHeadDim>;
+  using KVTile = SmemTile<T, Tr::kBlockN, kHeadDim>;
+  static constexpr int kBytes =
+      static_cast<int>(sizeof(T)) * (QTile::kElems + 2 * KVTile::kElems);
+};
+
+// kFeatures: attn_mask, key padding or dropout present (the general kernel); without them a
+// leaner kernel runs (bounds and causal checks only).
+template <class T, int kHeadDim, bool kFeatures>
+__global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
+    forward_kernel(const __grid_constant__ DeviceParams p, int num_m_blocks) {
+  using Tr = ForwardTraits<kHeadDim>;
+  using Smem = ForwardSmem<T, kHeadDim>;
+  constexpr int kM = Tr::kMTiles, kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const typename Smem::QTile q_tile(smem);
+  const typename Smem::KVTile k_tile(smem + Smem::QTile::kElems);
+  const typename Smem::KVTile v_tile(smem + Smem::QTile::kElems + Smem::KVTile::kElems);
+
+  // Heavy (late, for causal) query blocks first; consecutive CTAs share a head's K/V in L2.
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  const std::int64_t bh = blockIdx.x / num_m_blocks;
+  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq), hk = h / p.group;
+  const int i0 = m_block * Tr::kBlockM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_row0 = warp * kM * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + i0 * p.q_st.l;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+
+  // Keys this block can see: all, or up to the causal limit of its last query.
+  const int j_end = causal_key_end(p, i0 + Tr::kBlockM - 1);
+  const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
+
+  float acc_o[kM][kD][4];
+  zero(acc_o);
+  float row_max[kM][2], row_sum[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_max[m][r] = -INFINITY, row_sum[m][r] = 0.f;
+
+  const ElementMasks<T> masks{p, b, h};
+  if (num_n_blocks > 0) {
+    load_tile_async<Tr::kThreads>(q_tile, q, p.q_st.l, p.Lq - i0, p.D);
+    load_tile_async<Tr::kThreads>(k_tile, k, p.k_st.l, p.Lk, p.D);
+    cp_async_commit();
+  }
+  for (int nb = 0; nb < num_n_blocks; ++nb) {
+    const int j0 = nb * Tr::kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K(nb) (and Q) landed; every warp is done with V(nb - 1)
+    load_tile_async<Tr::kThreads>(v_tile, v + j0 * p.v_st.l, p.v_st.l, p.Lk - j0, p.Dv);
+    cp_async_commit();
+
+    float s[kM][kN][4];
+    zero(s);
+    gemm_ss<kM, kN, kHeadDim>(s, q_tile, warp_row0, k_tile, 0, lane);
+    const bool check = block_needs_check(p, i0, Tr::kBlockM, j0, Tr::kBlockN);
+    mask_scores<Rows::queries, kFeatures>(s, masks, i0 + warp_row0, j0, check, lane);
+
+    // Online softmax: rows (m, r) are rows g and g + 8 of m-tile m; a row's 64 scores are
+    // spread over the 4 threads of a quad.
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[m][r];
+#pragma unroll
+        for (int n = 0; n < kN; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float rescale = mx == -INFINITY ? 1.f : fast_exp2(row_max[m][r] - mx);
+        row_max[m][r] = mx;
+        row_sum[m][r] *= rescale;
+#pragma unroll
+        for (int d = 0; d < kD; ++d) acc_o[m][d][2 * r] *= rescale, acc_o[m][d][2 * r + 1] *= rescale;
+#pragma unroll
+        for (int n = 0; n < kN; ++n)
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[m][n][e] = exp2_shifted(s[m][n][e], mx);
+            row_sum[m][r] += s[m][n][e];
+          }
+      }
+    if constexpr (kFeatures)
+      if (p.dropout) apply_dropout<Rows::queries>(s, p, bh, i0 + warp_row0, j0, lane);
+
+    std::uint32_t pf[kM][kN / 2][4];
+    c_to_a<T>(pf, s);
+    cp_async_wait<0>();
+    __syncthreads();  // V(nb) landed; every warp is done with K(nb)
+    if (nb + 1 < num_n_blocks) {
+      const int j1 = j0 + Tr::kBlockN;
+      load_tile_async<Tr::kThreads>(k_tile, k + j1 * p.k_st.l, p.k_st.l, p.Lk - j1, p.D);
+      cp_async_commit();
+    }
+    gemm_rs<kM, kD, Tr::kBlockN>(acc_o, pf, v_tile, 0, lane);
+  }
+
+  // Epilogue: out = acc / sum (0 for fully masked rows), lse = ln(sum) + max (-inf there).
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[m][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int i = i0 + warp_row0 + c_row(m, 2 * r, lane);
+      if (i >= p.Lq) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      T* out_row = out + i * p.out_st.l;
+#pragma unroll
+      for (int d = 0; d < kD; ++d) {
+        const int col = c_col(d, 0, lane);
+        if (col < p.Dv)
+          *reinterpret_cast<std::uint32_t*>(out_row + col) =
+              pack2<T>(acc_o[m][d][2 * r] * inv, acc_o[m][d][2 * r + 1] * inv);
+      }
+      if ((lane & 3) == 0)
+        p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l] =
+            sum > 0.f ? (row_max[m][r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+}
+
+template <class T, int kHeadDim, bool kFeatures>
+void launch_forward(const DeviceParams& p, cudaStream_t stream) {
+  using Tr = ForwardTraits<kHeadDim>;
+  constexpr int kSmem = ForwardSmem<T, kHeadDim>::kBytes;
+  auto kernel = &forward_kernel<T, kHeadDim, kFeatures>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+             "cudaFuncSetAttribute(forward)");
+  const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
+  const std::int64_t blocks = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
+  if (blocks == 0) return;
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, kSmem, stream>>>(p, num_m_blocks);
+  check_launch("memattn sm80 forward kernel");
+}
+
+}  // namespace memattn::cuda::sm80
+
+namespace memattn::cuda {
+// Explicitly instantiated per (dtype, head-dim bucket) in generated files (CMakeLists.txt).
+template <class T, int kHeadDim>
+void sm80_forward(const DeviceParams& p, cudaStream_t stream) {
+  if (has_features(p))
+    sm80::launch_forward<T, kHeadDim, true>(p, stream);
+  else
+    sm80::launch_forward<T, kHeadDim, false>(p, stream);
+}
+}  // namespace memattn::cuda

@@ -1,0 +1,89 @@
+// Turning a warp's tile of raw dot products into masked scores (log2 units) and dropout
+// factors: the element coordinates of an mma.sync C tile, shared by forward and backward.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/common/semantics.cuh"
+#include "memattn/philox.h"
+
+namespace memattn::cuda::sm80 {
+
+// Row and column (within the warp's tile) of element e of C tile (m, n); see mma.cuh.
+__device__ __forceinline__ int c_row(int m, int e, int lane) {
+  return 16 * m + (lane >> 2) + (e >= 2 ? 8 : 0);
+}
+__device__ __forceinline__ int c_col(int n, int e, int lane) {
+  return 8 * n + 2 * (lane & 3) + (e & 1);
+}
+
+// Which operand runs along a tile's rows: queries (forward, dQ: S = Q K^T) or keys (dK/dV:
+// S^T = K Q^T).
+enum class Rows : std::uint8_t { queries, keys };
+
+// acc <- masked scores in log2 units. row0/col0: global index of the tile's first row/column.
+// `check` false promises that every element is attendable and unmasked (block interior).
+// kMasks false promises no attn_mask and no key padding: only bounds and causal are checked,
+// which keeps the common kernels free of the mask code's registers.
+template <Rows kRows, bool kMasks, class T, int kM, int kN>
+__device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
+                                            int row0, int col0, bool check, int lane) {
+  const DeviceParams& p = masks.p;
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = acc[m][n][e] * p.scale_log2;
+        if (check) {
+          const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
+          const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
+          if constexpr (kMasks)
+            x = (i < p.Lq && j < p.Lk) ? masks.apply(x, i, j) : -INFINITY;
+          else
+            x = (i < p.Lq && j < p.Lk && causal_allows(p, i, j)) ? x : -INFINITY;
+        }
+        acc[m][n][e] = x;
+      }
+}
+
+// Whether a block of queries [i0, i0 + ni) x keys [j0, j0 + nj) needs per-element checks:
+// a partial block, a mask, key padding, or the causal diagonal crossing it.
+__device__ __forceinline__ bool block_needs_check(const DeviceParams& p, int i0, int ni, int j0,
+                                                  int nj) {
+  return i0 + ni > p.Lq || j0 + nj > p.Lk || p.mask_kind != MaskKind::none ||
+         p.key_padding != nullptr ||
+         (p.causal && static_cast<std::int64_t>(j0) + nj - 1 > i0 + p.causal_offset);
+}
+
+// Multiplies each probability by its dropout factor (keep_scale or 0). Columns come in pairs
+// (2t, 2t+1) inside one group of four keys, so one Philox call serves both.
+template <Rows kRows, int kM, int kN>
+__device__ __forceinline__ void apply_dropout(float (&acc)[kM][kN][4], const DeviceParams& p,
+                                              std::uint64_t bh, int row0, int col0, int lane) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = row0 + c_row(m, 2 * half, lane), c = col0 + c_col(n, 0, lane);
+        if (kRows == Rows::queries) {
+          const philox::U32x4 d = philox::dropout_draws(p.dropout_seed, bh,
+                                                        static_cast<std::uint32_t>(r),
+                                                        static_cast<std::uint32_t>(c) >> 2);
+          acc[m][n][2 * half] *=
+              draw_at(d, c & 3) >= p.dropout_threshold ? p.dropout_keep_scale : 0.f;
+          acc[m][n][2 * half + 1] *=
+              draw_at(d, (c + 1) & 3) >= p.dropout_threshold ? p.dropout_keep_scale : 0.f;
+        } else {  // rows are keys r, r (same), columns queries c, c + 1: two Philox calls
+          for (int e = 0; e < 2; ++e) {
+            acc[m][n][2 * half + e] *=
+                dropout_keeps(p, bh, c + e, r) ? p.dropout_keep_scale : 0.f;
+          }
+        }
+      }
+}
+
+}  // namespace memattn::cuda::sm80
