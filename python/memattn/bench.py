@@ -14,6 +14,11 @@ Protocol
   §5's 16k tokens and hidden 2048 are the CUDA defaults; on CPU the defaults are 4096 tokens and
   hidden 512, so the full sweep finishes in minutes on a small machine. Both are flags, and the
   values used are written with the results.
+- CUDA extras (§5): cross-attention 4096x77 and 1024x4096, a padded batch (bool key padding)
+  at L=2048 with D=128, GQA 32:8, decode. A PyTorch backend that refuses a case (FLASH with a
+  mask, a head dim or GQA it lacks, ...) is recorded as ``unsupported`` with torch's reasons, not
+  as a failure; the fastest backend that runs the case is the comparison. MATH is skipped where
+  its Lq x Lk scores would not fit the memory budget.
 - Peak memory of a forward pass over L (B=1, H=8, D=64, fp32): on CPU each number comes from a
   fresh process (see ``memattn._memory``); on CUDA from torch's allocator statistics.
 
@@ -126,7 +131,12 @@ def make_cases(
     hidden: int,
     causal: Sequence[bool] = (False, True),
     extras: bool = True,
+    device: str = "cpu",
 ) -> list[Case]:
+    """The sweep: self-attention over dtypes x head dims x lengths x causal, plus (``extras``)
+    cross-attention, a padded batch, GQA and decode rows. On CUDA the extras are DESIGN.md §5's
+    fixed shapes (cross 4096x77 and 1024x4096, padding at L=2048 with D=128, GQA 32:8 at
+    hidden 2048); on CPU they scale with the (smaller) sweep."""
     cases = []
     for dt in dtypes:
         for D in head_dims:
@@ -135,7 +145,11 @@ def make_cases(
                 B = max(1, tokens // L)
                 for c in causal:
                     cases.append(Case("self", B, H, H, L, L, D, dt, c))
-        if extras:
+        if extras and device == "cuda":
+            cases += _cuda_extras(
+                dt, lengths=lengths, head_dims=head_dims, tokens=tokens, hidden=hidden
+            )
+        elif extras:
             D = 64 if 64 in head_dims or not head_dims else head_dims[0]
             H = max(1, hidden // D)
             Lbig = max(lengths)
@@ -154,6 +168,32 @@ def make_cases(
                 Case("decode", max(1, tokens // Lbig) * 4, H, H, 1, Lbig, D, dt),
             ]
     return cases
+
+
+def _cuda_extras(
+    dt: str, *, lengths: Sequence[int], head_dims: Sequence[int], tokens: int, hidden: int
+) -> list[Case]:
+    """DESIGN.md §5's extra CUDA rows for one dtype."""
+    D = 64 if 64 in head_dims or not head_dims else head_dims[0]
+    H = max(1, hidden // D)
+    D_pad = 128 if 128 in head_dims or not head_dims else max(head_dims)
+    H_pad = max(1, hidden // D_pad)
+    Lbig = max(lengths)
+    Lmid = 2048 if 2048 in lengths else sorted(lengths)[len(lengths) // 2]
+    return [
+        # Cross-attention: image tokens to a short text, and a short query over a long context.
+        Case("cross", max(1, tokens // 4096), H, H, 4096, 77, D, dt),
+        Case("cross", max(1, tokens // 4096), H, H, 1024, 4096, D, dt),
+        # A padded batch (bool key padding, 25% of keys padded on average) at L=2048, D=128:
+        # SDPA gets it as a [B, 1, 1, L] bool mask, which FLASH refuses; the fastest backend
+        # that supports it is the comparison.
+        Case("padded", max(2, tokens // 2048), H_pad, H_pad, 2048, 2048, D_pad, dt, pad_frac=0.25),
+        # GQA 32:8 (hidden 2048, D 64).
+        Case("gqa", max(1, tokens // Lmid), H, max(1, H // 4), Lmid, Lmid, D, dt),
+        Case("gqa", max(1, tokens // Lmid), H, max(1, H // 4), Lmid, Lmid, D, dt, True),
+        # Decode: one query against a long cache.
+        Case("decode", max(1, tokens // Lbig) * 4, H, H, 1, Lbig, D, dt),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,12 +337,9 @@ def time_call(
     import torch
 
     if device == "cuda":
-        try:
-            from triton.testing import do_bench
-
+        do_bench = _triton_do_bench()
+        if do_bench is not None:
             return [float(do_bench(fn, warmup=25, rep=100, return_mode="median"))]
-        except ImportError:
-            pass
         for _ in range(max(1, warmup)):
             fn()
         torch.cuda.synchronize()
@@ -327,6 +364,28 @@ def time_call(
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def _triton_do_bench() -> Callable[..., Any] | None:
+    """``triton.testing.do_bench`` when Triton is importable and takes ``return_mode``."""
+    try:
+        import inspect as _inspect
+
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    try:
+        if "return_mode" not in _inspect.signature(do_bench).parameters:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return do_bench
+
+
+def cuda_timing_method() -> str:
+    if _triton_do_bench() is not None:
+        return "triton.testing.do_bench (CUDA events, median, L2 flushed, 25 ms warm-up)"
+    return "CUDA events (median of the timed calls after warm-up calls)"
 
 
 def time_interleaved(
@@ -457,7 +516,57 @@ def _sdpa_available(name: str, device: str) -> str | None:
     return None
 
 
+def _math_timing_skip(cfg: BenchConfig, case: Case, backward: bool) -> str | None:
+    """Why SDPA's MATH backend is not timed for this CUDA case (None: it fits). MATH holds the
+    [B, Hq, Lq, Lk] scores and probabilities (in float32 for low-precision inputs), backward
+    several more; over the budget it would only measure an out-of-memory error."""
+    import torch
+
+    if cfg.device != "cuda":
+        return None
+    elem = max(4, _torch_dtype(case.dtype).itemsize)
+    need = case.B * case.Hq * case.Lq * case.Lk * elem * (6 if backward else 2)
+    budget = int(torch.cuda.mem_get_info()[0] * cfg.memory_budget_frac)
+    if need <= budget:
+        return None
+    return (
+        f"skipped: MATH needs about {need / 2**30:.0f} GiB for the {case.Lq}x{case.Lk} scores, "
+        f"over the {budget / 2**30:.0f} GiB budget"
+    )
+
+
+def _is_unsupported(name: str, e: BaseException) -> bool:
+    """An SDPA backend that refuses a case (e.g. FLASH with a mask, a head dim or GQA it lacks):
+    with only that backend enabled, torch raises "No available kernel" (CUDA) or "No viable
+    backend" (CPU) and says why in warnings."""
+    if name == "memattn":
+        return False
+    text = str(e)
+    return (
+        isinstance(e, NotImplementedError)
+        or "No available kernel" in text
+        or "No viable backend" in text
+    )
+
+
+def _error_result(name: str, e: BaseException, caught: Sequence[Any]) -> dict[str, Any]:
+    """The result entry of an implementation that raised: ``unsupported`` (with torch's reasons,
+    from the warnings it emitted) when an SDPA backend refuses the case, else a failure."""
+    msg = f"{type(e).__name__}: {_first_line(e)}"
+    if not _is_unsupported(name, e):
+        return {"error": msg}
+    reasons = []
+    for w in caught:
+        first = str(w.message).strip().splitlines()
+        if first and first[0] not in reasons:
+            reasons.append(first[0])
+    why = "; ".join(reasons)[:300] if reasons else msg
+    return {"error": msg, "unsupported": why}
+
+
 def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[dict[str, Any]]:
+    import warnings
+
     import torch
 
     rows = []
@@ -483,10 +592,20 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
                 if why_not:
                     row["results"][name] = {"error": why_not}
                     continue
+                if name == "sdpa_math":
+                    skip = _math_timing_skip(cfg, case, backward)
+                    if skip:
+                        row["results"][name] = {"error": skip, "skipped": True}
+                        continue
                 step = _step_fn(name, inputs, backward)
+                caught: list[Any] = []
                 try:
                     with torch.no_grad() if not backward else contextlib.nullcontext():
-                        outs[name] = step().detach()  # also the first warm-up call
+                        # The first call is also the first warm-up call; the warnings SDPA emits
+                        # there say why a backend refuses the case.
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            outs[name] = step().detach()
                         if cfg.device == "cuda":
                             times = time_call(
                                 step,
@@ -499,8 +618,10 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
                         else:
                             steps[name] = step
                 except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-                    row["results"][name] = {"error": f"{type(e).__name__}: {_first_line(e)}"}
+                    row["results"][name] = _error_result(name, e, caught)
                     outs.pop(name, None)
+                    if cfg.device == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
             if steps:
                 with torch.no_grad() if not backward else contextlib.nullcontext():
                     timed = time_interleaved(
@@ -662,7 +783,22 @@ def bench_meta(cfg: BenchConfig, command: str) -> dict[str, Any]:
     if cfg.device == "cuda":
         import torch
 
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         meta["gpu"] = torch.cuda.get_device_name()
+        meta["gpu_capability"] = f"{props.major}.{props.minor}"
+        meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        meta["gpu_count"] = torch.cuda.device_count()
+        meta["cuda"] = torch.version.cuda
+        meta["cudnn"] = (
+            torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        )
+        meta["timing"] = cuda_timing_method()
+        try:
+            import triton
+
+            meta["triton"] = triton.__version__
+        except ImportError:
+            meta["triton"] = None
     return meta
 
 
@@ -677,6 +813,7 @@ def run_bench(
         hidden=cfg.hidden,
         causal=cfg.causal,
         extras=cfg.extras,
+        device=cfg.device,
     )
     n_timing = sum(
         len(cfg.impls)
@@ -708,6 +845,10 @@ def run_bench(
 
 def _fmt_ms(r: dict[str, Any]) -> str:
     if "median_ms" not in r:
+        if "unsupported" in r:
+            return "unsup."
+        if r.get("skipped"):
+            return "skip"
         err = r.get("error", "failed")
         return "n/a" if "no such backend" in err else "fail"
     ms = r["median_ms"]
@@ -752,10 +893,17 @@ def markdown_tables(result: dict[str, Any], plot_link: str | None = None) -> str
         f"- memattn {meta['memattn_version']} (CPU kernel: {meta.get('memattn_cpu_isa')}), "
         f"torch {meta['torch']}, python {meta['python']}"
     )
-    lines.append(
-        f"- threads: {meta['torch_threads']} (torch.get_num_threads(), the same for every "
-        f"implementation); logical CPUs: {meta['cpu']['logical_cpus']}"
-    )
+    if device == "cuda":
+        lines.append(
+            f"- GPU: {meta.get('gpu')} (compute capability {meta.get('gpu_capability', '?')}, "
+            f"{meta.get('gpu_memory_gib', '?')} GiB), CUDA {meta.get('cuda')}, "
+            f"cuDNN {meta.get('cudnn')}; timing: {meta.get('timing', '?')}"
+        )
+    else:
+        lines.append(
+            f"- threads: {meta['torch_threads']} (torch.get_num_threads(), the same for every "
+            f"implementation); logical CPUs: {meta['cpu']['logical_cpus']}"
+        )
     lines.append(
         f"- sweep: {cfg['tokens']} tokens per batch (B = tokens / L), hidden {cfg['hidden']} "
         f"(Hq = hidden / D); median of up to {cfg['reps']} timed calls after warm-up"
@@ -815,9 +963,39 @@ def markdown_tables(result: dict[str, Any], plot_link: str | None = None) -> str
             f"{n}: {v['error']}"
             for r in result["rows"]
             for n, v in r["results"].items()
-            if "error" in v and "no such backend" not in v["error"]
+            if "error" in v
+            and "no such backend" not in v["error"]
+            and "unsupported" not in v
+            and not v.get("skipped")
         }
     )
+    unsupported: dict[str, list[str]] = {}
+    for r in result["rows"]:
+        for n, v in r["results"].items():
+            if "unsupported" in v:
+                unsupported.setdefault(f"{n}: {v['unsupported']}", []).append(r["label"])
+    skipped = sorted(
+        {
+            f"{n}: {v['error']}"
+            for r in result["rows"]
+            for n, v in r["results"].items()
+            if v.get("skipped")
+        }
+    )
+    if unsupported:
+        lines.append("")
+        lines.append(
+            "Not supported by that PyTorch backend (`unsup.` in the table; the fastest backend "
+            "that supports the row is the comparison):"
+        )
+        for why, labels in sorted(unsupported.items())[:20]:
+            cases = sorted(set(labels))
+            more = f" and {len(cases) - 3} more" if len(cases) > 3 else ""
+            lines.append(f"- {why} ({'; '.join(cases[:3])}{more})")
+    if skipped:
+        lines.append("")
+        lines.append("Skipped (`skip` in the table):")
+        lines += [f"- {f}" for f in skipped[:20]]
     if failures:
         lines.append("")
         lines.append("Failures (`fail` in the table):")

@@ -132,28 +132,36 @@ def make_qkv(
     dtype=torch.float32,
     magnitude=1.0,
     requires_grad=True,
+    device=None,
 ):
+    """Random q, k, v (drawn on the CPU in float64, then rounded to ``dtype`` and moved to
+    ``device``, so a seed gives the same numbers on every device)."""
     Hk = Hq if Hk is None else Hk
     Lk = Lq if Lk is None else Lk
     Dv = D if Dv is None else Dv
-    q = (torch.randn(B, Hq, Lq, D, dtype=torch.float64) * magnitude).to(dtype)
-    k = (torch.randn(B, Hk, Lk, D, dtype=torch.float64) * magnitude).to(dtype)
-    v = torch.randn(B, Hk, Lk, Dv, dtype=torch.float64).to(dtype)
+    q = (torch.randn(B, Hq, Lq, D, dtype=torch.float64) * magnitude).to(device, dtype)
+    k = (torch.randn(B, Hk, Lk, D, dtype=torch.float64) * magnitude).to(device, dtype)
+    v = torch.randn(B, Hk, Lk, Dv, dtype=torch.float64).to(device, dtype)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
 
 
-def _as_leaf(t, dtype):
-    if t is None or not t.is_floating_point():
+def _as_leaf(t, dtype, device=None):
+    """``t`` as a fresh leaf in ``dtype`` on ``device`` (None: where it is)."""
+    if t is None:
         return t
-    # bf16 / fp32 values are exact in float64, so every run starts from the same numbers.
-    return t.detach().to(dtype).requires_grad_(t.requires_grad)
+    if not t.is_floating_point():
+        return t if device is None else t.to(device)
+    # bf16 / fp16 / fp32 values are exact in float64, so every run starts from the same numbers.
+    return t.detach().to(device=device, dtype=dtype).requires_grad_(t.requires_grad)
 
 
-def _forward(fn, inputs: Inputs, dtype, mask_dtype):
-    leaves = [_as_leaf(t, dtype) for t in (inputs.q, inputs.k, inputs.v)]
-    leaves.append(_as_leaf(inputs.attn_mask, mask_dtype))
+def _forward(fn, inputs: Inputs, dtype, mask_dtype, device=None):
+    """One run of ``fn`` on ``inputs``' leaves (in ``dtype``, moved to ``device`` when given:
+    the references run on the CPU whatever device memattn runs on)."""
+    leaves = [_as_leaf(t, dtype, device) for t in (inputs.q, inputs.k, inputs.v)]
+    leaves.append(_as_leaf(inputs.attn_mask, mask_dtype, device))
     args = list(leaves) if inputs.prepare is None else list(inputs.prepare(*leaves))
     q, k, v, mask = args
     out, lse = fn(q, k, v, attn_mask=mask, return_lse=True, **inputs.kwargs)
@@ -174,7 +182,7 @@ def _grads(out, leaves, grad_out):
     wants = [t for t in leaves if t is not None and t.requires_grad]
     if not wants:
         return []
-    return list(torch.autograd.grad(out, wants, grad_out.to(out.dtype)))
+    return list(torch.autograd.grad(out, wants, grad_out.to(out.device, out.dtype)))
 
 
 def _reference(dtype):
@@ -231,19 +239,25 @@ def check_against_reference(inputs: Inputs, *, backward: bool = True):
     """Runs memattn and the references on ``inputs``; asserts out, lse and gradients agree
     under the tolerance policy. Returns memattn's ``(out, lse, grads)`` (grads of the leaves
     that require grad, in q, k, v, attn_mask order) for extra checks by the caller.
+
+    memattn runs on the inputs' device (CUDA leaves: the CUDA backend, with masks and
+    ``kwargs`` tensors on that device too); both references always run on the CPU.
     """
     dtype = inputs.q.dtype
     mask = inputs.attn_mask
     mask_dtype = None if mask is None else mask.dtype
     # memattn and the low-precision math get the mask as given (the reference rounds a float
     # mask to its compute dtype); the float64 reference gets an exact float64 copy.
+    # memattn runs where the inputs are (CPU or CUDA); the references always on the CPU.
     runs = {
-        "ours": (memattn.attention, dtype, mask_dtype),
-        "ref64": (_reference(torch.float64), torch.float64, torch.float64),
+        "ours": (memattn.attention, dtype, mask_dtype, None),
+        "ref64": (_reference(torch.float64), torch.float64, torch.float64, "cpu"),
     }
     if dtype != torch.float64:
-        runs["low"] = (_reference(dtype), dtype, mask_dtype)
-    results = {name: _forward(fn, inputs, dt, mdt) for name, (fn, dt, mdt) in runs.items()}
+        runs["low"] = (_reference(dtype), dtype, mask_dtype, "cpu")
+    results = {
+        name: _forward(fn, inputs, dt, mdt, dev) for name, (fn, dt, mdt, dev) in runs.items()
+    }
     ours_out, ours_lse, leaves, _ = results["ours"]
     ref_args = results["ref64"][3]
     smax = max_abs_score(ref_args[0], ref_args[1], inputs.kwargs.get("scale"))

@@ -1,0 +1,242 @@
+"""A small, representative set of CUDA calls for compute-sanitizer (not a pytest module).
+
+Every case runs memattn once on the GPU, forward and backward, at small sizes, and compares out,
+lse and every gradient with the float64 CPU reference under the tolerance policy of
+attn_testing.py. Meant to run under the sanitizer, where every kernel launch is slow:
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tests/python/cuda_sanitize_cases.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tests/python/cuda_sanitize_cases.py
+
+(for memcheck set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, so that every tensor is its own
+allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-core kernels) and
+fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
+masks (broadcast, with gradient), key padding (a fully padded batch entry), causal in both
+alignments (fully masked rows), [B, L, H, D] views, dropout}.
+
+Exit status: 0 all cases match, 1 a case failed (each failure is printed with its traceback),
+2 nothing could run (no GPU, or memattn built without CUDA). ``--list`` prints the case names;
+``-k TEXT`` runs the cases whose name contains TEXT; ``--dtypes bf16 fp32`` only those dtypes.
+
+The file name does not match pytest's ``test_*.py``, so pytest never collects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+
+import memattn
+from attn_testing import (
+    Inputs,
+    assert_close_policy,
+    check_against_reference,
+    make_qkv,
+)
+from memattn.reference import attention_reference
+
+DEV = "cuda"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _qkv(dtype, **kw):
+    return make_qkv(device=DEV, dtype=dtype, **kw)
+
+
+def _float_mask(shape, dtype):
+    return (torch.randn(shape, dtype=torch.float64) * 2).to(DEV, dtype).requires_grad_()
+
+
+def _bool_mask(shape, p_attend=0.7):
+    return (torch.rand(shape) < p_attend).to(DEV)
+
+
+def case_plain(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=2, Lq=67, D=64)
+    check_against_reference(Inputs(q, k, v))
+
+
+def case_cross_dv(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=2, Lq=17, Lk=130, D=128, Dv=64)
+    check_against_reference(Inputs(q, k, v))
+
+
+def case_odd_sizes(dtype):
+    for D, Dv, Lq, Lk in ((40, 72, 1, 100), (33, 33, 17, 1), (256, 256, 19, 70), (8, 8, 100, 3)):
+        q, k, v = _qkv(dtype, B=1, Hq=2, Lq=Lq, Lk=Lk, D=D, Dv=Dv)
+        check_against_reference(Inputs(q, k, v))
+
+
+def case_gqa_causal_top_left(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=70, Lk=33, D=64)
+    check_against_reference(Inputs(q, k, v, kwargs={"is_causal": True}))
+
+
+def case_mqa_causal_bottom_right_dead_rows(dtype):
+    q, k, v = _qkv(dtype, B=1, Hq=4, Hk=1, Lq=90, Lk=40, D=64)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(Inputs(q, k, v, kwargs=kwargs))
+
+
+def case_causal_bottom_right_lq_lt_lk(dtype):
+    q, k, v = _qkv(dtype, B=1, Hq=2, Lq=33, Lk=140, D=96)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(Inputs(q, k, v, kwargs=kwargs))
+
+
+def case_bool_mask_broadcast_and_padding(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=2, Lq=45, Lk=77, D=64)
+    mask = _bool_mask((2, 1, 45, 77))
+    kpm = torch.rand(2, 77) < 0.3
+    kpm[1] = True  # a fully padded batch entry
+    check_against_reference(Inputs(q, k, v, mask, kwargs={"key_padding_mask": kpm.to(DEV)}))
+
+
+def case_float_mask_grad_causal_padding(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=45, Lk=77, D=64)
+    mask = _float_mask((1, 4, 45, 77), dtype)
+    kwargs = {
+        "key_padding_mask": (torch.rand(2, 77) < 0.2).to(DEV),
+        "is_causal": True,
+        "causal_alignment": "bottom_right",
+    }
+    check_against_reference(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+def case_float_mask_full_and_row_broadcast(dtype):
+    q, k, v = _qkv(dtype, B=2, Hq=2, Lq=30, Lk=70, D=64)
+    check_against_reference(Inputs(q, k, v, _float_mask((2, 2, 30, 70), dtype)))
+    check_against_reference(Inputs(q, k, v, _float_mask((2, 1, 30, 1), dtype)))
+
+
+def case_bshd_views(dtype):
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+
+    q, k, v = leaf(2, 40, 4, 64), leaf(2, 70, 2, 64), leaf(2, 70, 2, 64)
+
+    def prepare(q, k, v, m):
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m
+
+    check_against_reference(Inputs(q, k, v, prepare=prepare))
+
+
+def case_dropout(dtype):
+    """Same seed, same bits; forward and backward match the reference driven by the keep mask
+    recovered from memattn's output (v = identity, in float32)."""
+    p, seed = 0.3, 1234
+    B, Hq, Hk, Lq, Lk = 2, 4, 2, 40, 64
+    q, k, v = _qkv(dtype, B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=64)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    eye = torch.eye(Lk, device=DEV).expand(B, Hk, Lk, Lk).contiguous()
+    with torch.no_grad():
+        probe = memattn.attention(
+            q.detach().float(),
+            k.detach().float(),
+            eye,
+            dropout_p=p,
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
+    keep = (probe != 0).cpu()
+    outs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        outs.append(memattn.attention(q, k, v, dropout_p=p, generator=gen, **kwargs))
+    assert torch.equal(outs[0], outs[1]), "dropout: same seed, different output"
+    grad_out = torch.randn(outs[0].shape, dtype=torch.float64)
+    grads = torch.autograd.grad(outs[0], (q, k, v), grad_out.to(DEV, dtype))
+
+    def reference(compute_dtype):
+        leaves = [t.detach().cpu().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        ref = attention_reference(
+            *leaves, dropout_p=p, dropout_mask=keep, dtype=compute_dtype, **kwargs
+        )
+        return (ref, *torch.autograd.grad(ref, leaves, grad_out.to(compute_dtype)))
+
+    ref64, low = reference(torch.float64), reference(dtype)
+    names = ("out", "grad_q", "grad_k", "grad_v")
+    for name, got, want, lo in zip(names, (outs[0], *grads), ref64, low, strict=True):
+        assert_close_policy(name, got, want, lo, dtype)
+
+
+CASES: list[Callable] = [
+    case_plain,
+    case_cross_dv,
+    case_odd_sizes,
+    case_gqa_causal_top_left,
+    case_mqa_causal_bottom_right_dead_rows,
+    case_causal_bottom_right_lq_lt_lk,
+    case_bool_mask_broadcast_and_padding,
+    case_float_mask_grad_causal_padding,
+    case_float_mask_full_and_row_broadcast,
+    case_bshd_views,
+    case_dropout,
+]
+
+
+def all_cases(dtypes=tuple(DTYPES)) -> list[tuple[str, Callable[[], None]]]:
+    out = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for fn in CASES:
+            name = f"{fn.__name__.removeprefix('case_')}[{dname}]"
+            out.append((name, lambda fn=fn, dtype=dtype: fn(dtype)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="select", default="", help="run cases whose name has this")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=list(DTYPES),
+        default=list(DTYPES),
+        help="dtypes to run (racecheck: fp16 and bf16 share their kernels' code, one is enough)",
+    )
+    parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    args = parser.parse_args(argv)
+    cases = [(n, f) for n, f in all_cases(args.dtypes) if args.select in n]
+    if args.list:
+        print("\n".join(n for n, _ in cases))
+        return 0
+    if not torch.cuda.is_available():
+        print("cuda_sanitize_cases: no CUDA GPU", file=sys.stderr)
+        return 2
+    info = memattn.build_info()
+    if not info["cuda_built"]:
+        print(f"cuda_sanitize_cases: memattn has no CUDA backend: {info['cuda_reason']}")
+        return 2
+    print(f"cuda_sanitize_cases: {len(cases)} cases on {torch.cuda.get_device_name()}", flush=True)
+    failed = []
+    t_all = time.perf_counter()
+    for i, (name, fn) in enumerate(cases):
+        torch.manual_seed(i)
+        t0 = time.perf_counter()
+        try:
+            fn()
+            torch.cuda.synchronize()  # surface asynchronous errors at the case that caused them
+        except Exception:  # noqa: BLE001 - report every failing case, then exit non-zero
+            failed.append(name)
+            print(f"FAIL {name}", flush=True)
+            traceback.print_exc()
+            continue
+        print(f"ok   {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    total = time.perf_counter() - t_all
+    print(f"cuda_sanitize_cases: {len(cases) - len(failed)} of {len(cases)} ok in {total:.0f}s")
+    if failed:
+        print("failed: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

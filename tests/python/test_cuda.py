@@ -1,0 +1,1203 @@
+"""memattn on CUDA: every CUDA kernel against the float64 CPU reference (DESIGN.md §4).
+
+Run on a GPU machine with ``pytest -m cuda`` (pyproject's ``addopts`` deselect the ``cuda``
+marker by default). The module skips itself without a CUDA GPU or when memattn was built
+without its CUDA backend (``memattn.build_info()["cuda_built"]``).
+
+The case matrix mirrors the CPU suite (test_functional.py, test_autograd.py, test_dropout.py)
+for fp16 and bf16 (tensor-core kernels) and fp32 (SIMT kernels): forward ``out`` and ``lse`` and
+the gradients of q, k, v and of a float ``attn_mask`` that requires grad, under the tolerance
+policy of attn_testing.py (memattn runs on the GPU, both references on the CPU). On top of that:
+grid limits (B * H = 70000), a long sequence (L = 8192), streams and devices, O(L) memory,
+run-to-run determinism, dropout's Philox stream shared with the CPU backend, torch.compile,
+``explain`` / ``inspect`` naming the kernel, nn.MultiheadAttention and ``memattn.optimize`` on a
+CUDA bf16 model.
+
+Unwritten outputs: the kernels write into fresh ``torch.empty`` tensors, which the caching
+allocator serves from blocks earlier tensors freed. ``poison_cuda_cache`` fills every free
+block with 0xFF bytes (NaN in fp16, bf16, fp32 and fp64) right before a checked call, so an
+element a kernel forgets to write reads as NaN, which the checks reject.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import memattn
+from attn_testing import Inputs, assert_close_policy, check_against_reference, make_qkv
+from memattn import convert
+from memattn import nn as mnn
+from memattn.reference import attention_reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
+]
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if not memattn.build_info()["cuda_built"]:
+    pytest.skip(
+        f"memattn's CUDA backend is not built: {memattn.build_info().get('cuda_reason', '')}",
+        allow_module_level=True,
+    )
+
+DEV = "cuda"
+# fp16 / bf16: tensor-core kernels; fp32: SIMT kernels.
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+LOW = [torch.float16, torch.bfloat16]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def poison_cuda_cache(nbytes: int = 256 * 2**20) -> None:
+    """Fills the CUDA caching allocator's free memory with 0xFF bytes (NaN in every float
+    dtype), so that the next ``torch.empty`` tensors hold NaN until a kernel writes them.
+
+    Frees the cached blocks first (so no clean block is left to be picked instead), then
+    allocates, fills and frees: ``nbytes`` in one large-pool block (any request above 1 MiB is
+    split from it) and 64 MiB of 1 MiB blocks, two per 2 MiB small-pool segment (requests up to
+    1 MiB). Blocks belong to the current stream: call it on the stream of the checked call."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    small = [torch.full((2**20,), 255, dtype=torch.uint8, device=DEV) for _ in range(64)]
+    large = torch.full((nbytes,), 255, dtype=torch.uint8, device=DEV)
+    del small, large
+
+
+def check_cuda(inputs: Inputs, *, backward: bool = True):
+    """``check_against_reference`` on CUDA inputs, after poisoning the allocator's cache."""
+    assert inputs.q.is_cuda, "build the inputs on the GPU"
+    poison_cuda_cache()
+    out, lse, grads = check_against_reference(inputs, backward=backward)
+    assert out.is_cuda and lse.is_cuda
+    return out, lse, grads
+
+
+def qkv(**kwargs):
+    return make_qkv(device=DEV, **kwargs)
+
+
+def rand_mask(shape, dtype, *, scale=2.0, requires_grad=True):
+    """A float mask drawn in float64 on the CPU, rounded to ``dtype``, as a CUDA leaf."""
+    m = (torch.randn(shape, dtype=torch.float64) * scale).to(DEV, dtype)
+    return m.requires_grad_(requires_grad)
+
+
+def bool_mask(shape, p_attend=0.7):
+    return (torch.rand(shape) < p_attend).to(DEV)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_dead_rows(out, lse, grad_q, dead):
+    """dead: bool [B, Hq, Lq] (CPU), True where the row has no key left."""
+    out, lse, grad_q = out.detach().cpu(), lse.cpu(), grad_q.cpu()
+    assert dead.any(), "the test must contain fully masked rows"
+    assert not torch.isnan(out).any()
+    assert not torch.isnan(lse).any()
+    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "dead rows: out must be exactly 0"
+    assert torch.all(lse[dead] == -math.inf), "dead rows: lse must be -inf"
+    assert torch.isfinite(lse[~dead]).all()
+    assert not torch.isnan(grad_q).any()
+    assert torch.equal(grad_q[dead], torch.zeros_like(grad_q[dead])), "dead rows: grad_q must be 0"
+
+
+def _kernel_name(plan: dict) -> str:
+    return f"{plan['backend']}/{plan['kernel']}"
+
+
+# ---- sizes and head dims ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("Lq", "Lk"),
+    [(1, 1), (17, 17), (100, 100), (257, 257), (1, 257), (257, 17), (17, 1), (5, 1000)],
+)
+def test_sequence_lengths(dtype, Lq, Lk):
+    q, k, v = qkv(B=2, Hq=2, Lq=Lq, Lk=Lk, D=64, dtype=dtype)
+    check_cuda(Inputs(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("Lq", "Lk"), [(1000, 1000), (1, 1000), (1000, 77)])
+def test_long_sequences_causal_gqa(dtype, Lq, Lk):
+    q, k, v = qkv(B=1, Hq=2, Hk=1, Lq=Lq, Lk=Lk, D=64, dtype=dtype)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_cuda(Inputs(q, k, v, kwargs=kwargs))
+
+
+HEAD_DIMS = [
+    *((d, d) for d in (1, 8, 16, 33, 40, 64, 72, 96, 100, 128, 200, 255, 256)),
+    (64, 128),
+    (128, 64),
+    (256, 32),
+    (40, 72),
+    (96, 256),
+    (17, 33),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("D", "Dv"), HEAD_DIMS, ids=str)
+def test_head_dims(dtype, D, Dv):
+    q, k, v = qkv(B=1, Hq=2, Lq=37, Lk=130, D=D, Dv=Dv, dtype=dtype)
+    check_cuda(Inputs(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_head_dims_causal_gqa_masks(dtype, D):
+    """The fast head-dim buckets with everything on: GQA, causal, float mask, padding."""
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=D, dtype=dtype)
+    mask = rand_mask((1, 4, 130, 200), dtype)
+    kpm = (torch.rand(2, 200) < 0.2).to(DEV)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right", "key_padding_mask": kpm}
+    check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("Hq", "Hk"), [(8, 2), (8, 1), (6, 3), (4, 4)])
+def test_gqa_mqa(dtype, Hq, Hk):
+    q, k, v = qkv(B=2, Hq=Hq, Hk=Hk, Lq=33, Lk=150, D=64, Dv=64, dtype=dtype)
+    check_cuda(Inputs(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gqa_dv_differs_with_causal_and_masks(dtype):
+    q, k, v = qkv(B=2, Hq=8, Hk=2, Lq=71, Lk=134, D=64, Dv=128, dtype=dtype)
+    mask = rand_mask((1, 8, 71, 134), dtype)
+    kpm = (torch.rand(2, 134) < 0.2).to(DEV)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right", "key_padding_mask": kpm}
+    check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("B", "Hq", "Hk"), [(35000, 2, 2), (1, 70000, 70000), (70000, 1, 1)])
+def test_grid_limits_many_batch_heads(dtype, B, Hq, Hk):
+    """B * H = 70000 rows of tiny attention: more than the 65535 a grid's y / z dims take."""
+    q, k, v = qkv(B=B, Hq=Hq, Hk=Hk, Lq=3, Lk=5, D=64, dtype=dtype)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_cuda(Inputs(q, k, v, kwargs=kwargs))
+
+
+def test_empty_batch_queries_and_keys():
+    for dtype in DTYPES:
+        for B, Lq in ((0, 5), (2, 0)):
+            q, k, v = qkv(B=B, Hq=2, Lq=Lq, Lk=7, D=64, dtype=dtype)
+            out, lse = memattn.attention(q, k, v, return_lse=True)
+            assert out.shape == (B, 2, Lq, 64) and out.is_cuda
+            assert lse.shape == (B, 2, Lq)
+            out.sum().backward()
+            assert q.grad.shape == q.shape
+            assert torch.equal(k.grad, torch.zeros_like(k))
+        # Lk = 0: every row is fully masked.
+        q, k, v = qkv(B=2, Hq=2, Lq=5, Lk=0, D=64, Dv=32, dtype=dtype)
+        poison_cuda_cache()
+        out, lse = memattn.attention(q, k, v, return_lse=True)
+        assert torch.equal(out.cpu(), torch.zeros(2, 2, 5, 32, dtype=dtype))
+        assert torch.all(lse == -math.inf)
+        out.backward(torch.randn_like(out))
+        assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+# ---- causal ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize(
+    ("Lq", "Lk"),
+    [(17, 17), (100, 37), (37, 100), (1, 300), (300, 1), (128, 128), (130, 257), (257, 130)],
+)
+def test_causal(dtype, alignment, Lq, Lk):
+    q, k, v = qkv(B=1, Hq=3, Lq=Lq, Lk=Lk, D=64, dtype=dtype)
+    kwargs = {"is_causal": True, "causal_alignment": alignment}
+    check_cuda(Inputs(q, k, v, kwargs=kwargs))
+
+
+def test_causal_bottom_right_decode_row_sees_every_key():
+    q, k, v = qkv(Lq=1, Lk=500, D=64, dtype=torch.bfloat16, requires_grad=False)
+    causal = memattn.attention(q, k, v, is_causal=True, causal_alignment="bottom_right")
+    full = memattn.attention(q, k, v)
+    torch.testing.assert_close(causal, full)  # up to rounding: the causal kernel may differ
+
+
+# ---- masks -----------------------------------------------------------------------------------
+
+B, H, LQ, LK = 2, 3, 70, 130
+
+MASK_SHAPES = {
+    "full": (B, H, LQ, LK),
+    "11qk": (1, 1, LQ, LK),
+    "2d": (LQ, LK),
+    "1d": (LK,),
+    "b11k": (B, 1, 1, LK),
+    "1hqk": (1, H, LQ, LK),
+    "b1q1": (B, 1, LQ, 1),
+    "bh1k": (B, H, 1, LK),
+    "bhq1": (B, H, LQ, 1),
+    "1h11": (1, H, 1, 1),
+    "3d": (H, LQ, LK),
+    "scalar": (),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(MASK_SHAPES), ids=str)
+def test_bool_mask(dtype, shape):
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    mask = bool_mask(MASK_SHAPES[shape])
+    if shape == "scalar":
+        mask = torch.tensor(True, device=DEV)
+    check_cuda(Inputs(q, k, v, mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(MASK_SHAPES), ids=str)
+def test_float_mask_with_grad(dtype, shape):
+    """A float mask is added to the scores; its gradient is summed over broadcast dims."""
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    check_cuda(Inputs(q, k, v, rand_mask(MASK_SHAPES[shape], dtype)))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape", ["1hqk", "b11k"])
+def test_float32_mask_for_low_precision_q(dtype, shape):
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    mask = rand_mask(MASK_SHAPES[shape], torch.float32)
+    _, _, grads = check_cuda(Inputs(q, k, v, mask))
+    assert grads[3].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float_mask_without_grad(dtype):
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    check_cuda(Inputs(q, k, v, rand_mask((B, 1, LQ, LK), dtype, requires_grad=False)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("base_shape", "kind"),
+    [((1, H, LQ, LK), "float"), ((1, 1, LQ, LK), "float"), ((B, 1, 1, LK), "bool")],
+    ids=["expand_batch", "expand_batch_heads", "bool_expand"],
+)
+def test_expanded_stride0_mask(dtype, base_shape, kind):
+    """A mask expanded to the full shape (stride-0 dims) is read as it is; the gradient of the
+    un-expanded tensor is the sum over the expanded dims."""
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    base = bool_mask(base_shape) if kind == "bool" else rand_mask(base_shape, dtype)
+
+    def prepare(q, k, v, m):
+        return q, k, v, m.expand(B, H, LQ, LK)
+
+    check_cuda(Inputs(q, k, v, base, prepare=prepare))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_non_contiguous_view(dtype):
+    """A transposed float mask (non-contiguous, no stride 0, last stride != 1)."""
+    q, k, v = qkv(B=B, Hq=H, Lq=LQ, Lk=LK, D=64, dtype=dtype)
+    base = rand_mask((B, H, LK, LQ), dtype)
+
+    def prepare(q, k, v, m):
+        return q, k, v, m.transpose(-1, -2)
+
+    check_cuda(Inputs(q, k, v, base, prepare=prepare))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_mask(dtype):
+    q, k, v = qkv(B=3, Hq=2, Lq=41, Lk=137, D=64, dtype=dtype)
+    kpm = torch.zeros(3, 137, dtype=torch.bool)
+    kpm[0, 100:] = True  # right padding
+    kpm[1, :70] = True  # left padding, a whole key block
+    kpm[2] = torch.rand(137) < 0.4
+    check_cuda(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_mask_with_float_mask_and_causal(dtype):
+    q, k, v = qkv(B=2, Hq=2, Lq=125, Lk=125, D=64, dtype=dtype)
+    kpm = (torch.rand(2, 125) < 0.3).to(DEV)
+    mask = rand_mask((2, 2, 125, 125), dtype)
+    kwargs = {"key_padding_mask": kpm, "is_causal": True}
+    check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_mask_equals_float_mask(dtype):
+    q, k, v = qkv(B=2, Hq=2, Lq=9, Lk=140, D=64, dtype=dtype, requires_grad=False)
+    kpm = torch.rand(2, 140) < 0.3
+    kpm[:, 0] = False
+    float_mask = torch.zeros(2, 1, 1, 140).masked_fill(kpm[:, None, None, :], -math.inf)
+    a = memattn.attention(q, k, v, key_padding_mask=kpm.to(DEV))
+    b = memattn.attention(q, k, v, attn_mask=float_mask.to(DEV, dtype))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(a, b, rtol=0, atol=tol)
+
+
+# ---- fully masked rows -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_bool_mask(dtype):
+    q, k, v = qkv(B=2, Hq=2, Lq=70, Lk=130, D=64, dtype=dtype)
+    mask = torch.rand(2, 2, 70, 130) > 0.3
+    mask[..., 0] = True  # every other row keeps a key
+    mask[0, :, 3, :] = False
+    mask[1, 1, :2, :] = False
+    mask[1, 0, 64:, :] = False  # the rows of a whole query block
+    out, lse, grads = check_cuda(Inputs(q, k, v, mask.to(DEV)))
+    _assert_dead_rows(out, lse, grads[0], ~mask.any(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_float_mask_neg_inf(dtype):
+    q, k, v = qkv(B=1, Hq=2, Lq=8, Lk=130, D=64, dtype=dtype)
+    mask = torch.randn(1, 2, 8, 130, dtype=torch.float64).to(dtype)
+    mask[0, 0, 5, :] = -math.inf
+    mask[0, 1, :, 4] = -math.inf  # partial -inf columns are ordinary masking
+    mask = mask.to(DEV).requires_grad_(True)
+    out, lse, grads = check_cuda(Inputs(q, k, v, mask))
+    dead = torch.zeros(1, 2, 8, dtype=torch.bool)
+    dead[0, 0, 5] = True
+    _assert_dead_rows(out, lse, grads[0], dead)
+    assert torch.equal(grads[3][0, 0, 5].cpu(), torch.zeros(130, dtype=grads[3].dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_batch_by_key_padding(dtype):
+    q, k, v = qkv(B=2, Hq=2, Lq=6, Lk=90, D=64, dtype=dtype)
+    kpm = torch.zeros(2, 90, dtype=torch.bool)
+    kpm[1] = True
+    out, lse, grads = check_cuda(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+    dead = torch.zeros(2, 2, 6, dtype=torch.bool)
+    dead[1] = True
+    _assert_dead_rows(out, lse, grads[0], dead)
+    assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
+    assert torch.equal(grads[2][1], torch.zeros_like(grads[2][1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_causal_bottom_right(dtype):
+    """Lq > Lk with bottom_right: the first Lq - Lk queries see no key."""
+    q, k, v = qkv(B=1, Hq=2, Lq=150, Lk=40, D=64, dtype=dtype)
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    out, lse, grads = check_cuda(Inputs(q, k, v, kwargs=kwargs))
+    dead = torch.zeros(1, 2, 150, dtype=torch.bool)
+    dead[..., :110] = True
+    _assert_dead_rows(out, lse, grads[0], dead)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_from_mask_and_causal_combined(dtype):
+    """Row 0 sees only key 0 under top_left causal; the mask removes key 0 for it."""
+    q, k, v = qkv(B=1, Hq=1, Lq=66, Lk=66, D=64, dtype=dtype)
+    mask = torch.ones(66, 66, dtype=torch.bool)
+    mask[0, 0] = False
+    out, lse, grads = check_cuda(Inputs(q, k, v, mask.to(DEV), kwargs={"is_causal": True}))
+    dead = torch.zeros(1, 1, 66, dtype=torch.bool)
+    dead[0, 0, 0] = True
+    _assert_dead_rows(out, lse, grads[0], dead)
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_bshd_views(dtype):
+    """q, k, v as [B, L, H, D] memory viewed as [B, H, L, D] (nn.MHA's layout)."""
+    Bn, Lq, Lk, Hq, Hk, D = 2, 70, 130, 4, 2, 64
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+
+    q, k, v = leaf(Bn, Lq, Hq, D), leaf(Bn, Lk, Hk, D), leaf(Bn, Lk, Hk, D)
+
+    def prepare(q, k, v, m):
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m
+
+    out, _, _ = check_cuda(Inputs(q, k, v, prepare=prepare))
+    assert out.transpose(1, 2).is_contiguous(), "out should be laid out like q ([B, L, H, D])"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_qkv_and_non_unit_last_stride(dtype):
+    """q, k, v split from one packed [B, L, 3, H, 2D] tensor: q with last stride 2, k a
+    narrow, v the second half (a storage offset)."""
+    Bn, L, Hn, D = 2, 75, 3, 64
+    qkv_ = torch.randn(Bn, L, 3, Hn, 2 * D, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+
+    def prepare(p, k_, v_, m):
+        q = p[:, :, 0, :, ::2].transpose(1, 2)
+        k = p[:, :, 1, :, :D].transpose(1, 2)
+        v = p[:, :, 2, :, D:].transpose(1, 2)
+        return q, k, v, m
+
+    dummy = torch.zeros(1, device=DEV)
+    _, _, grads = check_cuda(Inputs(qkv_, dummy, dummy, prepare=prepare))
+    assert grads[0].shape == qkv_.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_rows_and_pointers(dtype):
+    """Rows that are not 16-byte aligned: a one-element storage offset and odd row strides."""
+    Bn, Hn, Lq, Lk, D = 2, 2, 45, 77, 64
+    q0 = torch.randn(Bn, Hn, Lq, D + 1, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+    k0 = torch.randn(Bn, Hn, Lk, D + 3, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+    v0 = torch.randn(Bn, Hn, Lk + 1, D, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+
+    def prepare(q, k, v, m):
+        return q[..., 1:], k[..., :D], v[:, :, 1:], m
+
+    check_cuda(Inputs(q0, k0, v0, prepare=prepare))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_permuted_sliced_and_expanded(dtype):
+    """q from a permuted, sequence-sliced tensor; k and v from every other batch entry, with
+    their one head expanded to every query head (stride 0 on the head dim)."""
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(DEV, dtype).requires_grad_()
+
+    q0 = leaf(4, 80, 3, 64)  # [B, Lq, Hq, D]
+    k0 = leaf(3, 1, 130, 64)
+    v0 = leaf(3, 1, 130, 96)
+
+    def prepare(q, k, v, m):
+        q = q.permute(0, 2, 1, 3)[1:3, :, 5:]
+        return q, k[::2].expand(2, 3, 130, 64), v[::2].expand(2, 3, 130, 96), m
+
+    check_cuda(Inputs(q0, k0, v0, prepare=prepare))
+
+
+# ---- values and options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_magnitude(dtype):
+    """Scores in the hundreds: the online softmax must rescale without overflow."""
+    q, k, v = qkv(B=1, Hq=2, Lq=133, Lk=147, D=32, dtype=dtype, magnitude=20.0)
+    check_cuda(Inputs(q, k, v, kwargs={"is_causal": True}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [0.5, 1e-3, 3.0])
+def test_scale(dtype, scale):
+    q, k, v = qkv(B=1, Hq=2, Lq=67, Lk=139, D=64, dtype=dtype)
+    check_cuda(Inputs(q, k, v, kwargs={"scale": scale}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_default_scale_is_inverse_sqrt_d(dtype):
+    q, k, v = qkv(D=64, Lq=40, Lk=70, dtype=dtype, requires_grad=False)
+    a = memattn.attention(q, k, v)
+    b = memattn.attention(q, k, v, scale=1 / 8)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_torch_sdpa(dtype):
+    """Same conventions as torch's SDPA on CUDA (bool True = attend, scale, causal)."""
+    q, k, v = qkv(B=2, Hq=4, Lq=96, Lk=96, D=64, dtype=dtype, requires_grad=False)
+    mask = bool_mask((2, 4, 96, 96), 0.8)
+    mask[..., 0] = True
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for kwargs in ({"attn_mask": mask}, {"is_causal": True}, {"scale": 0.3}):
+        ours = memattn.attention(q, k, v, **kwargs)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_grad_only_for_v_and_no_grad():
+    q, k, v = qkv(Lq=40, Lk=70, D=64, dtype=torch.bfloat16)
+    q.requires_grad_(False)
+    k.requires_grad_(False)
+    check_cuda(Inputs(q, k, v))
+    with torch.no_grad():
+        assert not memattn.attention(q, k, v).requires_grad
+
+
+def test_forward_saves_only_out_and_lse():
+    q, k, v = qkv(B=1, Hq=2, Lq=64, Lk=64, D=64, dtype=torch.bfloat16)
+    kpm = torch.zeros(1, 64, dtype=torch.bool, device=DEV)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, lse = memattn.attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+    allowed = {id(t) for t in (q, k, v, kpm)}
+    for t in saved:
+        if id(t) not in allowed:
+            assert t.shape in (out.shape, lse.shape), f"unexpected saved tensor {tuple(t.shape)}"
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+
+def recover_keep_mask(q, k, p, seed, **kwargs):
+    """The keep mask [B, Hq, Lq, Lk] memattn draws for (q, k, p, seed) on q's device: with
+    v = identity (Dv = Lk), out[i, j] = P[i, j] * keep[i, j] / (1 - p)."""
+    B, Hk, Lk = k.shape[0], k.shape[1], k.shape[2]
+    v = torch.eye(Lk, dtype=q.dtype, device=q.device).expand(B, Hk, Lk, Lk).contiguous()
+    with torch.no_grad():
+        out = memattn.attention(q, k, v, dropout_p=p, generator=_gen(seed), **kwargs)
+    return (out != 0).cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_same_seed_same_result(dtype):
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=70, Lk=130, D=64, dtype=dtype)
+    runs = []
+    for _ in range(2):
+        out = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(7))
+        runs.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    other = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(8))
+    assert not torch.equal(runs[0][0], other)
+
+
+def test_dropout_default_generator_follows_manual_seed():
+    q, k, v = qkv(Lq=40, Lk=70, D=64, dtype=torch.bfloat16, requires_grad=False)
+    torch.manual_seed(123)
+    a = memattn.attention(q, k, v, dropout_p=0.2)
+    b = memattn.attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(123)
+    c = memattn.attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"is_causal": True, "causal_alignment": "bottom_right"}, {"key_padding_mask": "random"}],
+    ids=["plain", "causal_br", "kpm"],
+)
+def test_dropout_mask_is_the_cpu_backends(dtype, kwargs):
+    """CPU and CUDA key the same Philox stream the same way: one seed, one mask."""
+    p, seed = 0.3, 99
+    Bn, Hq, Hk, Lq, Lk = 2, 4, 2, 70, 128
+    if kwargs.get("key_padding_mask") == "random":
+        kwargs = {"key_padding_mask": torch.rand(Bn, Lk) < 0.3}
+    # magnitude 0.5: scores ~ N(0, 1/16), so no kept weight is near fp16's underflow
+    q, k, _ = make_qkv(B=Bn, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=64, magnitude=0.5, requires_grad=False)
+    cpu = recover_keep_mask(q.double(), k.double(), p, seed, **kwargs)
+    cuda_kwargs = {n: t.to(DEV) if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
+    gpu = recover_keep_mask(q.to(DEV, dtype), k.to(DEV, dtype), p, seed, **cuda_kwargs)
+    assert torch.equal(gpu, cpu), f"{(gpu != cpu).sum().item()} keep decisions differ"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_fraction(p):
+    q, k, _ = qkv(B=2, Hq=4, Lq=64, Lk=256, D=64, dtype=torch.bfloat16, requires_grad=False)
+    keep = recover_keep_mask(q, k, p, seed=11)
+    frac = keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(frac - (1 - p)) < 6 * sigma, f"keep fraction {frac:.4f}, want {1 - p}"
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_matches_cpu_backend_fp32():
+    """Same inputs, same seed: the CUDA (SIMT) result is the CPU backend's, up to rounding."""
+    p, seed = 0.25, 4321
+    q, k, v = make_qkv(B=2, Hq=4, Hk=2, Lq=70, Lk=150, D=64, Dv=48)
+    mask = torch.randn(1, 4, 70, 150, requires_grad=True)
+    kpm = torch.rand(2, 150) < 0.2
+    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    grad_out = torch.randn(2, 4, 70, 48)
+    results = []
+    for dev in ("cpu", DEV):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v, mask)]
+        out = memattn.attention(
+            *leaves[:3],
+            attn_mask=leaves[3],
+            key_padding_mask=kpm.to(dev),
+            dropout_p=p,
+            generator=_gen(seed),
+            **kwargs,
+        )
+        grads = torch.autograd.grad(out, leaves, grad_out.to(dev))
+        results.append([t.detach().cpu() for t in (out, *grads)])
+    for name, a, b in zip(("out", "q", "k", "v", "mask"), *results, strict=True):
+        tol = 1e-5 * max(1.0, a.abs().max().item())
+        assert (a - b).abs().max().item() <= tol, f"{name}: CPU and CUDA differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"is_causal": True, "causal_alignment": "bottom_right"}, {"key_padding_mask": "random"}],
+    ids=["plain", "causal_br", "kpm"],
+)
+def test_dropout_forward_and_backward_match_reference(dtype, kwargs):
+    """Backward uses exactly the forward's mask: fwd and grads match the reference driven by
+    the mask recovered from memattn's own output."""
+    p, seed = 0.3, 1234
+    Bn, Hq, Hk, Lq, Lk, D, Dv = 2, 4, 2, 70, 100, 64, 64
+    if kwargs.get("key_padding_mask") == "random":
+        kwargs = {"key_padding_mask": (torch.rand(Bn, Lk) < 0.3).to(DEV)}
+    q, k, v = qkv(B=Bn, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype)
+    # Recovered in float32 (the SIMT kernels; no rounding turns a kept weight into 0).
+    keep = recover_keep_mask(q.detach().float(), k.detach().float(), p, seed, **kwargs)
+    mask = rand_mask((1, Hq, Lq, Lk), dtype)
+
+    poison_cuda_cache()
+    out = memattn.attention(q, k, v, attn_mask=mask, dropout_p=p, generator=_gen(seed), **kwargs)
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v, mask), grad_out.to(DEV, dtype))
+
+    def reference(compute_dtype):
+        leaves = [t.detach().cpu().to(compute_dtype).requires_grad_() for t in (q, k, v, mask)]
+        ref = attention_reference(
+            *leaves[:3],
+            attn_mask=leaves[3],
+            dropout_p=p,
+            dropout_mask=keep,
+            dtype=compute_dtype,
+            **kwargs,
+        )
+        return (ref, *torch.autograd.grad(ref, leaves, grad_out.to(compute_dtype)))
+
+    ref64 = reference(torch.float64)
+    low = reference(dtype)
+    names = ("out", "grad_q", "grad_k", "grad_v", "grad_attn_mask")
+    for name, got, want, lo in zip(names, (out, *grads), ref64, low, strict=True):
+        assert_close_policy(name, got, want, lo, dtype)
+
+
+def test_dropout_lse_is_before_dropout():
+    q, k, v = qkv(Lq=70, Lk=130, D=64, dtype=torch.bfloat16, requires_grad=False)
+    _, lse_drop = memattn.attention(q, k, v, dropout_p=0.5, return_lse=True, generator=_gen(1))
+    _, lse = memattn.attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse_drop, lse, rtol=1e-6, atol=1e-6)
+
+
+# ---- determinism, streams, devices, memory ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_run_to_run(dtype):
+    """Same call, same bits, forward and backward: GQA (dk/dv summed over the query heads of
+    a group), a float mask whose gradient is summed over the batch, many blocks per row."""
+    q, k, v = qkv(B=2, Hq=8, Hk=2, Lq=1000, Lk=1000, D=64, dtype=dtype)
+    mask = rand_mask((1, 8, 1000, 1000), dtype)
+    kpm = (torch.rand(2, 1000) < 0.1).to(DEV)
+    grad = torch.randn(2, 8, 1000, 64, device=DEV, dtype=dtype)
+    runs = []
+    for _ in range(3):
+        out = memattn.attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            key_padding_mask=kpm,
+            is_causal=True,
+            dropout_p=0.1,
+            generator=_gen(5),
+        )
+        runs.append((out, *torch.autograd.grad(out, (q, k, v, mask), grad)))
+    for other in runs[1:]:
+        for name, a, b in zip(("out", "q", "k", "v", "mask"), runs[0], other, strict=True):
+            assert torch.equal(a, b), f"{name}: not bit-identical run to run"
+
+
+def test_runs_on_the_current_stream():
+    """memattn launches on torch's current stream: inputs written on a side stream behind a
+    long sleep are read only after they are written."""
+    base = qkv(B=2, Hq=4, Lq=256, Lk=256, D=64, dtype=torch.float16, requires_grad=False)
+    want = memattn.attention(*base, is_causal=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        q, k, v = (t * 1 for t in base)
+        got = memattn.attention(q, k, v, is_causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
+
+
+def test_backward_on_a_side_stream():
+    q, k, v = qkv(B=2, Hq=4, Lq=256, Lk=256, D=64, dtype=torch.bfloat16)
+    out = memattn.attention(q, k, v, is_causal=True)
+    want = torch.autograd.grad(out.sum(), (q, k, v))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        q2, k2, v2 = (t.detach() * 1 for t in (q, k, v))
+        for t in (q2, k2, v2):
+            t.requires_grad_()
+        out2 = memattn.attention(q2, k2, v2, is_causal=True)
+        got = torch.autograd.grad(out2.sum(), (q2, k2, v2))
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
+    q, k, v = qkv(B=2, Hq=4, Lq=100, Lk=130, D=64, dtype=torch.bfloat16)
+    want = memattn.attention(q, k, v, is_causal=True)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    leaves = [t.detach().to("cuda:1").requires_grad_() for t in (q, k, v)]
+    with torch.cuda.device(0):
+        got = memattn.attention(*leaves, is_causal=True)
+        got_grads = torch.autograd.grad(got.sum(), leaves)
+    assert got.device == torch.device("cuda:1")
+    assert torch.equal(got.cpu(), want.cpu())
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_tensors_on_other_devices_are_refused():
+    q, k, v = qkv(Lq=10, Lk=12, D=64, dtype=torch.bfloat16, requires_grad=False)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        memattn.attention(q, k, v, key_padding_mask=torch.zeros(2, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask"):
+        memattn.attention(q, k, v, attn_mask=torch.ones(10, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k"):
+        memattn.attention(q, k.cpu(), v)
+    with pytest.raises(ValueError, match="generator"):
+        memattn.attention(q, k, v, dropout_p=0.1, generator=torch.Generator(DEV))
+
+
+def test_memory_is_linear_in_sequence_length():
+    """Forward and backward never materialise Lq x Lk (1 GiB here): extra memory beyond the
+    outputs stays within a few O(L) buffers."""
+    Bn, Hn, L, D = 1, 8, 8192, 64
+    q, k, v = qkv(B=Bn, Hq=Hn, Lq=L, D=D, dtype=torch.bfloat16)
+    grad = torch.randn(Bn, Hn, L, D, device=DEV, dtype=torch.bfloat16)
+    tensor_bytes = q.numel() * q.element_size()  # 8 MiB
+    scores_bytes = Bn * Hn * L * L * 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = memattn.attention(q, k, v, is_causal=True)
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated() - before
+    assert fwd_peak <= tensor_bytes + 16 * 2**20, f"forward peak {fwd_peak / 2**20:.1f} MiB"
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    torch.cuda.synchronize()
+    bwd_peak = torch.cuda.max_memory_allocated() - before
+    # grads (3 x 8 MiB) plus fp32 scratch of O(L) (e.g. a dq accumulator, 16 MiB)
+    assert bwd_peak <= 8 * tensor_bytes + 32 * 2**20 < scores_bytes, (
+        f"backward peak {bwd_peak / 2**20:.1f} MiB"
+    )
+    del grads
+
+
+# ---- a long sequence -------------------------------------------------------------------------
+
+
+def _chunked_attention(q, k, v, *, is_causal, dtype, chunk=1024):
+    """Plain attention (explicit softmax) in ``dtype`` on q's device, a block of query rows at a
+    time (the whole score matrix would not fit at this length in float64). Differentiable."""
+    qc, kc, vc = (t.to(dtype) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    Lq, Lk = q.shape[2], k.shape[2]
+    outs, lses = [], []
+    for i0 in range(0, Lq, chunk):
+        s = (qc[:, :, i0 : i0 + chunk] @ kc.transpose(-2, -1)) * scale
+        if is_causal:
+            i = torch.arange(i0, min(i0 + chunk, Lq), device=q.device)[:, None]
+            j = torch.arange(Lk, device=q.device)[None, :]
+            s = s.masked_fill(j > i, -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.exp(s - lse[..., None]) @ vc)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_long_sequence_8192_bf16(is_causal):
+    """L = 8192, D = 128, bf16: out, lse and grads against float64 math on the GPU (chunked),
+    with bf16 math as the tolerance baseline."""
+    q, k, v = qkv(B=1, Hq=2, Lq=8192, D=128, dtype=torch.bfloat16)
+    grad_out = torch.randn(1, 2, 8192, 128, dtype=torch.float64, device=DEV)
+    poison_cuda_cache()
+    out, lse = memattn.attention(q, k, v, is_causal=is_causal, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(torch.bfloat16))
+    results = {}
+    for name, dt in (("ref64", torch.float64), ("low", torch.bfloat16)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        ref, ref_lse = _chunked_attention(*leaves, is_causal=is_causal, dtype=dt)
+        ref_grads = torch.autograd.grad(ref, leaves, grad_out.to(dt))
+        results[name] = [t.detach().cpu() for t in (ref, ref_lse, *ref_grads)]
+        del ref, ref_lse, ref_grads, leaves
+    names = ("out", "lse", "grad_q", "grad_k", "grad_v")
+    for i, (name, got) in enumerate(zip(names, (out, lse, *grads), strict=True)):
+        assert_close_policy(name, got, results["ref64"][i], results["low"][i], torch.bfloat16)
+
+
+# ---- property-based --------------------------------------------------------------------------
+
+
+@st.composite
+def cuda_calls(draw):
+    Hk = draw(st.integers(1, 3))
+    return {
+        "dtype": draw(st.sampled_from(DTYPES)),
+        "B": draw(st.integers(1, 3)),
+        "Hk": Hk,
+        "Hq": Hk * draw(st.sampled_from([1, 2, 4])),
+        "Lq": draw(st.integers(1, 200)),
+        "Lk": draw(st.integers(1, 200)),
+        "D": draw(st.sampled_from([8, 32, 33, 64, 80, 128, 256])),
+        "Dv": draw(st.sampled_from([None, 16, 64, 100])),
+        "is_causal": draw(st.booleans()),
+        "alignment": draw(st.sampled_from(["top_left", "bottom_right"])),
+        "mask": draw(st.sampled_from(["none", "bool", "float", "float_grad"])),
+        "present": draw(st.tuples(*[st.booleans()] * 4)),
+        "kpm": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(call=cuda_calls())
+def test_matches_reference_property(call):
+    torch.manual_seed(call["seed"])
+    dtype, Bn, Hq, Lq, Lk = call["dtype"], call["B"], call["Hq"], call["Lq"], call["Lk"]
+    q, k, v = qkv(B=Bn, Hq=Hq, Hk=call["Hk"], Lq=Lq, Lk=Lk, D=call["D"], Dv=call["Dv"], dtype=dtype)
+    shape = tuple(
+        n if keep else 1 for n, keep in zip((Bn, Hq, Lq, Lk), call["present"], strict=True)
+    )
+    mask = None
+    if call["mask"] == "bool":
+        mask = bool_mask(shape, 0.75)
+    elif call["mask"] != "none":
+        mask = rand_mask(shape, dtype, requires_grad=call["mask"] == "float_grad")
+    kwargs = {"is_causal": call["is_causal"], "causal_alignment": call["alignment"]}
+    if call["kpm"]:
+        kwargs["key_padding_mask"] = (torch.rand(Bn, Lk) < 0.3).to(DEV)
+    check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+# ---- autograd integration: opcheck and torch.compile -----------------------------------------
+
+
+def _op_args(dtype, *, requires_grad=True, dropout=False):
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=37, Lk=70, D=64, dtype=dtype, requires_grad=requires_grad)
+    mask = rand_mask((1, 4, 37, 70), dtype, requires_grad=requires_grad)
+    kpm = torch.zeros(2, 70, dtype=torch.bool, device=DEV)
+    kpm[1, -5:] = True
+    seed = torch.tensor([42], dtype=torch.int64) if dropout else None
+    return (q, k, v, mask, kpm, True, "bottom_right", 0.2 if dropout else 0.0, seed, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+def test_opcheck_forward_cuda(dtype, dropout):
+    args = _op_args(dtype, dropout=dropout)
+    torch.library.opcheck(torch.ops.memattn.attention_forward.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_opcheck_backward_cuda(dtype):
+    q, k, v, mask, kpm, causal, align, p, seed, scale = _op_args(dtype, requires_grad=False)
+    out, lse = torch.ops.memattn.attention_forward(
+        q, k, v, mask, kpm, causal, align, p, seed, scale
+    )
+    args = (torch.randn_like(out), q, k, v, out, lse, mask, kpm)
+    args += (causal, align, p, seed, scale, True)
+    torch.library.opcheck(torch.ops.memattn.attention_backward.default, args)
+
+
+def _attn(q, k, v, mask, kpm):
+    out = memattn.attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        key_padding_mask=kpm,
+        is_causal=True,
+        causal_alignment="bottom_right",
+    )
+    return out.transpose(1, 2).flatten(2) * 2.0
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("aot_eager", torch.bfloat16), ("aot_eager", torch.float32), ("inductor", torch.bfloat16)],
+    ids=str,
+)
+def test_compile_fullgraph_matches_eager(backend, dtype):
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=70, Lk=130, D=64, dtype=dtype)
+    mask = rand_mask((1, 4, 70, 130), dtype)
+    kpm = (torch.rand(2, 130) < 0.3).to(DEV)
+    torch._dynamo.reset()
+    results = []
+    for f in (_attn, torch.compile(_attn, fullgraph=True, backend=backend)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask)]
+        out = f(*leaves, kpm)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out, *grads))
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_compile_dynamic_shapes_and_dropout():
+    def fn(q, k, v):
+        return memattn.attention(q, k, v, is_causal=True, dropout_p=0.2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for Lq in (5, 70, 129):
+        q, k, v = qkv(B=1, Hq=2, Lq=Lq, Lk=Lq + 3, D=64, dtype=torch.bfloat16)
+        torch.manual_seed(Lq)
+        got = compiled(q, k, v)
+        torch.manual_seed(Lq)
+        want = fn(q, k, v)
+        assert torch.equal(got, want)
+        g_got = torch.autograd.grad(got.sum(), (q, k, v))
+        g_want = torch.autograd.grad(want.sum(), (q, k, v))
+        for a, b in zip(g_got, g_want, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---- explain / inspect -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_explain_names_the_cuda_kernel(dtype, D):
+    """fp16 / bf16 on a fast head dim: a tensor-core kernel (sm80 / sm90); fp32: SIMT."""
+    q, k, v = qkv(B=1, Hq=2, Lq=128, D=D, dtype=dtype, requires_grad=False)
+    for backward in (False, True):
+        plan = memattn.explain(q, k, v, is_causal=True, backward=backward)
+        name = _kernel_name(plan)
+        assert plan["backend"].startswith("cuda"), plan
+        assert plan["kernel"], plan
+        assert plan["reason"], plan
+        if dtype == torch.float32:
+            assert "simt" in name.lower(), plan
+        else:
+            assert "simt" not in name.lower(), plan
+            assert re.search(r"sm_?\d{2,3}", name), plan
+        verdicts = dict(plan["verdicts"])
+        assert verdicts[plan["backend"]] == []
+        assert verdicts["cpu"], "the CPU backend must say why it was not taken"
+        assert plan.get("layout_copies") == [], plan  # contiguous, aligned: nothing copied
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_explain_odd_head_dims_and_layouts_still_run_on_cuda(dtype):
+    """Head dims off the fast buckets and unaligned layouts are padded or routed, never
+    refused: explain names a CUDA kernel and lists the copies (``layout_copies``)."""
+    for D in (8, 33, 100, 255):
+        q, k, v = qkv(B=1, Hq=2, Lq=40, D=D, dtype=dtype, requires_grad=False)
+        plan = memattn.explain(q, k, v)
+        assert plan["backend"].startswith("cuda"), plan
+        assert plan["reason"], plan
+        assert bool(plan.get("layout_copies")) == (D % 8 != 0), plan
+    base = torch.randn(1, 2, 40, 65, device=DEV, dtype=dtype)
+    plan = memattn.explain(base[..., 1:], base[..., 1:], base[..., 1:])
+    assert plan["backend"].startswith("cuda"), plan
+    assert plan.get("layout_copies"), plan
+
+
+def test_inspect_cuda_model_reports_the_cuda_kernel():
+    mha = mnn.MultiheadAttention(256, 4, batch_first=True, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(2, 40, 256, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        report = memattn.inspect(mha, x, x, x, need_weights=False)
+    assert len(report) == 1
+    call = next(iter(report))
+    assert call.backend.startswith("memattn/cuda"), call
+    assert call.kernel and "simt" not in call.kernel.lower(), call
+    assert call.dtype == "bfloat16"
+
+
+# ---- nn.MultiheadAttention and the converter on CUDA ------------------------------------------
+
+E_MHA, H_MHA = 256, 4  # head dim 64
+MHA_OPTIONS = {
+    "default": {},
+    "batch_first": {"batch_first": True},
+    "bias_kv_zero_attn": {"add_bias_kv": True, "add_zero_attn": True},
+    "kdim_vdim": {"kdim": 96, "vdim": 160},
+}
+
+
+def _mha_modules(options):
+    """(torch's MHA in float64 on the CPU, torch's in bf16 on CUDA, memattn's in bf16 on
+    CUDA), all with the same weights."""
+    ref = nn.MultiheadAttention(E_MHA, H_MHA, dtype=torch.float64, **options)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "bias" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    torch_bf16 = copy.deepcopy(ref).to(DEV, torch.bfloat16)
+    ours = mnn.MultiheadAttention(E_MHA, H_MHA, device=DEV, dtype=torch.bfloat16, **options)
+    ours.load_state_dict(torch_bf16.state_dict())
+    return ref, torch_bf16, ours
+
+
+def _mha_inputs(options, Bn=2, Lq=40, Lk=70):
+    kdim, vdim = options.get("kdim", E_MHA), options.get("vdim", E_MHA)
+    bf = options.get("batch_first", False)
+
+    def x(L, d):
+        return torch.randn((Bn, L, d) if bf else (L, Bn, d), dtype=torch.float64)
+
+    kpm = torch.zeros(Bn, Lk, dtype=torch.bool)
+    kpm[1, Lk - 9 :] = True
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    masks = {
+        "none": {},
+        "bool_kpm": {"attn_mask": j > i + 20, "key_padding_mask": kpm},  # True = masked out
+        "float": {"attn_mask": torch.randn(Lq, Lk, dtype=torch.float64)},
+    }
+    return (x(Lq, E_MHA), x(Lk, kdim), x(Lk, vdim)), masks
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, dict):
+        return {n: _to(t, device, dtype) for n, t in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(t, device, dtype) for t in obj)
+    return obj
+
+
+@pytest.mark.parametrize("option", list(MHA_OPTIONS))
+def test_multihead_attention_bf16_matches_torch(option):
+    """Output, weights and every gradient: as close to float64 as torch's own bf16 MHA on CUDA
+    (DESIGN.md §4 policy, torch's bf16 module as the baseline)."""
+    options = MHA_OPTIONS[option]
+    ref, torch_bf16, ours = _mha_modules(options)
+    args, masks = _mha_inputs(options)
+    for mask_name, mask in masks.items():
+        for need_weights in (False, True):
+            kw = dict(mask, need_weights=need_weights)
+            results = {}
+            for name, module, dev, dt in (
+                ("ref", ref, "cpu", torch.float64),
+                ("torch", torch_bf16, DEV, torch.bfloat16),
+                ("ours", ours, DEV, torch.bfloat16),
+            ):
+                module.zero_grad()
+                leaves = [a.detach().to(dev, dt).requires_grad_() for a in args]
+                kw_dev = _to(kw, dev, dt)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out, weights = module(*leaves, **kw_dev)
+                g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+                out.backward(g.to(dev, dt))
+                results[name] = {
+                    "out": out,
+                    "weights": weights,
+                    **{f"grad input{n}": t.grad for n, t in enumerate(leaves)},
+                    **{f"grad {n}": p.grad for n, p in module.named_parameters()},
+                }
+            where = f"{option}/{mask_name}/need_weights={need_weights}"
+            for key, want in results["ref"].items():
+                got, base = results["ours"][key], results["torch"][key]
+                if want is None:
+                    assert got is None, f"{where}: {key}"
+                    continue
+                assert_close_policy(f"{where}: {key}", got, want, base, torch.bfloat16)
+
+
+def _transformer():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor notes
+        return nn.Transformer(
+            d_model=E_MHA,
+            nhead=H_MHA,
+            num_encoder_layers=2,
+            num_decoder_layers=1,
+            dim_feedforward=512,
+            dropout=0.0,
+            batch_first=True,
+            dtype=torch.float64,
+        )
+
+
+def _transformer_inputs():
+    torch.manual_seed(1)
+    kpm = torch.zeros(2, 70, dtype=torch.bool)
+    kpm[1, 55:] = True
+    return {
+        "src": torch.randn(2, 70, E_MHA, dtype=torch.float64),
+        "tgt": torch.randn(2, 40, E_MHA, dtype=torch.float64),
+        "tgt_mask": nn.Transformer.generate_square_subsequent_mask(40, dtype=torch.float64),
+        "tgt_is_causal": True,
+        "src_key_padding_mask": kpm,
+        "memory_key_padding_mask": kpm,
+    }
+
+
+def test_optimize_cuda_bf16_transformer():
+    """``memattn.optimize`` converts a CUDA bf16 model (every module, strict), verifies it,
+    and the converted model is as close to float64 as the original bf16 model; inspect shows
+    the CUDA kernels; training works; restore gives the classes back."""
+    ref64 = _transformer().eval()
+    model = copy.deepcopy(ref64).to(DEV, torch.bfloat16).eval()
+    inputs = _transformer_inputs()
+    inputs_dev = _to(inputs, DEV, torch.bfloat16)
+    with torch.no_grad():
+        want = ref64(**inputs)
+        before = model(**inputs_dev)
+    # strict: a module left unconverted (e.g. "no backend for CUDA") raises instead of warning
+    assert memattn.optimize(model, probe=inputs_dev, strict=True) is model
+    st_ = memattn.status(model)
+    assert st_.attention_total == st_.attention_memattn == 4, str(st_)
+    for path, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            assert type(m) is mnn.MultiheadAttention, path
+            assert convert.origin_of(m).verification.startswith("verified"), path
+    with torch.no_grad():
+        after = model(**inputs_dev)
+        report = memattn.inspect(model, **inputs_dev)
+    assert_close_policy("transformer output", after, want, before, torch.bfloat16)
+    assert len(report) == 4
+    for call in report:
+        assert call.backend.startswith("memattn/cuda"), call
+    model.train()
+    out = model(**inputs_dev)
+    out.float().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    memattn.restore(model)
+    assert memattn.status(model).attention_memattn == 0
+
+
+def test_multihead_attention_fully_masked_rows_give_zero_on_cuda():
+    """Where torch gives NaN (a row with every key masked), memattn gives 0."""
+    ours = mnn.MultiheadAttention(E_MHA, H_MHA, batch_first=True, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(2, 10, E_MHA, device=DEV, dtype=torch.bfloat16)
+    kpm = torch.zeros(2, 10, dtype=torch.bool, device=DEV)
+    kpm[1] = True
+    out, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=False)
+    assert torch.isfinite(out).all()
+    bias = ours.out_proj.bias.to(out.dtype)
+    assert torch.equal(out[1], bias.expand_as(out[1]))
