@@ -47,7 +47,8 @@ const char* cuda_unavailable_reason() { return ""; }
 std::string cuda_build_summary() { return cuda::build_summary(); }
 #else
 const char* cuda_unavailable_reason() {
-  return "memattn was built without CUDA (no nvcc was found when it was built, or MEMATTN_CUDA=OFF)";
+  return "memattn was built without CUDA (no nvcc was found when it was built, or "
+         "MEMATTN_CUDA=OFF)";
 }
 std::string cuda_build_summary() { return ""; }
 #endif

@@ -1,7 +1,5 @@
 // Host side of the CUDA backend: capability checks, DeviceParams from the core's arguments and
 // the choice of kernel (tensor-core sm80 kernels for fp16/bf16, SIMT kernels for fp32).
-#include "cuda/cuda_backend.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -14,6 +12,7 @@
 
 #include "cuda/common/check.h"
 #include "cuda/common/params.h"
+#include "cuda/cuda_backend.h"
 #include "cuda/launch.h"
 #include "memattn/error.h"
 #include "memattn/philox.h"
@@ -56,10 +55,14 @@ int head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 96 ? 96 : d <= 
 
 const char* short_dtype(DType dtype) {
   switch (dtype) {
-    case DType::f16: return "f16";
-    case DType::bf16: return "bf16";
-    case DType::f32: return "f32";
-    default: return dtype_name(dtype);
+    case DType::f16:
+      return "f16";
+    case DType::bf16:
+      return "bf16";
+    case DType::f32:
+      return "f32";
+    default:
+      return dtype_name(dtype);
   }
 }
 
@@ -69,15 +72,20 @@ void layout_reasons(std::vector<std::string>& reasons, const TensorView& t, cons
                     bool tensor_cores) {
   if (!t.present() || t.numel() == 0) return;  // nothing is read
   if (t.strides[3] != 1 && t.sizes[3] > 1)
-    reasons.push_back(std::string(name) + ": the CUDA kernels need a contiguous last dim (stride 1), got strides " +
+    reasons.push_back(std::string(name) +
+                      ": the CUDA kernels need a contiguous last dim (stride 1), got strides " +
                       t.stride_string());
   if (!tensor_cores) return;
   if (t.sizes[3] % 8 != 0)
-    reasons.push_back(std::string(name) + ": the tensor-core kernels need a head dim that is a multiple of 8, got shape " +
-                      t.shape_string());
+    reasons.push_back(
+        std::string(name) +
+        ": the tensor-core kernels need a head dim that is a multiple of 8, got shape " +
+        t.shape_string());
   for (int d = 0; d < 3; ++d)
     if (t.sizes[d] > 1 && t.strides[d] % 8 != 0) {
-      reasons.push_back(std::string(name) + ": the tensor-core kernels need 16-byte aligned rows (strides of dims 0-2 a multiple of 8 elements), got strides " +
+      reasons.push_back(std::string(name) +
+                        ": the tensor-core kernels need 16-byte aligned rows (strides of dims 0-2 "
+                        "a multiple of 8 elements), got strides " +
                         t.stride_string());
       break;
     }
@@ -117,12 +125,13 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   p.causal = a.is_causal;
   p.causal_offset = s.causal_offset;
   if (a.attn_mask.present()) {
-    p.mask_kind = a.attn_mask.dtype == DType::boolean  ? MaskKind::boolean
+    p.mask_kind = a.attn_mask.dtype == DType::boolean ? MaskKind::boolean
                   : a.attn_mask.dtype == a.q.dtype    ? MaskKind::additive
-                  : a.attn_mask.dtype == DType::f32    ? MaskKind::additive_f32
-                                                       : throw Error(ErrorKind::invalid_type,
-                                                                     std::string("attn_mask: no CUDA kernel reads dtype ") +
-                                                                         dtype_name(a.attn_mask.dtype));
+                  : a.attn_mask.dtype == DType::f32
+                      ? MaskKind::additive_f32
+                      : throw Error(ErrorKind::invalid_type,
+                                    std::string("attn_mask: no CUDA kernel reads dtype ") +
+                                        dtype_name(a.attn_mask.dtype));
     p.mask = a.attn_mask.data;
     for (int d = 0; d < 4; ++d) p.mask_st[d] = broadcast_stride(a.attn_mask, d);
   }
@@ -160,10 +169,14 @@ class DeviceGuard {
 template <class T>
 void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
   switch (bucket) {
-    case 64: return backward ? sm80_backward<T, 64>(p, stream) : sm80_forward<T, 64>(p, stream);
-    case 96: return backward ? sm80_backward<T, 96>(p, stream) : sm80_forward<T, 96>(p, stream);
-    case 128: return backward ? sm80_backward<T, 128>(p, stream) : sm80_forward<T, 128>(p, stream);
-    default: return backward ? sm80_backward<T, 256>(p, stream) : sm80_forward<T, 256>(p, stream);
+    case 64:
+      return backward ? sm80_backward<T, 64>(p, stream) : sm80_forward<T, 64>(p, stream);
+    case 96:
+      return backward ? sm80_backward<T, 96>(p, stream) : sm80_forward<T, 96>(p, stream);
+    case 128:
+      return backward ? sm80_backward<T, 128>(p, stream) : sm80_forward<T, 128>(p, stream);
+    default:
+      return backward ? sm80_backward<T, 256>(p, stream) : sm80_forward<T, 256>(p, stream);
   }
 }
 
@@ -171,12 +184,16 @@ void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const Devic
          cudaStream_t stream) {
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
   switch (a.q.dtype) {
-    case DType::f16: return run_tensor_core<__half>(backward, bucket, p, stream);
-    case DType::bf16: return run_tensor_core<__nv_bfloat16>(backward, bucket, p, stream);
-    case DType::f32: return backward ? simt_backward(p, stream) : simt_forward(p, stream);
+    case DType::f16:
+      return run_tensor_core<__half>(backward, bucket, p, stream);
+    case DType::bf16:
+      return run_tensor_core<__nv_bfloat16>(backward, bucket, p, stream);
+    case DType::f32:
+      return backward ? simt_backward(p, stream) : simt_forward(p, stream);
     default:
-      throw Error(ErrorKind::not_implemented,
-                  std::string("memattn CUDA backend: no kernel for dtype ") + dtype_name(a.q.dtype));
+      throw Error(
+          ErrorKind::not_implemented,
+          std::string("memattn CUDA backend: no kernel for dtype ") + dtype_name(a.q.dtype));
   }
 }
 
@@ -184,7 +201,8 @@ void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const Devic
 void require_layout(const TensorView& t, const char* name, bool tensor_cores) {
   std::vector<std::string> reasons;
   layout_reasons(reasons, t, name, tensor_cores);
-  if (!reasons.empty()) throw Error(ErrorKind::not_implemented, "memattn CUDA backward: " + reasons[0]);
+  if (!reasons.empty())
+    throw Error(ErrorKind::not_implemented, "memattn CUDA backward: " + reasons[0]);
 }
 
 }  // namespace
@@ -204,7 +222,8 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
                       cudaGetErrorString(caps.error));
   else if (caps.major < kMinMajor)
     reasons.push_back("GPU compute capability " + std::to_string(caps.major) + "." +
-                      std::to_string(caps.minor) + " is older than 8.0 (sm_80), which the CUDA kernels need");
+                      std::to_string(caps.minor) +
+                      " is older than 8.0 (sm_80), which the CUDA kernels need");
   const bool tc = uses_tensor_cores(a.q.dtype);
   layout_reasons(reasons, a.q, "q", tc);
   layout_reasons(reasons, a.k, "k", tc);

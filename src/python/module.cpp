@@ -270,8 +270,8 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& attn_mask,
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
-         std::optional<double> scale, int num_threads, const std::optional<nb::ndarray<>>& grad_scratch,
-         std::uintptr_t stream) {
+         std::optional<double> scale, int num_threads,
+         const std::optional<nb::ndarray<>>& grad_scratch, std::uintptr_t stream) {
         memattn::BackwardArgs a;
         a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");

@@ -70,8 +70,8 @@ struct ElementMasks {
         p.key_padding[b * p.key_padding_st[0] + j * p.key_padding_st[1]] != 0)
       return -INFINITY;
     if (p.mask_kind == MaskKind::none) return score_log2;
-    const std::int64_t off = b * p.mask_st[0] + h * p.mask_st[1] + i * p.mask_st[2] +
-                             j * p.mask_st[3];
+    const std::int64_t off =
+        b * p.mask_st[0] + h * p.mask_st[1] + i * p.mask_st[2] + j * p.mask_st[3];
     if (p.mask_kind == MaskKind::boolean)
       return static_cast<const std::uint8_t*>(p.mask)[off] != 0 ? score_log2 : -INFINITY;
     const float bias = p.mask_kind == MaskKind::additive_f32

@@ -94,8 +94,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
       for (int r = 0; r < 2; ++r) {
         const int i = i0 + warp_row0 + c_row(0, 2 * r, lane);
         const bool in = i < p.Lq;
-        lse2[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l])
-                     : INFINITY;
+        lse2[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l]) : INFINITY;
         delta[r] = in ? p.delta[(bh * p.Lq) + i] : 0.f;
       }
 
@@ -115,10 +114,10 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         __syncthreads();  // stage nb landed; every warp is done with the other stage
         if (nb + 1 < num_n_blocks) {
           const int j1 = j0 + Tr::kBlockN;
-          load_tile_async<Tr::kThreads>(k_stage(stage ^ 1), k + j1 * p.k_st.l, p.k_st.l,
-                                        p.Lk - j1, p.D);
-          load_tile_async<Tr::kThreads>(v_stage(stage ^ 1), v + j1 * p.v_st.l, p.v_st.l,
-                                        p.Lk - j1, p.Dv);
+          load_tile_async<Tr::kThreads>(k_stage(stage ^ 1), k + j1 * p.k_st.l, p.k_st.l, p.Lk - j1,
+                                        p.D);
+          load_tile_async<Tr::kThreads>(v_stage(stage ^ 1), v + j1 * p.v_st.l, p.v_st.l, p.Lk - j1,
+                                        p.Dv);
           cp_async_commit();
         }
         float s[1][kN][4], dp[1][kN][4];
@@ -144,8 +143,8 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
             for (int e = 0; e < 4; ++e) {
               const int i = i0 + warp_row0 + c_row(0, e, lane), j = j0 + c_col(n, e, lane);
               if (i < p.Lq && j < p.Lk)
-                p.grad_mask[b * p.grad_mask_st[0] + h * p.grad_mask_st[1] +
-                            i * p.grad_mask_st[2] + j * p.grad_mask_st[3]] += s[0][n][e];
+                p.grad_mask[b * p.grad_mask_st[0] + h * p.grad_mask_st[1] + i * p.grad_mask_st[2] +
+                            j * p.grad_mask_st[3]] += s[0][n][e];
             }
         }
         std::uint32_t dsf[1][kN / 2][4];
@@ -162,8 +161,8 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         for (int d = 0; d < kD; ++d) {
           const int col = c_col(d, 0, lane);
           if (col < p.D)
-            *reinterpret_cast<std::uint32_t*>(dq + i * p.grad_q_st.l + col) = pack2<T>(
-                acc_dq[0][d][2 * r] * p.scale, acc_dq[0][d][2 * r + 1] * p.scale);
+            *reinterpret_cast<std::uint32_t*>(dq + i * p.grad_q_st.l + col) =
+                pack2<T>(acc_dq[0][d][2 * r] * p.scale, acc_dq[0][d][2 * r + 1] * p.scale);
         }
       }
       __syncthreads();  // the next (b, h) reloads Q and dO
@@ -179,7 +178,7 @@ struct DkvTraits {
   // warps share 16 keys, each recomputing the scores and owning half of the columns.
   static constexpr int kDSplit = kHeadDim <= 128 ? 1 : 2;
   static constexpr int kWarps = 4 * kDSplit;
-  static constexpr int kBlockN = 64;  // keys per CTA, 16 per warp (pair)
+  static constexpr int kBlockN = 64;                        // keys per CTA, 16 per warp (pair)
   static constexpr int kBlockQ = kHeadDim <= 64 ? 64 : 32;  // queries per iteration
   static constexpr int kOutCols = kHeadDim / kDSplit;
   static constexpr int kThreads = kWarps * 32;
@@ -235,8 +234,8 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     const int h = hk * p.group + it / q_blocks;
     const int i0 = (q_block_begin + it % q_blocks) * Tr::kBlockQ;
     const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + i0 * p.q_st.l;
-    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_st.b +
-                    h * p.grad_out_st.h + i0 * p.grad_out_st.l;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_st.b + h * p.grad_out_st.h +
+                    i0 * p.grad_out_st.l;
     load_tile_async<Tr::kThreads>(q_stage(stage), q, p.q_st.l, p.Lq - i0, p.D);
     load_tile_async<Tr::kThreads>(do_stage(stage), dout, p.grad_out_st.l, p.Lq - i0, p.Dv);
     cp_async_commit();
@@ -245,8 +244,7 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     for (int r = threadIdx.x; r < Tr::kBlockQ; r += Tr::kThreads) {
       const int i = i0 + r;
       const bool in = i < p.Lq;
-      stats[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l])
-                    : INFINITY;
+      stats[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l]) : INFINITY;
       stats[Tr::kBlockQ + r] = in ? p.delta[bh * p.Lq + i] : 0.f;
     }
   };
@@ -275,7 +273,8 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     zero(pt);
     gemm_ss<1, kQ, kHeadDim>(pt, k_tile, key_row0, q_stage(stage), 0, lane);
     const bool check = block_needs_check(p, i0, Tr::kBlockQ, j0, Tr::kBlockN);
-    mask_scores<Rows::keys, kFeatures>(pt, ElementMasks<T>{p, b, h}, j0 + key_row0, i0, check, lane);
+    mask_scores<Rows::keys, kFeatures>(pt, ElementMasks<T>{p, b, h}, j0 + key_row0, i0, check,
+                                       lane);
 #pragma unroll
     for (int n = 0; n < kQ; ++n)
 #pragma unroll
@@ -353,8 +352,8 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                "cudaFuncSetAttribute(backward dQ)");
     const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
-    const std::int64_t blocks = static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer *
-                                p.grad_mask_h_outer;
+    const std::int64_t blocks =
+        static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer * p.grad_mask_h_outer;
     if (blocks > 0) {
       kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, kSmem, stream>>>(p, num_m_blocks);
       check_launch("memattn sm80 backward dQ kernel");

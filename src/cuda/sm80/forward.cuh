@@ -20,7 +20,7 @@ struct ForwardTraits {
   static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   static constexpr int kMTiles = kHeadDim <= 64 ? 2 : 1;
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
-  static constexpr int kBlockN = 64;                      // keys per iteration
+  static constexpr int kBlockN = 64;  // keys per iteration
   static constexpr int kThreads = kWarps * 32;
 };
 
@@ -29,8 +29,7 @@ struct ForwardSmem {
   using Tr = ForwardTraits<kHeadDim>;
   using QTile = SmemTile<T, Tr::kBlockM, kHeadDim>;
   using KVTile = SmemTile<T, Tr::kBlockN, kHeadDim>;
-  static constexpr int kBytes =
-      static_cast<int>(sizeof(T)) * (QTile::kElems + 2 * KVTile::kElems);
+  static constexpr int kBytes = static_cast<int>(sizeof(T)) * (QTile::kElems + 2 * KVTile::kElems);
 };
 
 // kFeatures: attn_mask, key padding or dropout present (the general kernel); without them a
@@ -105,7 +104,8 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
         row_max[m][r] = mx;
         row_sum[m][r] *= rescale;
 #pragma unroll
-        for (int d = 0; d < kD; ++d) acc_o[m][d][2 * r] *= rescale, acc_o[m][d][2 * r + 1] *= rescale;
+        for (int d = 0; d < kD; ++d)
+          acc_o[m][d][2 * r] *= rescale, acc_o[m][d][2 * r + 1] *= rescale;
 #pragma unroll
         for (int n = 0; n < kN; ++n)
 #pragma unroll

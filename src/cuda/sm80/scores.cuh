@@ -70,17 +70,16 @@ __device__ __forceinline__ void apply_dropout(float (&acc)[kM][kN][4], const Dev
       for (int half = 0; half < 2; ++half) {
         const int r = row0 + c_row(m, 2 * half, lane), c = col0 + c_col(n, 0, lane);
         if (kRows == Rows::queries) {
-          const philox::U32x4 d = philox::dropout_draws(p.dropout_seed, bh,
-                                                        static_cast<std::uint32_t>(r),
-                                                        static_cast<std::uint32_t>(c) >> 2);
+          const philox::U32x4 d =
+              philox::dropout_draws(p.dropout_seed, bh, static_cast<std::uint32_t>(r),
+                                    static_cast<std::uint32_t>(c) >> 2);
           acc[m][n][2 * half] *=
               draw_at(d, c & 3) >= p.dropout_threshold ? p.dropout_keep_scale : 0.f;
           acc[m][n][2 * half + 1] *=
               draw_at(d, (c + 1) & 3) >= p.dropout_threshold ? p.dropout_keep_scale : 0.f;
         } else {  // rows are keys r, r (same), columns queries c, c + 1: two Philox calls
           for (int e = 0; e < 2; ++e) {
-            acc[m][n][2 * half + e] *=
-                dropout_keeps(p, bh, c + e, r) ? p.dropout_keep_scale : 0.f;
+            acc[m][n][2 * half + e] *= dropout_keeps(p, bh, c + e, r) ? p.dropout_keep_scale : 0.f;
           }
         }
       }
