@@ -68,11 +68,12 @@ struct DeviceParams {
   int grad_mask_h_outer = 0;  // Hq, or 1 when grad_mask's h dim is summed
 };
 
-// Whether a call needs the general kernels (masks, key padding, dropout, mask gradient) rather
-// than the lean ones that check only bounds and causality.
+// Whether a call needs the general kernels (masks, key padding, dropout, mask gradient, or a
+// scale <= 0, which the lean kernels' raw-score maxima cannot take) rather than the lean ones
+// that check only bounds and causality.
 inline bool has_features(const DeviceParams& p) {
   return p.mask_kind != MaskKind::none || p.key_padding != nullptr || p.dropout ||
-         p.grad_mask != nullptr;
+         p.grad_mask != nullptr || !(p.scale_log2 > 0.f);
 }
 
 }  // namespace memattn::cuda

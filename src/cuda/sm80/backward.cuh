@@ -101,6 +101,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
       float acc_dq[1][kD][4];
       zero(acc_dq);
       const ElementMasks<T> masks{p, b, h};
+      const float unit = score_unit<kFeatures>(p);
       if (num_n_blocks > 0) {
         load_tile_async<Tr::kThreads>(q_tile, q, p.q_st.l, p.Lq - i0, p.D);
         load_tile_async<Tr::kThreads>(do_tile, dout, p.grad_out_st.l, p.Lq - i0, p.Dv);
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         for (int n = 0; n < kN; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float prob = fast_exp2(s[0][n][e] - lse2[e / 2]);
+            const float prob = fast_exp2(s[0][n][e] * unit - lse2[e / 2]);
             s[0][n][e] = prob * (dp[0][n][e] - delta[e / 2]);  // s now holds dS
           }
         if (kFeatures && p.grad_mask != nullptr) {
@@ -249,6 +250,7 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     }
   };
 
+  const float unit = score_unit<kFeatures>(p);
   float acc_dk[1][kOut][4], acc_dv[1][kOut][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -278,7 +280,8 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
 #pragma unroll
     for (int n = 0; n < kQ; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt[0][n][e] = fast_exp2(pt[0][n][e] - lse2[c_col(n, e, lane)]);
+      for (int e = 0; e < 4; ++e)
+        pt[0][n][e] = fast_exp2(pt[0][n][e] * unit - lse2[c_col(n, e, lane)]);
 
     // dV += (P o Z)^T dO
     {

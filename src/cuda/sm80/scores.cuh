@@ -1,4 +1,4 @@
-// Turning a warp's tile of raw dot products into masked scores (log2 units) and dropout
+// Turning a warp's tile of raw dot products into masked scores and dropout
 // factors: the element coordinates of an mma.sync C tile, shared by forward and backward.
 #pragma once
 
@@ -21,29 +21,47 @@ __device__ __forceinline__ int c_col(int n, int e, int lane) {
 // S^T = K Q^T).
 enum class Rows : std::uint8_t { queries, keys };
 
-// acc <- masked scores in log2 units. row0/col0: global index of the tile's first row/column.
-// `check` false promises that every element is attendable and unmasked (block interior).
-// kMasks false promises no attn_mask and no key padding: only bounds and causal are checked,
-// which keeps the common kernels free of the mask code's registers.
+// Units of the scores mask_scores leaves: the lean kernels (kMasks false) keep raw dot
+// products and fold the scale into the exponent (one FFMA per element, exp2(s * scale_log2 -
+// shift)); the general kernels add the mask in log2 units, so their scores are already scaled.
+template <bool kMasks>
+__device__ __forceinline__ float score_unit(const DeviceParams& p) {
+  return kMasks ? 1.f : p.scale_log2;
+}
+
+// Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
+// score_unit for the units). row0/col0: global index of the tile's first row/column. `check`
+// false promises that every element is attendable and unmasked (block interior). kMasks false
+// promises no attn_mask and no key padding: only bounds and causality are checked, which keeps
+// the common kernels free of the mask code's registers.
 template <Rows kRows, bool kMasks, class T, int kM, int kN>
 __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
                                             int row0, int col0, bool check, int lane) {
   const DeviceParams& p = masks.p;
+  if (!check) {  // block interior: nothing to mask, one uniform branch for the whole tile
+    if constexpr (kMasks)
+#pragma unroll
+      for (int m = 0; m < kM; ++m)
+#pragma unroll
+        for (int n = 0; n < kN; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[m][n][e] *= p.scale_log2;
+    return;
+  }
 #pragma unroll
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int n = 0; n < kN; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = acc[m][n][e] * p.scale_log2;
-        if (check) {
-          const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
-          const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
-          if constexpr (kMasks)
-            x = (i < p.Lq && j < p.Lk) ? masks.apply(x, i, j) : -INFINITY;
-          else
-            x = (i < p.Lq && j < p.Lk && causal_allows(p, i, j)) ? x : -INFINITY;
-        }
+        float x = acc[m][n][e];
+        if constexpr (kMasks) x *= p.scale_log2;
+        const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
+        const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
+        if constexpr (kMasks)
+          x = (i < p.Lq && j < p.Lk) ? masks.apply(x, i, j) : -INFINITY;
+        else
+          x = (i < p.Lq && j < p.Lk && causal_allows(p, i, j)) ? x : -INFINITY;
         acc[m][n][e] = x;
       }
 }
