@@ -25,7 +25,8 @@ __version__: str = _memattn.build_info()["version"]
 def build_info() -> dict:
     """Build facts: ``version``, ``cpu_isas_built``, ``cpu_isas_usable`` (built and supported
     by this CPU), ``cpu_isa_selected`` and ``cpu_isa_reason`` (honours ``MEMATTN_CPU_ISA``),
-    ``cuda_built`` and ``cuda_reason``."""
+    ``cuda_built``, ``cuda_reason`` (why not built) and ``cuda_summary`` (what the CUDA kernels
+    were built for: architectures and CUDA runtime; empty without CUDA)."""
     return dict(_memattn.build_info())
 
 

@@ -1,9 +1,9 @@
 """`memattn doctor`: what this machine has, what memattn was built with, and what it would run.
 
 Everything here is read, never changed: versions, the CPU's model and SIMD features, the CPU
-kernel variants memattn compiled and the one it selected (and why), whether a GPU is there and
-whether memattn's CUDA backend was built (and why not), and the plan for a sample call with
-the reasons each backend was or was not chosen.
+kernel variants memattn compiled and the one it selected (and why), whether a GPU is there,
+whether memattn's CUDA backend was built (what its kernels were built for, or why not), and the
+plan for a sample call with the reasons each backend was or was not chosen.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def _cuda_info(build: dict[str, Any]) -> dict[str, Any]:
         "torch_cuda_available": bool(torch.cuda.is_available()),
         "memattn_cuda_built": bool(build.get("cuda_built", False)),
         "memattn_cuda_reason": build.get("cuda_reason", ""),
+        # What the CUDA kernels were built for (architectures, CUDA runtime); "" without CUDA.
+        "memattn_cuda_summary": build.get("cuda_summary", ""),
         "devices": [],
     }
     if info["torch_cuda_available"]:
@@ -247,6 +249,8 @@ def format_report(r: dict[str, Any]) -> str:
     built = _yes(c["memattn_cuda_built"])
     reason = f" ({c['memattn_cuda_reason']})" if c["memattn_cuda_reason"] else ""
     lines.append(f"  memattn CUDA backend built: {built}{reason}")
+    if c.get("memattn_cuda_summary"):
+        lines.append(f"  memattn CUDA build:         {c['memattn_cuda_summary']}")
     lines.append("")
     lines.append("Sample plans (memattn.explain):")
     for s in r["sample_plans"]:

@@ -99,8 +99,14 @@ def test_doctor_json(capsys):
     assert set(b["cpu_isas_usable"]) <= set(b["cpu_isas_built"])
     assert isinstance(b["cuda_built"], bool)
     assert r["cuda"]["torch_cuda_available"] == torch.cuda.is_available()
-    if not b["cuda_built"]:
+    assert isinstance(b["cuda_summary"], str)
+    assert r["cuda"]["memattn_cuda_summary"] == b["cuda_summary"]
+    if b["cuda_built"]:
+        assert b["cuda_summary"], "a CUDA build must say what its kernels were built for"
+        assert not r["cuda"]["memattn_cuda_reason"]
+    else:
         assert r["cuda"]["memattn_cuda_reason"], "a CUDA-less build must say why"
+        assert not b["cuda_summary"]
     plans = {p["call"]: p for p in r["sample_plans"]}
     fp32 = plans["cpu float32, causal"]["plan"]
     assert fp32["backend"] == "cpu"
@@ -116,6 +122,32 @@ def test_doctor_text(capsys):
     assert code == 0
     for needle in ("memattn build", "CPU kernels built", "selected", "CUDA", "Sample plans"):
         assert needle in out, needle
+    info = memattn.build_info()
+    if info["cuda_built"]:
+        assert f"memattn CUDA build:         {info['cuda_summary']}" in out
+    else:
+        assert "memattn CUDA build:" not in out
+        assert info["cuda_reason"] in out
+
+
+@pytest.mark.parametrize("cuda_built", [True, False])
+def test_doctor_text_cuda_lines(cuda_built):
+    """Both forms of the CUDA lines, whichever way this memattn was built."""
+    from memattn import doctor
+
+    r = doctor.collect()
+    r["cuda"].update(
+        memattn_cuda_built=cuda_built,
+        memattn_cuda_reason="" if cuda_built else "memattn was built without CUDA (test)",
+        memattn_cuda_summary="kernels for 80-real,90 (test)" if cuda_built else "",
+    )
+    text = doctor.format_report(r)
+    if cuda_built:
+        assert "memattn CUDA backend built: yes\n" in text
+        assert "memattn CUDA build:         kernels for 80-real,90 (test)" in text
+    else:
+        assert "memattn CUDA backend built: no (memattn was built without CUDA (test))" in text
+        assert "memattn CUDA build:" not in text
 
 
 def test_doctor_respects_forced_isa(capsys, monkeypatch):
