@@ -21,7 +21,8 @@ void forward(const ForwardArgs& args, const ProblemShape& shape, const ExecConte
 // Needs args.grad_scratch: float32 [B, Hq, Lq] contiguous on the same device.
 void backward(const BackwardArgs& args, const ProblemShape& shape, const ExecContext& ctx);
 
-// "sm_80, sm_90 (CUDA 13.0)": what the module's kernels were built for.
+// "kernels for sm_80, sm_90, PTX 90 (CUDA runtime 13.0, linked statically)": what the
+// module's kernels were built for.
 std::string build_summary();
 
 }  // namespace memattn::cuda

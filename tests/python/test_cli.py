@@ -139,12 +139,12 @@ def test_doctor_text_cuda_lines(cuda_built):
     r["cuda"].update(
         memattn_cuda_built=cuda_built,
         memattn_cuda_reason="" if cuda_built else "memattn was built without CUDA (test)",
-        memattn_cuda_summary="kernels for 80-real,90 (test)" if cuda_built else "",
+        memattn_cuda_summary="kernels for sm_80, sm_90, PTX 90 (test)" if cuda_built else "",
     )
     text = doctor.format_report(r)
     if cuda_built:
         assert "memattn CUDA backend built: yes\n" in text
-        assert "memattn CUDA build:         kernels for 80-real,90 (test)" in text
+        assert "memattn CUDA build:         kernels for sm_80, sm_90, PTX 90 (test)" in text
     else:
         assert "memattn CUDA backend built: no (memattn was built without CUDA (test))" in text
         assert "memattn CUDA build:" not in text

@@ -92,6 +92,14 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     gemm_ss<kM, kN, kHeadDim>(s, q_tile, warp_row0, k_tile, 0, lane);
     const bool check = block_needs_check(p, i0, Tr::kBlockM, j0, Tr::kBlockN);
     mask_scores<Rows::queries, kFeatures>(s, masks, i0 + warp_row0, j0, check, lane);
+    // As in FA2: K(nb + 1) streams in while this block's softmax runs.
+    cp_async_wait<0>();
+    __syncthreads();  // V(nb) landed; every warp is done with K(nb)
+    if (nb + 1 < num_n_blocks) {
+      const int j1 = j0 + Tr::kBlockN;
+      load_tile_async<Tr::kThreads>(k_tile, k + j1 * p.k_st.l, p.k_st.l, p.Lk - j1, p.D);
+      cp_async_commit();
+    }
 
     // Online softmax: rows (m, r) are rows g and g + 8 of m-tile m; a row's scores are
     // spread over the 4 threads of a quad. Maxima are kept in the scores' units (score_unit).
@@ -125,13 +133,6 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
 
     std::uint32_t pf[kM][kN / 2][4];
     c_to_a<T>(pf, s);
-    cp_async_wait<0>();
-    __syncthreads();  // V(nb) landed; every warp is done with K(nb)
-    if (nb + 1 < num_n_blocks) {
-      const int j1 = j0 + Tr::kBlockN;
-      load_tile_async<Tr::kThreads>(k_tile, k + j1 * p.k_st.l, p.k_st.l, p.Lk - j1, p.D);
-      cp_async_commit();
-    }
     gemm_rs<kM, kD, Tr::kBlockN>(acc_o, pf, v_tile, 0, lane);
   }
 
