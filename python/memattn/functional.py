@@ -170,8 +170,9 @@ def explain(
     ``kernel`` (e.g. ``"cpu/avx512/f32"``), ``reason`` (one line) and ``verdicts``, a list of
     ``(backend, [reasons it cannot run])`` for every backend considered, the chosen one
     included (with an empty list), and ``layout_copies``: the inputs copied (or zero-padded in
-    the head dim) first because the CUDA kernels need another layout, each with why. ``backward=True`` plans the backward pass. Other keyword
-    arguments of ``attention`` (``return_lse``, ``generator``) are accepted and ignored.
+    the head dim) first because the CUDA kernels need another layout, each with why.
+    ``backward=True`` plans the backward pass. Other keyword arguments of ``attention``
+    (``return_lse``, ``generator``) are accepted and ignored.
     Raises like ``attention`` for invalid arguments.
     """
     _check_types(
