@@ -19,6 +19,20 @@ from memattn.integrations import hf  # noqa: E402
 TOL = 1e-9
 
 
+def _tiny_bert_config(num_hidden_layers: int):
+    """A BERT small enough for float64 tests against eager (vocabulary 60, 4 heads of 8)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=64,
+    )
+
+
 def _pair(model_cls, config, reference="eager"):
     """(reference model, memattn model) with the same weights, float64, eval mode (no
     dropout)."""
@@ -74,16 +88,9 @@ def test_registered_names():
 
 
 def test_bert_encoder_with_padding():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=40,
-        max_position_embeddings=64,
-    )
+    config = _tiny_bert_config(num_hidden_layers=2)
     eager, ours = _pair(BertModel, config)
     ids = torch.randint(0, 60, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
@@ -189,16 +196,9 @@ def test_vit():
 
 
 def test_output_attentions_returns_weights():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=40,
-        max_position_embeddings=64,
-    )
+    config = _tiny_bert_config(num_hidden_layers=1)
     eager, ours = _pair(BertModel, config)
     ids = torch.randint(0, 60, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -211,16 +211,9 @@ def test_output_attentions_returns_weights():
 
 
 def test_optimize_switches_a_built_model_and_restore_switches_back():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=40,
-        max_position_embeddings=64,
-    )
+    config = _tiny_bert_config(num_hidden_layers=1)
     model = BertModel._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
     ids = torch.randint(0, 60, (2, 7))
     before = memattn.status(model)
