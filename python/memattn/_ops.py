@@ -130,6 +130,12 @@ def _empty_grad_mask(q: Tensor, attn_mask: Tensor | None, needs_grad: bool) -> T
 _TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _head_dim_padding(dtype: torch.dtype, d: int) -> int:
+    """Zero columns appended to a head dim of d before the CUDA kernels read it: the fp16/bf16
+    tensor-core kernels need a multiple of 8; 0 for other dtypes."""
+    return (-d) % 8 if dtype in _TENSOR_CORE_DTYPES else 0
+
+
 def _stream(t: Tensor) -> int:
     """torch's current stream on t's device as an integer cudaStream_t (0 on CPU)."""
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
@@ -143,8 +149,9 @@ def cuda_layout_copies(t: Tensor) -> str | None:
         return f"last dim not contiguous (strides {tuple(t.stride())})"
     if t.dtype in _TENSOR_CORE_DTYPES:
         d = t.shape[-1]
-        if d % 8:
-            return f"head dim {d} not a multiple of 8 (zero-padded to {d + (-d) % 8})"
+        pad = _head_dim_padding(t.dtype, d)
+        if pad:
+            return f"head dim {d} not a multiple of 8 (zero-padded to {d + pad})"
         if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1):
             return f"rows not 16-byte aligned (strides {tuple(t.stride())})"
         if t.data_ptr() % 16:
@@ -158,8 +165,9 @@ def _cuda_ready(t: Tensor) -> Tensor:
     padded value columns produce output columns that are sliced off."""
     if cuda_layout_copies(t) is None:
         return t
-    if t.dtype in _TENSOR_CORE_DTYPES and t.shape[-1] % 8:
-        return torch.nn.functional.pad(t, (0, (-t.shape[-1]) % 8))
+    pad = _head_dim_padding(t.dtype, t.shape[-1])
+    if pad:
+        return torch.nn.functional.pad(t, (0, pad))
     return t.contiguous()
 
 
@@ -170,8 +178,8 @@ def cuda_ready_spec(t: Tensor):
     if note is None:
         return tensor_spec(t), None
     shape = [_concrete(n) for n in t.shape]
-    if t.dtype in _TENSOR_CORE_DTYPES and shape[-1] is not None:
-        shape[-1] += (-shape[-1]) % 8
+    if shape[-1] is not None:
+        shape[-1] += _head_dim_padding(t.dtype, shape[-1])
     strides, acc = [], 1
     for n in reversed(shape):
         strides.append(acc)
@@ -199,7 +207,7 @@ def _into(dst: Tensor, src: Tensor) -> Tensor:
 
 def _default_scale(q: Tensor, scale: float | None) -> float | None:
     """The softmax scale of the unpadded head dim (padding must not change 1 / sqrt(D))."""
-    if scale is None and q.is_cuda and q.dtype in _TENSOR_CORE_DTYPES and q.shape[-1] % 8:
+    if scale is None and q.is_cuda and _head_dim_padding(q.dtype, q.shape[-1]):
         return q.shape[-1] ** -0.5
     return scale
 

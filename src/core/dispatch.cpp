@@ -27,6 +27,13 @@ const core::Backend& chosen(const Plan& p) {
   no_backend(p);
 }
 
+// The caller's context with at least one thread (backends may assume num_threads >= 1).
+ExecContext normalized(const ExecContext& ctx) {
+  ExecContext run = ctx;
+  run.num_threads = std::max(ctx.num_threads, 1);
+  return run;
+}
+
 void require_outputs(const ForwardArgs& args) {
   if (!args.out.present()) throw Error(ErrorKind::invalid_value, "out: is required");
   if (!args.lse.present()) throw Error(ErrorKind::invalid_value, "lse: is required");
@@ -38,17 +45,13 @@ void forward(const ForwardArgs& args, const ExecContext& ctx) {
   const ProblemShape shape = validate_forward(args);
   require_outputs(args);
   const Plan p = plan(args, shape, /*backward=*/false);
-  ExecContext run_ctx = ctx;
-  run_ctx.num_threads = std::max(ctx.num_threads, 1);
-  chosen(p).forward(args, shape, run_ctx);
+  chosen(p).forward(args, shape, normalized(ctx));
 }
 
 void backward(const BackwardArgs& args, const ExecContext& ctx) {
   const ProblemShape shape = validate_backward(args);
   const Plan p = plan(args.fwd, shape, /*backward=*/true);
-  ExecContext run_ctx = ctx;
-  run_ctx.num_threads = std::max(ctx.num_threads, 1);
-  chosen(p).backward(args, shape, run_ctx);
+  chosen(p).backward(args, shape, normalized(ctx));
 }
 
 BuildInfo build_info() {
