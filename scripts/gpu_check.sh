@@ -12,8 +12,9 @@
 #   PYTHON        interpreter to install into and test with (default: python3)
 #   JOBS          parallel build jobs, CMAKE_BUILD_PARALLEL_LEVEL (default: 16)
 #   MEMATTN_CUDA  passed to CMake as -DMEMATTN_CUDA (ON / OFF / AUTO); unset: the build's default
-#   STEPS         the steps to run, any of: install pytest_cuda pytest sanitize bench
-#                 (default: all, in that order; e.g. STEPS="pytest_cuda" on a machine where
+#   STEPS         the steps to run, any of: install sass pytest_cuda pytest sanitize bench
+#                 (default: all, in that order; sass: per-kernel HGMMA / HMMA / local-memory
+#                 instruction counts of the sm_90a machine code, from cuobjdump; e.g. STEPS="pytest_cuda" on a machine where
 #                 memattn is already installed, to fit a per-command time limit)
 #   BENCH         quick (default): `memattn bench --quick` on CPU and CUDA (seconds);
 #                 full: the whole DESIGN.md §5 CUDA sweep as well (minutes of GPU time;
@@ -34,7 +35,7 @@ mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="${JOBS:-16}"
-STEPS="${STEPS:-install pytest_cuda pytest sanitize bench}"
+STEPS="${STEPS:-install sass pytest_cuda pytest sanitize bench}"
 BENCH="${BENCH:-quick}"
 FAILED=0
 : >"$OUTDIR/summary.txt"
@@ -122,6 +123,23 @@ EOF
 run cuda_build check_cuda_build
 run doctor "$PY" -m memattn.cli doctor
 "$PY" -m memattn.cli doctor --json >"$OUTDIR/doctor.json" 2>>"$OUTDIR/doctor.log"
+
+# ---- machine code: did the Hopper kernels get wgmma, and no local memory? --------------------
+sass_report() {
+  local so dump
+  so="$("$PY" -c 'import memattn._memattn as m; print(m.__file__)')" || return 1
+  dump="$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)"
+  "$dump" --dump-resource-usage "$so" >"$OUTDIR/sass_resources.txt" || return 1
+  # One line per sm_90a function: instruction counts that tell the path it is on.
+  "$dump" -sass -arch sm_90a "$so" | awk '
+    /Function : / { if (name) print name, hgmma, hmma, ldl, stl; name = $3; hgmma = hmma = ldl = stl = 0 }
+    /HGMMA/ { hgmma++ } / HMMA/ { hmma++ } /LDL/ { ldl++ } /STL/ { stl++ }
+    END { if (name) print name, hgmma, hmma, ldl, stl }' |
+    { echo "function HGMMA HMMA LDL STL"; cat; }
+}
+if want sass; then
+  if cuda_built; then run sass sass_report; else note "sass: skipped (no CUDA build)"; fi
+fi
 
 # ---- tests: the CUDA ones first, then the rest ----------------------------------------------
 if want pytest_cuda; then

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -52,6 +53,24 @@ bool uses_tensor_cores(DType dtype) { return dtype == DType::f16 || dtype == DTy
 
 // Head-dim bucket of the tensor-core kernels: the smallest of 64, 96, 128, 256 that holds D and Dv.
 int head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256; }
+
+// The Hopper kernels (sm90/) run the forward pass of fp16/bf16 calls on compute capability
+// 9.0 when they were built; MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends
+// those calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are
+// 64, 128 and 256 (96 runs in the 128 kernel: TMA reads the missing columns as zeros).
+bool use_sm90_forward(const ForwardArgs& a) {
+#if MEMATTN_HAVE_SM90
+  if (!uses_tensor_cores(a.q.dtype)) return false;
+  const DeviceCaps caps = device_caps(a.q.device_index);
+  if (caps.error != cudaSuccess || caps.major != 9 || caps.minor != 0) return false;
+  const char* disabled = std::getenv("MEMATTN_DISABLE_SM90");
+  return disabled == nullptr || std::string(disabled).empty() || std::string(disabled) == "0";
+#else
+  (void)a;
+  return false;
+#endif
+}
+int sm90_head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
 const char* short_dtype(DType dtype) {
   switch (dtype) {
@@ -166,8 +185,28 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+#if MEMATTN_HAVE_SM90
 template <class T>
-void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
+void run_sm90_forward(int bucket, const DeviceParams& p, cudaStream_t stream) {
+  switch (sm90_head_dim_bucket(bucket)) {
+    case 64:
+      return sm90_forward<T, 64>(p, stream);
+    case 128:
+      return sm90_forward<T, 128>(p, stream);
+    default:
+      return sm90_forward<T, 256>(p, stream);
+  }
+}
+#endif
+
+template <class T>
+void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream,
+                     bool sm90) {
+#if MEMATTN_HAVE_SM90
+  if (sm90 && !backward) return run_sm90_forward<T>(bucket, p, stream);
+#else
+  (void)sm90;
+#endif
   switch (bucket) {
     case 64:
       return backward ? sm80_backward<T, 64>(p, stream) : sm80_forward<T, 64>(p, stream);
@@ -183,11 +222,12 @@ void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStrea
 void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const DeviceParams& p,
          cudaStream_t stream) {
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
+  const bool sm90 = !backward && use_sm90_forward(a);
   switch (a.q.dtype) {
     case DType::f16:
-      return run_tensor_core<__half>(backward, bucket, p, stream);
+      return run_tensor_core<__half>(backward, bucket, p, stream, sm90);
     case DType::bf16:
-      return run_tensor_core<__nv_bfloat16>(backward, bucket, p, stream);
+      return run_tensor_core<__nv_bfloat16>(backward, bucket, p, stream, sm90);
     case DType::f32:
       return backward ? simt_backward(p, stream) : simt_forward(p, stream);
     default:
@@ -232,9 +272,12 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
   return reasons;
 }
 
-std::string kernel_name(const ForwardArgs& a) {
+std::string kernel_name(const ForwardArgs& a, bool backward) {
   if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + short_dtype(a.q.dtype);
   const std::int64_t d = a.q.sizes[3] > a.v.sizes[3] ? a.q.sizes[3] : a.v.sizes[3];
+  if (!backward && use_sm90_forward(a))
+    return std::string("cuda/sm90/") + short_dtype(a.q.dtype) + "/d" +
+           std::to_string(sm90_head_dim_bucket(d));
   return std::string("cuda/sm80/") + short_dtype(a.q.dtype) + "/d" +
          std::to_string(head_dim_bucket(d));
 }

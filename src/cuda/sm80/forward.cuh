@@ -10,6 +10,7 @@
 #include "cuda/common/semantics.cuh"
 #include "cuda/launch.h"
 #include "cuda/sm80/scores.cuh"
+#include "cuda/sm80/softmax.cuh"
 #include "cuda/sm80/warp_gemm.cuh"
 
 namespace memattn::cuda::sm80 {
@@ -101,33 +102,9 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
       cp_async_commit();
     }
 
-    // Online softmax: rows (m, r) are rows g and g + 8 of m-tile m; a row's scores are
-    // spread over the 4 threads of a quad. Maxima are kept in the scores' units (score_unit).
-#pragma unroll
-    for (int m = 0; m < kM; ++m)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = row_max[m][r];
-#pragma unroll
-        for (int n = 0; n < kN; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // All keys masked so far: shift by 0 so exp2(-inf - shift) = 0, never NaN.
-        const float shift = mx == -INFINITY ? 0.f : mx * unit;
-        const float rescale = fast_exp2(row_max[m][r] * unit - shift);
-        row_max[m][r] = mx;
-        row_sum[m][r] *= rescale;
-#pragma unroll
-        for (int d = 0; d < kD; ++d)
-          acc_o[m][d][2 * r] *= rescale, acc_o[m][d][2 * r + 1] *= rescale;
-#pragma unroll
-        for (int n = 0; n < kN; ++n)
-#pragma unroll
-          for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            s[m][n][e] = fast_exp2(s[m][n][e] * unit - shift);
-            row_sum[m][r] += s[m][n][e];
-          }
-      }
+    float rescale[kM][2];
+    softmax_update(s, row_max, row_sum, rescale, unit);
+    rescale_rows(acc_o, rescale);
     if constexpr (kFeatures)
       if (p.dropout) apply_dropout<Rows::queries>(s, p, bh, i0 + warp_row0, j0, lane);
 
@@ -136,30 +113,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     gemm_rs<kM, kD, Tr::kBlockN>(acc_o, pf, v_tile, 0, lane);
   }
 
-  // Epilogue: out = acc / sum (0 for fully masked rows), lse = ln(sum) + max (-inf there).
-  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[m][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int i = i0 + warp_row0 + c_row(m, 2 * r, lane);
-      if (i >= p.Lq) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      T* out_row = out + i * p.out_st.l;
-#pragma unroll
-      for (int d = 0; d < kD; ++d) {
-        const int col = c_col(d, 0, lane);
-        if (col < p.Dv)
-          *reinterpret_cast<std::uint32_t*>(out_row + col) =
-              pack2<T>(acc_o[m][d][2 * r] * inv, acc_o[m][d][2 * r + 1] * inv);
-      }
-      if ((lane & 3) == 0)
-        p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l] =
-            sum > 0.f ? (row_max[m][r] * unit + log2f(sum)) * kLn2 : -INFINITY;
-    }
+  store_out_lse<T>(p, b, h, i0 + warp_row0, acc_o, row_max, row_sum, unit, lane);
 }
 
 template <class T, int kHeadDim, bool kFeatures>

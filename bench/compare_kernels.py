@@ -1,0 +1,83 @@
+"""Forward TFLOP/s of memattn's sm90 and sm80 kernels next to torch's FLASH and CUDNN backends,
+same inputs, same run: a quick A/B while tuning the Hopper kernels (the full sweep is
+`memattn bench`). Times with CUDA events, median of --reps runs after warm-up.
+
+    python bench/compare_kernels.py [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import memattn
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def memattn_ms(q, k, v, causal: bool, sm90: bool, reps: int, **kw) -> float:
+    os.environ["MEMATTN_DISABLE_SM90"] = "0" if sm90 else "1"
+    try:
+        return median_ms(lambda: memattn.attention(q, k, v, is_causal=causal, **kw), reps)
+    finally:
+        os.environ.pop("MEMATTN_DISABLE_SM90")
+
+
+def sdpa_ms(q, k, v, causal: bool, backend, reps: int, **kw) -> float | None:
+    try:
+        with sdpa_kernel(backend):
+            return median_ms(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw), reps
+            )
+    except RuntimeError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    header = f"{'case':<34}{'sm90':>8}{'sm80':>8}{'FLASH':>8}{'CUDNN':>8}  (TFLOP/s)"
+    print(header)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for D in (64, 128, 256):
+        for L in (2048, 8192):
+            for causal in (False, True):
+                B, H = max(1, 16384 // L), 2048 // D
+                q, k, v = (
+                    torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    for _ in range(3)
+                )
+                flops = 4 * B * H * L * L * D * (0.5 if causal else 1.0)
+                with torch.no_grad():
+                    times = [
+                        memattn_ms(q, k, v, causal, True, args.reps),
+                        memattn_ms(q, k, v, causal, False, args.reps),
+                        sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION, args.reps),
+                        sdpa_ms(q, k, v, causal, SDPBackend.CUDNN_ATTENTION, args.reps),
+                    ]
+                cells = "".join(f"{flops / t / 1e9:>8.0f}" if t else f"{'-':>8}" for t in times)
+                name = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}"
+                print(f"{name:<34}{cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+// Hopper (sm_90a) forward, FlashAttention-3 style: a producer warpgroup streams Q once and K, V
+// tiles through a kStages-deep ring of shared-memory buffers with bulk tensor copies (TMA) on
+// mbarriers; two consumer warpgroups of 64 query rows each compute S = Q K^T with wgmma from
+// shared memory, the online softmax in registers (shared with sm80, softmax.cuh) and
+// O += P V with P straight from registers. setmaxnreg moves registers from the producer to
+// the consumers. Semantics (masks, padding, causal, dropout, fully masked rows) come from the
+// same helpers as the sm80 kernels, applied to wgmma accumulators, whose per-warp layout is
+// that of mma.sync C tiles.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common/check.h"
+#include "cuda/common/params.h"
+#include "cuda/common/semantics.cuh"
+#include "cuda/launch.h"
+#include "cuda/sm80/scores.cuh"
+#include "cuda/sm80/softmax.cuh"
+#include "cuda/sm80/warp_gemm.cuh"
+#include "cuda/sm90/hopper.cuh"
+#include "cuda/sm90/tensor_map.h"
+#include "cuda/sm90/wgmma_ops.cuh"
+
+namespace memattn::cuda::sm90 {
+
+// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
+template <int kHeadDim>
+struct ForwardTraits {
+  static constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K
+  static constexpr int kChunks = kHeadDim / kChunkCols;          // 64-column swizzle chunks per row
+  static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
+  // Layout: Q | K[kStages] | V[kStages] | mbarriers; every tile 1024-byte aligned.
+  static constexpr std::uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kBarriers = 1 + 4 * kStages;  // q_full, k/v full, k/v empty
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
+};
+
+// Shared-memory addresses of one CTA's tiles and barriers.
+template <int kHeadDim>
+struct ForwardSmem {
+  using Tr = ForwardTraits<kHeadDim>;
+  std::uint32_t base;
+  __device__ __forceinline__ std::uint32_t q() const { return base; }
+  __device__ __forceinline__ std::uint32_t k(int s) const {
+    return base + Tr::kQBytes + s * Tr::kKVBytes;
+  }
+  __device__ __forceinline__ std::uint32_t v(int s) const {
+    return base + Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
+  }
+  __device__ __forceinline__ std::uint32_t bar(int i) const {
+    return base + Tr::kBarrierOffset + 8 * i;
+  }
+  __device__ __forceinline__ std::uint32_t q_full() const { return bar(0); }
+  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(1 + s); }
+  __device__ __forceinline__ std::uint32_t v_full(int s) const { return bar(1 + Tr::kStages + s); }
+  __device__ __forceinline__ std::uint32_t k_empty(int s) const {
+    return bar(1 + 2 * Tr::kStages + s);
+  }
+  __device__ __forceinline__ std::uint32_t v_empty(int s) const {
+    return bar(1 + 3 * Tr::kStages + s);
+  }
+};
+
+// One TMA copy per 64-column chunk of a tile of `rows` rows starting at row `row`.
+template <int kChunks, int kRows>
+__device__ __forceinline__ void load_tile(std::uint32_t dst, const CUtensorMap& map,
+                                          std::uint32_t bar, int row, int head, int batch) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c)
+    tma_load_4d(dst + c * kRows * kRowBytes, map, bar, c * kChunkCols, row, head, batch);
+}
+
+template <class T, int kHeadDim, bool kFeatures>
+__global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
+    forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
+                   int num_m_blocks) {
+  using Tr = ForwardTraits<kHeadDim>;
+  constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const ForwardSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+
+  // Heavy (late, for causal) query blocks first; consecutive CTAs share a head's K/V in L2.
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  const std::int64_t bh = blockIdx.x / num_m_blocks;
+  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq), hk = h / p.group;
+  const int i0 = m_block * Tr::kBlockM;
+  const int num_n_blocks =
+      (causal_key_end(p, i0 + Tr::kBlockM - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.q_full(), 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(sm.k_full(s), 1);
+      mbar_init(sm.v_full(s), 1);
+      mbar_init(sm.k_empty(s), Tr::kConsumers * 4);  // one arrival per consumer warp
+      mbar_init(sm.v_empty(s), Tr::kConsumers * 4);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warp_group = threadIdx.x / 128;
+  if (warp_group == 0) {  // producer: one thread issues every copy
+    warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0 || num_n_blocks == 0) return;
+    prefetch_tensor_map(maps.q);
+    prefetch_tensor_map(maps.k);
+    prefetch_tensor_map(maps.v);
+    mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
+    load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), i0, h, b);
+    for (int nb = 0; nb < num_n_blocks; ++nb) {
+      const int s = nb % Tr::kStages;
+      const std::uint32_t parity = ((nb / Tr::kStages) & 1) ^ 1;
+      mbar_wait(sm.k_empty(s), parity);
+      mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
+      load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), nb * Tr::kBlockN, hk, b);
+      mbar_wait(sm.v_empty(s), parity);
+      mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
+      load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), nb * Tr::kBlockN, hk, b);
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns query rows [i0 + 64 wg, +64); warp w of it rows +16 w.
+  warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg_row0 = i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
+
+  float acc_o[1][kD][4];
+  sm80::zero(acc_o);
+  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
+  const ElementMasks<T> masks{p, b, h};
+  const float unit = sm80::score_unit<kFeatures>(p);
+
+  if (num_n_blocks > 0) mbar_wait(sm.q_full(), 0);
+  for (int nb = 0; nb < num_n_blocks; ++nb) {
+    const int s = nb % Tr::kStages, j0 = nb * Tr::kBlockN;
+    const std::uint32_t parity = (nb / Tr::kStages) & 1;
+
+    // S = Q K^T: k-step kk covers columns [16 kk, 16 kk + 16): chunk kk / 4, 32 bytes per step.
+    float sc[1][kN][4];
+    mbar_wait(sm.k_full(s), parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const std::uint32_t col_bytes = (kk % 4) * 32;
+      const std::uint64_t a = smem_desc(
+          sm.q() + (kk / 4) * Tr::kBlockM * kRowBytes + wg * 64 * kRowBytes + col_bytes, 16, 1024);
+      const std::uint64_t bk =
+          smem_desc(sm.k(s) + (kk / 4) * Tr::kBlockN * kRowBytes + col_bytes, 16, 1024);
+      Wgmma<T, Tr::kBlockN>::ss(sc[0], a, bk, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(sc[0]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.k_empty(s));
+
+    const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
+    sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+    float rescale[1][2];
+    sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
+    sm80::rescale_rows(acc_o, rescale);
+    if constexpr (kFeatures)
+      if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(sc, p, bh, warp_row0, j0, lane);
+    std::uint32_t pf[1][kN / 2][4];
+    sm80::c_to_a<T>(pf, sc);
+
+    // O += P V: k-step kk covers keys [16 kk, 16 kk + 16) = 2 groups of 8 rows (2048 bytes).
+    mbar_wait(sm.v_full(s), parity);
+    wgmma_fence();
+    fence_operands(acc_o[0]);
+#pragma unroll
+    for (int kk = 0; kk < kN / 2; ++kk) {
+      const std::uint64_t bv =
+          smem_desc(sm.v(s) + kk * 16 * kRowBytes, Tr::kBlockN * kRowBytes, 1024);
+      Wgmma<T, kHeadDim>::rs(acc_o[0], pf[0][kk], bv, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_o[0]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.v_empty(s));
+  }
+
+  sm80::store_out_lse<T>(p, b, h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+}
+
+template <class T, int kHeadDim, bool kFeatures>
+void launch_forward(const DeviceParams& p, cudaStream_t stream) {
+  using Tr = ForwardTraits<kHeadDim>;
+  const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
+  const std::int64_t blocks = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
+  if (blocks == 0) return;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
+                         make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
+                         make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
+  auto kernel = &forward_kernel<T, kHeadDim, kFeatures>;
+  check_cuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+      "cudaFuncSetAttribute(sm90 forward)");
+  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps,
+                                                                                  num_m_blocks);
+  check_launch("memattn sm90 forward kernel");
+}
+
+}  // namespace memattn::cuda::sm90
+
+namespace memattn::cuda {
+template <class T, int kHeadDim>
+void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
+  if (has_features(p))
+    sm90::launch_forward<T, kHeadDim, true>(p, stream);
+  else
+    sm90::launch_forward<T, kHeadDim, false>(p, stream);
+}
+}  // namespace memattn::cuda

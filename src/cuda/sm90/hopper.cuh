@@ -1,0 +1,122 @@
+// PTX wrappers for Hopper's asynchronous machinery (sm_90a): mbarriers, bulk tensor copies (TMA),
+// wgmma fences and descriptors, register reallocation between warpgroups.
+//
+// Shared-memory tiles of the sm90 kernels use the 128-byte swizzle of TMA and wgmma: a tile of
+// R rows x C columns (16-bit elements) is stored as C / 64 column chunks of R rows x 128 bytes,
+// each chunk 1024-byte aligned; within a chunk, 16-byte unit u of row r sits at unit u ^ (r % 8).
+// TMA writes that layout and wgmma reads it through descriptors (smem_desc).
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+namespace memattn::cuda::sm90 {
+
+inline constexpr int kChunkCols = 64;  // 16-bit columns per 128-byte swizzle chunk
+inline constexpr int kRowBytes = 128;  // bytes per row of one chunk
+
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarriers (shared::cta, 64-bit) ----
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
+}
+// Makes initialised barriers visible to the async proxy (TMA) before first use.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` the bulk copies will deliver to this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase with the given parity has completed. A fresh barrier counts its
+// phase "before 0" (parity 1) as completed, so producers start waiting with parity 1.
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// ---- bulk tensor copies ----
+// Copies the box at coordinates (c0, c1, c2, c3) (innermost first) of a 4-D tensor map into
+// shared memory; completion is counted on `bar` in bytes.
+__device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const CUtensorMap& map,
+                                            std::uint32_t bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<std::uint64_t>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap& map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(&map))
+               : "memory");
+}
+
+// ---- warpgroup register reallocation ----
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_reg_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_reg_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// Barrier among `threads` threads (a multiple of 32) on hardware barrier `id` (1..15; 0 is
+// __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- wgmma ----
+// Orders earlier register and shared-memory accesses before the next wgmma.mma_async.
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most kPending committed groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses to an accumulator across wgmma issue and wait.
+template <int kN>
+__device__ __forceinline__ void fence_operands(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[n][e])::"memory");
+}
+
+// Shared-memory matrix descriptor for a 128-byte-swizzled operand (see the top of this file).
+// K-major operands (rows of the tile along M/N, e.g. Q or K for Q K^T): 8-row groups are
+// `stride_bytes` (1024) apart, `leading_bytes` is unused. N-major operands (V for P V, read
+// transposed): `leading_bytes` steps to the next 64-column chunk, `stride_bytes` to the next
+// 8 rows (1024).
+__device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint32_t leading_bytes,
+                                                   std::uint32_t stride_bytes) {
+  return static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4) |
+         static_cast<std::uint64_t>(leading_bytes >> 4) << 16 |
+         static_cast<std::uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;  // 1: 128-byte swizzle
+}
+
+}  // namespace memattn::cuda::sm90
