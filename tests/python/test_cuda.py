@@ -1006,6 +1006,59 @@ def test_explain_names_the_cuda_kernel(dtype, D):
         assert plan.get("layout_copies") == [], plan  # contiguous, aligned: nothing copied
 
 
+def _is_hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def _sm90_built() -> bool:
+    return "sm_90a" in memattn.build_info().get("cuda_summary", "")
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_runs_the_sm90_forward_and_the_sm80_backward(dtype, monkeypatch):
+    """On H100/H200 the forward pass takes the wgmma/TMA kernels, the backward the sm80 ones;
+    MEMATTN_DISABLE_SM90=1 sends the forward to sm80 too."""
+    assert _sm90_built(), memattn.build_info()
+    q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
+    assert memattn.explain(q, k, v)["kernel"].startswith("sm90/"), memattn.explain(q, k, v)
+    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("sm80/")
+    monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
+    assert memattn.explain(q, k, v)["kernel"].startswith("sm80/")
+
+
+def _forward_cases(dtype):
+    """Inputs that exercise the forward's features: odd sizes, GQA, causal both ways, masks,
+    key padding, fully masked rows, strided views (dropout: the dropout tests)."""
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=64, dtype=dtype)
+    mask = rand_mask((1, 4, 130, 200), dtype)
+    kpm = (torch.rand(2, 200) < 0.2).to(DEV)
+    yield Inputs(q, k, v, mask, kwargs={"is_causal": True, "key_padding_mask": kpm})
+    for D in (32, 96, 128, 256):
+        q, k, v = qkv(B=1, Hq=2, Lq=257, Lk=77, D=D, dtype=dtype)
+        yield Inputs(q, k, v, kwargs={"is_causal": True, "causal_alignment": "bottom_right"})
+    q, k, v = qkv(B=1, Hq=3, Lq=300, Lk=300, D=128, dtype=dtype)
+    yield Inputs(q, k, v, bool_mask((1, 1, 300, 300), p_attend=0.05))  # some rows fully masked
+    q, k, v = qkv(B=2, Hq=2, Lq=70, Lk=90, D=64, dtype=dtype)
+    yield Inputs(q, k, v, rand_mask((2, 1, 70, 90), torch.float32))  # fp32 mask, low-precision q
+    base = torch.randn(2, 90, 6, 64, dtype=dtype, device=DEV)  # BSHD layout, transposed view
+    q, k, v = (t.transpose(1, 2).detach().requires_grad_() for t in base.split(2, dim=2))
+    yield Inputs(q, k, v)
+
+
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_forward_kernels_on_every_feature(dtype, kernel, monkeypatch):
+    """Both tensor-core forward kernels (sm90 where the GPU is a Hopper) against the float64
+    reference on the same feature mix."""
+    if kernel == "sm90" and not _is_hopper():
+        pytest.skip("the sm90 kernels run on compute capability 9.0")
+    monkeypatch.setenv("MEMATTN_DISABLE_SM90", "0" if kernel == "sm90" else "1")
+    for inputs in _forward_cases(dtype):
+        assert memattn.explain(inputs.q, inputs.k, inputs.v)["kernel"].startswith(kernel + "/")
+        check_cuda(inputs)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_explain_odd_head_dims_and_layouts_still_run_on_cuda(dtype):
     """Head dims off the fast buckets and unaligned layouts are padded or routed, never

@@ -26,16 +26,20 @@
 
 namespace memattn::cuda::sm90 {
 
-// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
+// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns. D = 64 has half the
+// product work per score of D = 128 but the same softmax work, so it runs three consumer
+// warpgroups (more softmax in flight) at 160 registers each instead of two at 240.
 template <int kHeadDim>
 struct ForwardTraits {
-  static constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
+  static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;  // warpgroups of 64 query rows
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // 128*24 + 256*240 <= 64K
-  static constexpr int kChunks = kHeadDim / kChunkCols;          // 64-column swizzle chunks per row
+  // Register budget: 128 * producer + 128 * kConsumers * consumer <= 65536.
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
+  static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
   // Layout: Q | K[kStages] | V[kStages] | mbarriers; every tile 1024-byte aligned.
@@ -79,6 +83,67 @@ __device__ __forceinline__ void load_tile(std::uint32_t dst, const CUtensorMap& 
   for (int c = 0; c < kChunks; ++c)
     tma_load_4d(dst + c * kRows * kRowBytes, map, bar, c * kChunkCols, row, head, batch);
 }
+
+// A consumer warp is done reading a stage (its wgmma waited): one arrival per warp.
+__device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty_bar);
+}
+
+// The two products of a consumer warpgroup `wg`, issued asynchronously (wgmma_commit'ed;
+// the caller waits).
+template <class T, int kHeadDim>
+struct GemmIssue {
+  using Tr = ForwardTraits<kHeadDim>;
+  static constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  ForwardSmem<kHeadDim> sm;
+  int wg;
+
+  // S = Q K^T over stage s: k-step kk covers columns [16 kk, 16 kk + 16) of Q and K, in
+  // chunk kk / 4 at byte 32 (kk % 4) of each 128-byte row.
+  __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int s) const {
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const std::uint32_t col_bytes = (kk % 4) * 32;
+      const std::uint64_t a = smem_desc(
+          sm.q() + (kk / 4) * Tr::kBlockM * kRowBytes + wg * 64 * kRowBytes + col_bytes, 16, 1024);
+      const std::uint64_t bk =
+          smem_desc(sm.k(s) + (kk / 4) * Tr::kBlockN * kRowBytes + col_bytes, 16, 1024);
+      Wgmma<T, Tr::kBlockN>::ss(sc[0], a, bk, kk > 0);
+    }
+    wgmma_commit();
+  }
+
+  // O += P V over stage s: k-step kk covers keys [16 kk, 16 kk + 16), two groups of 8 rows
+  // (2048 bytes); V is read transposed (N-major), its 64-column chunks kBlockN rows apart.
+  __device__ __forceinline__ void values(float (&acc_o)[1][kD][4],
+                                         const std::uint32_t (&pf)[1][kN / 2][4], int s) const {
+#pragma unroll
+    for (int kk = 0; kk < kN / 2; ++kk) {
+      const std::uint64_t bv =
+          smem_desc(sm.v(s) + kk * 16 * kRowBytes, Tr::kBlockN * kRowBytes, 1024);
+      Wgmma<T, kHeadDim>::rs(acc_o[0], pf[0][kk], bv, 1);
+    }
+    wgmma_commit();
+  }
+};
+
+// Turn-taking of the consumer warpgroups when issuing products (FA3's ping-pong): named
+// barrier 1 + g is warpgroup g's turn, and g passes it to g + 1 (the last to 0) after issuing.
+// The last warpgroup lets warpgroup 0 go first and does not pass after its last block, so
+// every barrier sees as many arrivals as waits (all run the same number of blocks).
+template <int kConsumers>
+struct PingPong {
+  int wg;
+  static constexpr int kThreads = 256;  // the waiting and the passing warpgroup
+  __device__ __forceinline__ void start() const {
+    if (wg == kConsumers - 1) named_barrier_arrive(1, kThreads);
+  }
+  __device__ __forceinline__ void wait() const { named_barrier_sync(1 + wg, kThreads); }
+  __device__ __forceinline__ void pass(bool last) const {
+    if (!(last && wg == kConsumers - 1)) named_barrier_arrive(1 + (wg + 1) % kConsumers, kThreads);
+  }
+};
 
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
@@ -141,56 +206,59 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
   const ElementMasks<T> masks{p, b, h};
   const float unit = sm80::score_unit<kFeatures>(p);
+  const GemmIssue<T, kHeadDim> gemm{sm, wg};
+  const PingPong<Tr::kConsumers> turn{wg};
 
-  if (num_n_blocks > 0) mbar_wait(sm.q_full(), 0);
+  float sc[1][kN][4];              // S of the current block, then its probabilities
+  std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
+  if (num_n_blocks > 0) {
+    mbar_wait(sm.q_full(), 0);
+    turn.start();
+  }
+  // Iteration nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then
+  // runs block nb's softmax while the second product is still on the tensor cores (FA3's
+  // intra-warpgroup overlap); the two warpgroups take turns issuing (PingPong), so one's
+  // softmax also overlaps the other's products.
   for (int nb = 0; nb < num_n_blocks; ++nb) {
     const int s = nb % Tr::kStages, j0 = nb * Tr::kBlockN;
-    const std::uint32_t parity = (nb / Tr::kStages) & 1;
-
-    // S = Q K^T: k-step kk covers columns [16 kk, 16 kk + 16): chunk kk / 4, 32 bytes per step.
-    float sc[1][kN][4];
-    mbar_wait(sm.k_full(s), parity);
+    const int prev = (nb + Tr::kStages - 1) % Tr::kStages;
+    mbar_wait(sm.k_full(s), (nb / Tr::kStages) & 1);
+    turn.wait();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const std::uint32_t col_bytes = (kk % 4) * 32;
-      const std::uint64_t a = smem_desc(
-          sm.q() + (kk / 4) * Tr::kBlockM * kRowBytes + wg * 64 * kRowBytes + col_bytes, 16, 1024);
-      const std::uint64_t bk =
-          smem_desc(sm.k(s) + (kk / 4) * Tr::kBlockN * kRowBytes + col_bytes, 16, 1024);
-      Wgmma<T, Tr::kBlockN>::ss(sc[0], a, bk, kk > 0);
+    gemm.scores(sc, s);
+    if (nb > 0) {
+      mbar_wait(sm.v_full(prev), ((nb - 1) / Tr::kStages) & 1);
+      gemm.values(acc_o, pf, prev);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
+    turn.pass(/*last=*/nb + 1 == num_n_blocks);
+    if (nb > 0)
+      wgmma_wait<1>();
+    else
+      wgmma_wait<0>();
     fence_operands(sc[0]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.k_empty(s));
+    release(sm.k_empty(s), lane);
 
     const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
     sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
     float rescale[1][2];
     sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
+    if (nb > 0) {
+      wgmma_wait<0>();
+      fence_operands(acc_o[0]);
+      release(sm.v_empty(prev), lane);
+    }
     sm80::rescale_rows(acc_o, rescale);
     if constexpr (kFeatures)
       if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(sc, p, bh, warp_row0, j0, lane);
-    std::uint32_t pf[1][kN / 2][4];
     sm80::c_to_a<T>(pf, sc);
-
-    // O += P V: k-step kk covers keys [16 kk, 16 kk + 16) = 2 groups of 8 rows (2048 bytes).
-    mbar_wait(sm.v_full(s), parity);
+  }
+  if (num_n_blocks > 0) {  // the last block's P V
+    const int last = (num_n_blocks - 1) % Tr::kStages;
+    mbar_wait(sm.v_full(last), ((num_n_blocks - 1) / Tr::kStages) & 1);
     wgmma_fence();
-    fence_operands(acc_o[0]);
-#pragma unroll
-    for (int kk = 0; kk < kN / 2; ++kk) {
-      const std::uint64_t bv =
-          smem_desc(sm.v(s) + kk * 16 * kRowBytes, Tr::kBlockN * kRowBytes, 1024);
-      Wgmma<T, kHeadDim>::rs(acc_o[0], pf[0][kk], bv, 1);
-    }
-    wgmma_commit();
+    gemm.values(acc_o, pf, last);
     wgmma_wait<0>();
     fence_operands(acc_o[0]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.v_empty(s));
   }
 
   sm80::store_out_lse<T>(p, b, h, warp_row0, acc_o, row_max, row_sum, unit, lane);

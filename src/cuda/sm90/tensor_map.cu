@@ -39,7 +39,8 @@ CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int 
   const auto stride_bytes = [](int size, std::int64_t stride) -> cuuint64_t {
     return size > 1 ? static_cast<cuuint64_t>(stride) * kElem : 16;
   };
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(L),
+  // L = 0 (no keys): the kernel issues no copy, but the driver wants non-zero dims.
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(L > 0 ? L : 1),
                               static_cast<cuuint64_t>(H), static_cast<cuuint64_t>(B)};
   const cuuint64_t byte_strides[3] = {stride_bytes(L, strides.l), stride_bytes(H, strides.h),
                                       stride_bytes(B, strides.b)};
