@@ -136,6 +136,11 @@ sass_report() {
     /HGMMA/ { hgmma++ } / HMMA/ { hmma++ } /LDL/ { ldl++ } /STL/ { stl++ }
     END { if (name) print name, hgmma, hmma, ldl, stl }' |
     { echo "function HGMMA HMMA LDL STL"; cat; }
+  # ptxas serializes wgmmas it cannot prove independent ("Potential Performance Loss").
+  if grep -h "Potential Performance Loss" "$OUTDIR"/install.log 2>/dev/null; then
+    echo "FAIL: ptxas serialized wgmma instructions (see above)"
+    return 1
+  fi
 }
 if want sass; then
   if cuda_built; then run sass sass_report; else note "sass: skipped (no CUDA build)"; fi

@@ -26,19 +26,18 @@
 
 namespace memattn::cuda::sm90 {
 
-// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns. D = 64 has half the
-// product work per score of D = 128 but the same softmax work, so it runs three consumer
-// warpgroups (more softmax in flight) at 160 registers each instead of two at 240.
+// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns. Two consumer
+// warpgroups at 240 registers hold S, P and O of their 64 rows with no spill for every
+// bucket (three at 160 registers spilled at D = 64 with the overlapped schedule).
 template <int kHeadDim>
 struct ForwardTraits {
-  static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;  // warpgroups of 64 query rows
+  static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // Register budget: 128 * producer + 128 * kConsumers * consumer <= 65536.
-  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
-  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : 240;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
@@ -211,52 +210,68 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
 
   float sc[1][kN][4];              // S of the current block, then its probabilities
   std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
-  if (num_n_blocks > 0) {
-    mbar_wait(sm.q_full(), 0);
-    turn.start();
-  }
-  // Iteration nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then
-  // runs block nb's softmax while the second product is still on the tensor cores (FA3's
-  // intra-warpgroup overlap); the two warpgroups take turns issuing (PingPong), so one's
-  // softmax also overlaps the other's products.
-  for (int nb = 0; nb < num_n_blocks; ++nb) {
-    const int s = nb % Tr::kStages, j0 = nb * Tr::kBlockN;
-    const int prev = (nb + Tr::kStages - 1) % Tr::kStages;
-    mbar_wait(sm.k_full(s), (nb / Tr::kStages) & 1);
-    turn.wait();
-    wgmma_fence();
-    gemm.scores(sc, s);
-    if (nb > 0) {
-      mbar_wait(sm.v_full(prev), ((nb - 1) / Tr::kStages) & 1);
-      gemm.values(acc_o, pf, prev);
-    }
-    turn.pass(/*last=*/nb + 1 == num_n_blocks);
-    if (nb > 0)
-      wgmma_wait<1>();
-    else
-      wgmma_wait<0>();
-    fence_operands(sc[0]);
-    release(sm.k_empty(s), lane);
-
+  // Masks block nb's scores and folds them into the running softmax; rescale is the factor
+  // for acc_o once the previous P V is in.
+  const auto softmax = [&](int nb, float(&rescale)[1][2]) {
+    const int j0 = nb * Tr::kBlockN;
     const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
     sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
-    float rescale[1][2];
     sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
-    if (nb > 0) {
-      wgmma_wait<0>();
-      fence_operands(acc_o[0]);
-      release(sm.v_empty(prev), lane);
-    }
-    sm80::rescale_rows(acc_o, rescale);
+  };
+  // Dropout on the probabilities, then P as the A operand of the next P V.
+  const auto to_operand = [&](int nb) {
     if constexpr (kFeatures)
-      if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(sc, p, bh, warp_row0, j0, lane);
+      if (p.dropout)
+        sm80::apply_dropout<sm80::Rows::queries>(sc, p, bh, warp_row0, nb * Tr::kBlockN, lane);
     sm80::c_to_a<T>(pf, sc);
+  };
+  const auto stage = [](int nb) { return nb % Tr::kStages; };
+  const auto parity = [](int nb) { return static_cast<std::uint32_t>((nb / Tr::kStages) & 1); };
+
+  if (num_n_blocks > 0) {  // block 0: S(0) alone
+    mbar_wait(sm.q_full(), 0);
+    turn.start();
+    mbar_wait(sm.k_full(0), 0);
+    turn.wait();
+    wgmma_fence();
+    gemm.scores(sc, 0);
+    turn.pass(/*last=*/num_n_blocks == 1);
+    wgmma_wait<0>();
+    fence_operands(sc[0]);
+    release(sm.k_empty(0), lane);
+    float rescale[1][2];  // acc_o is still 0: nothing to rescale
+    softmax(0, rescale);
+    to_operand(0);
+  }
+  // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
+  // block nb's softmax while the second product is still on the tensor cores (FA3's
+  // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's softmax
+  // also overlaps the others' products. No branch around the wgmmas in the loop: ptxas
+  // serializes wgmmas on divergent paths.
+  for (int nb = 1; nb < num_n_blocks; ++nb) {
+    mbar_wait(sm.k_full(stage(nb)), parity(nb));
+    mbar_wait(sm.v_full(stage(nb - 1)), parity(nb - 1));
+    turn.wait();
+    wgmma_fence();
+    gemm.scores(sc, stage(nb));
+    gemm.values(acc_o, pf, stage(nb - 1));
+    turn.pass(/*last=*/nb + 1 == num_n_blocks);
+    wgmma_wait<1>();
+    fence_operands(sc[0]);
+    release(sm.k_empty(stage(nb)), lane);
+    float rescale[1][2];
+    softmax(nb, rescale);
+    wgmma_wait<0>();
+    fence_operands(acc_o[0]);
+    release(sm.v_empty(stage(nb - 1)), lane);
+    sm80::rescale_rows(acc_o, rescale);
+    to_operand(nb);
   }
   if (num_n_blocks > 0) {  // the last block's P V
-    const int last = (num_n_blocks - 1) % Tr::kStages;
-    mbar_wait(sm.v_full(last), ((num_n_blocks - 1) / Tr::kStages) & 1);
+    const int last = num_n_blocks - 1;
+    mbar_wait(sm.v_full(stage(last)), parity(last));
     wgmma_fence();
-    gemm.values(acc_o, pf, last);
+    gemm.values(acc_o, pf, stage(last));
     wgmma_wait<0>();
     fence_operands(acc_o[0]);
   }
