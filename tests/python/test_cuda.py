@@ -1022,9 +1022,9 @@ def test_hopper_runs_the_sm90_forward_and_the_sm80_backward(dtype, monkeypatch):
     assert _sm90_built(), memattn.build_info()
     q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].startswith("sm90/"), memattn.explain(q, k, v)
-    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("sm80/")
+    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
-    assert memattn.explain(q, k, v)["kernel"].startswith("sm80/")
+    assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")
 
 
 def _forward_cases(dtype):
@@ -1055,7 +1055,7 @@ def test_forward_kernels_on_every_feature(dtype, kernel, monkeypatch):
         pytest.skip("the sm90 kernels run on compute capability 9.0")
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "0" if kernel == "sm90" else "1")
     for inputs in _forward_cases(dtype):
-        assert memattn.explain(inputs.q, inputs.k, inputs.v)["kernel"].startswith(kernel + "/")
+        assert memattn.explain(inputs.q, inputs.k, inputs.v)["kernel"].startswith(f"cuda/{kernel}/")
         check_cuda(inputs)
 
 

@@ -10,6 +10,7 @@
 
 #include <cuda.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -43,7 +44,7 @@ struct ForwardTraits {
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
   // Layout: Q | K[kStages] | V[kStages] | mbarriers; every tile 1024-byte aligned.
   static constexpr std::uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kBarriers = 1 + 4 * kStages;  // q_full, k/v full, k/v empty
+  static constexpr int kBarriers = 2 + 4 * kStages;  // q full/empty, k/v full, k/v empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
@@ -64,13 +65,14 @@ struct ForwardSmem {
     return base + Tr::kBarrierOffset + 8 * i;
   }
   __device__ __forceinline__ std::uint32_t q_full() const { return bar(0); }
-  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(1 + s); }
-  __device__ __forceinline__ std::uint32_t v_full(int s) const { return bar(1 + Tr::kStages + s); }
+  __device__ __forceinline__ std::uint32_t q_empty() const { return bar(1); }
+  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(2 + s); }
+  __device__ __forceinline__ std::uint32_t v_full(int s) const { return bar(2 + Tr::kStages + s); }
   __device__ __forceinline__ std::uint32_t k_empty(int s) const {
-    return bar(1 + 2 * Tr::kStages + s);
+    return bar(2 + 2 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t v_empty(int s) const {
-    return bar(1 + 3 * Tr::kStages + s);
+    return bar(2 + 3 * Tr::kStages + s);
   }
 };
 
@@ -144,29 +146,51 @@ struct PingPong {
   }
 };
 
+// Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
+// blocks first within each bh, consecutive tiles on one bh so concurrent CTAs share its K/V in
+// L2.
+struct Tile {
+  int b, h, hk, i0, num_n_blocks;
+  std::int64_t bh;
+  template <int kBlockM, int kBlockN>
+  __device__ __forceinline__ static Tile at(const DeviceParams& p, std::int64_t t,
+                                            int num_m_blocks) {
+    Tile tile;
+    const int m_block = num_m_blocks - 1 - static_cast<int>(t % num_m_blocks);
+    tile.bh = t / num_m_blocks;
+    tile.b = static_cast<int>(tile.bh / p.Hq);
+    tile.h = static_cast<int>(tile.bh % p.Hq);
+    tile.hk = tile.h / p.group;
+    tile.i0 = m_block * kBlockM;
+    tile.num_n_blocks = (causal_key_end(p, tile.i0 + kBlockM - 1) + kBlockN - 1) / kBlockN;
+    return tile;
+  }
+};
+
+// Persistent: each CTA runs tiles blockIdx.x, + gridDim.x, ... The K/V ring's stage and phase
+// continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
+// producer loads the next tile's Q and K/V while the consumers finish the current one.
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
-                   int num_m_blocks) {
+                   int num_m_blocks, std::int64_t num_tiles) {
   using Tr = ForwardTraits<kHeadDim>;
   constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
   extern __shared__ unsigned char smem_raw[];
   const ForwardSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
-
-  // Heavy (late, for causal) query blocks first; consecutive CTAs share a head's K/V in L2.
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const std::int64_t bh = blockIdx.x / num_m_blocks;
-  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq), hk = h / p.group;
-  const int i0 = m_block * Tr::kBlockM;
-  const int num_n_blocks =
-      (causal_key_end(p, i0 + Tr::kBlockM - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
+  const auto tile_at = [&](std::int64_t t) {
+    return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
+  };
+  const auto stage = [](int it) { return it % Tr::kStages; };
+  const auto parity = [](int it) { return static_cast<std::uint32_t>((it / Tr::kStages) & 1); };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), Tr::kConsumers * 4);  // one arrival per consumer warp
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
-      mbar_init(sm.k_empty(s), Tr::kConsumers * 4);  // one arrival per consumer warp
+      mbar_init(sm.k_empty(s), Tr::kConsumers * 4);
       mbar_init(sm.v_empty(s), Tr::kConsumers * 4);
     }
     mbar_init_fence();
@@ -176,115 +200,140 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   const int warp_group = threadIdx.x / 128;
   if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x != 0 || num_n_blocks == 0) return;
+    if (threadIdx.x != 0) return;
     prefetch_tensor_map(maps.q);
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
-    mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
-    load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), i0, h, b);
-    for (int nb = 0; nb < num_n_blocks; ++nb) {
-      const int s = nb % Tr::kStages;
-      const std::uint32_t parity = ((nb / Tr::kStages) & 1) ^ 1;
-      mbar_wait(sm.k_empty(s), parity);
-      mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
-      load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), nb * Tr::kBlockN, hk, b);
-      mbar_wait(sm.v_empty(s), parity);
-      mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
-      load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), nb * Tr::kBlockN, hk, b);
+    int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
+    for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+      const Tile tile = tile_at(t);
+      for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
+        const int s = stage(it), row = nb * Tr::kBlockN;
+        mbar_wait(sm.k_empty(s), parity(it) ^ 1);
+        mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
+        load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
+        if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
+          mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
+          mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
+          load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
+          ++q_round;
+        }
+        mbar_wait(sm.v_empty(s), parity(it) ^ 1);
+        mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
+        load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), row, tile.hk, tile.b);
+      }
     }
     return;
   }
 
-  // Consumers: warpgroup wg owns query rows [i0 + 64 wg, +64); warp w of it rows +16 w.
+  // Consumers: warpgroup wg owns query rows [i0 + 64 wg, +64) of a tile; warp w of it +16 w.
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int wg_row0 = i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
-
-  float acc_o[1][kD][4];
-  sm80::zero(acc_o);
-  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
-  const ElementMasks<T> masks{p, b, h};
-  const float unit = sm80::score_unit<kFeatures>(p);
   const GemmIssue<T, kHeadDim> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
+  int it = 0, q_round = 0;
+  for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    const Tile tile = tile_at(t);
+    const int n = tile.num_n_blocks;
+    const int wg_row0 = tile.i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
+    float acc_o[1][kD][4];
+    sm80::zero(acc_o);
+    float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
+    const ElementMasks<T> masks{p, tile.b, tile.h};
+    const float unit = sm80::score_unit<kFeatures>(p);
 
-  float sc[1][kN][4];              // S of the current block, then its probabilities
-  std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
-  // Masks block nb's scores and folds them into the running softmax; rescale is the factor
-  // for acc_o once the previous P V is in.
-  const auto softmax = [&](int nb, float(&rescale)[1][2]) {
-    const int j0 = nb * Tr::kBlockN;
-    const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
-    sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
-    sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
-  };
-  // Dropout on the probabilities, then P as the A operand of the next P V.
-  const auto to_operand = [&](int nb) {
-    if constexpr (kFeatures)
-      if (p.dropout)
-        sm80::apply_dropout<sm80::Rows::queries>(sc, p, bh, warp_row0, nb * Tr::kBlockN, lane);
-    sm80::c_to_a<T>(pf, sc);
-  };
-  const auto stage = [](int nb) { return nb % Tr::kStages; };
-  const auto parity = [](int nb) { return static_cast<std::uint32_t>((nb / Tr::kStages) & 1); };
+    float sc[1][kN][4];              // S of the current block, then its probabilities
+    std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
+    // Masks block nb's scores and folds them into the running softmax; rescale is the
+    // factor for acc_o once the previous P V is in.
+    const auto softmax = [&](int nb, float(&rescale)[1][2]) {
+      const int j0 = nb * Tr::kBlockN;
+      const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
+      sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
+    };
+    // Dropout on the probabilities, then P as the A operand of the next P V.
+    const auto to_operand = [&](int nb) {
+      if constexpr (kFeatures)
+        if (p.dropout)
+          sm80::apply_dropout<sm80::Rows::queries>(sc, p, tile.bh, warp_row0, nb * Tr::kBlockN,
+                                                   lane);
+      sm80::c_to_a<T>(pf, sc);
+    };
 
-  if (num_n_blocks > 0) {  // block 0: S(0) alone
-    mbar_wait(sm.q_full(), 0);
-    turn.start();
-    mbar_wait(sm.k_full(0), 0);
-    turn.wait();
-    wgmma_fence();
-    gemm.scores(sc, 0);
-    turn.pass(/*last=*/num_n_blocks == 1);
-    wgmma_wait<0>();
-    fence_operands(sc[0]);
-    release(sm.k_empty(0), lane);
-    float rescale[1][2];  // acc_o is still 0: nothing to rescale
-    softmax(0, rescale);
-    to_operand(0);
+    if (n > 0) {  // block 0: S(0) alone
+      mbar_wait(sm.q_full(), q_round & 1);
+      turn.start();
+      mbar_wait(sm.k_full(stage(it)), parity(it));
+      turn.wait();
+      wgmma_fence();
+      gemm.scores(sc, stage(it));
+      turn.pass(/*last=*/n == 1);
+      wgmma_wait<0>();
+      fence_operands(sc[0]);
+      release(sm.k_empty(stage(it)), lane);
+      if (n == 1) release(sm.q_empty(), lane);
+      float rescale[1][2];  // acc_o is still 0: nothing to rescale
+      softmax(0, rescale);
+      to_operand(0);
+    }
+    // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
+    // block nb's softmax while the second product is still on the tensor cores (FA3's
+    // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's
+    // softmax also overlaps the others' products. No branch around the wgmmas in the loop:
+    // ptxas serializes wgmmas on divergent paths.
+    for (int nb = 1; nb < n; ++nb) {
+      const int cur = it + nb;
+      mbar_wait(sm.k_full(stage(cur)), parity(cur));
+      mbar_wait(sm.v_full(stage(cur - 1)), parity(cur - 1));
+      turn.wait();
+      wgmma_fence();
+      gemm.scores(sc, stage(cur));
+      gemm.values(acc_o, pf, stage(cur - 1));
+      turn.pass(/*last=*/nb + 1 == n);
+      wgmma_wait<1>();
+      fence_operands(sc[0]);
+      release(sm.k_empty(stage(cur)), lane);
+      if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
+      float rescale[1][2];
+      softmax(nb, rescale);
+      wgmma_wait<0>();
+      fence_operands(acc_o[0]);
+      release(sm.v_empty(stage(cur - 1)), lane);
+      sm80::rescale_rows(acc_o, rescale);
+      to_operand(nb);
+    }
+    if (n > 0) {  // the last block's P V
+      const int last = it + n - 1;
+      mbar_wait(sm.v_full(stage(last)), parity(last));
+      wgmma_fence();
+      gemm.values(acc_o, pf, stage(last));
+      wgmma_wait<0>();
+      fence_operands(acc_o[0]);
+      release(sm.v_empty(stage(last)), lane);
+      it += n;
+      ++q_round;
+    }
+    sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
   }
-  // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
-  // block nb's softmax while the second product is still on the tensor cores (FA3's
-  // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's softmax
-  // also overlaps the others' products. No branch around the wgmmas in the loop: ptxas
-  // serializes wgmmas on divergent paths.
-  for (int nb = 1; nb < num_n_blocks; ++nb) {
-    mbar_wait(sm.k_full(stage(nb)), parity(nb));
-    mbar_wait(sm.v_full(stage(nb - 1)), parity(nb - 1));
-    turn.wait();
-    wgmma_fence();
-    gemm.scores(sc, stage(nb));
-    gemm.values(acc_o, pf, stage(nb - 1));
-    turn.pass(/*last=*/nb + 1 == num_n_blocks);
-    wgmma_wait<1>();
-    fence_operands(sc[0]);
-    release(sm.k_empty(stage(nb)), lane);
-    float rescale[1][2];
-    softmax(nb, rescale);
-    wgmma_wait<0>();
-    fence_operands(acc_o[0]);
-    release(sm.v_empty(stage(nb - 1)), lane);
-    sm80::rescale_rows(acc_o, rescale);
-    to_operand(nb);
-  }
-  if (num_n_blocks > 0) {  // the last block's P V
-    const int last = num_n_blocks - 1;
-    mbar_wait(sm.v_full(stage(last)), parity(last));
-    wgmma_fence();
-    gemm.values(acc_o, pf, stage(last));
-    wgmma_wait<0>();
-    fence_operands(acc_o[0]);
-  }
+}
 
-  sm80::store_out_lse<T>(p, b, h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+// Resident CTAs for the persistent grid: one per multiprocessor (the kernel's shared memory
+// and 384 threads at 168 registers allow no second).
+inline int multiprocessors() {
+  int device = 0, count = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(multiprocessor count)");
+  return count;
 }
 
 template <class T, int kHeadDim, bool kFeatures>
 void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   using Tr = ForwardTraits<kHeadDim>;
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
-  const std::int64_t blocks = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
-  if (blocks == 0) return;
+  const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
+  if (num_tiles == 0) return;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
@@ -293,8 +342,9 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   check_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
       "cudaFuncSetAttribute(sm90 forward)");
-  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps,
-                                                                                  num_m_blocks);
+  const std::int64_t grid = std::min<std::int64_t>(num_tiles, multiprocessors());
+  kernel<<<static_cast<unsigned>(grid), Tr::kThreads, Tr::kSmemBytes, stream>>>(
+      p, maps, num_m_blocks, num_tiles);
   check_launch("memattn sm90 forward kernel");
 }
 
