@@ -1021,7 +1021,7 @@ def test_hopper_runs_the_sm90_forward_and_the_sm80_backward(dtype, monkeypatch):
     MEMATTN_DISABLE_SM90=1 sends the forward to sm80 too."""
     assert _sm90_built(), memattn.build_info()
     q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
-    assert memattn.explain(q, k, v)["kernel"].startswith("sm90/"), memattn.explain(q, k, v)
+    assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm90/"), memattn.explain(q, k, v)
     assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
     assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")

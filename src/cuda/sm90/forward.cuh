@@ -167,9 +167,9 @@ struct Tile {
   }
 };
 
-// Persistent: each CTA runs tiles blockIdx.x, + gridDim.x, ... The K/V ring's stage and phase
-// continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
-// producer loads the next tile's Q and K/V while the consumers finish the current one.
+// Persistent (non-causal calls): each CTA runs tiles blockIdx.x, + gridDim.x, ... The K/V ring's
+// stage and phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so
+// the producer loads the next tile's Q and K/V while the consumers finish the current one.
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
@@ -342,7 +342,11 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   check_cuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
       "cudaFuncSetAttribute(sm90 forward)");
-  const std::int64_t grid = std::min<std::int64_t>(num_tiles, multiprocessors());
+  // Causal tiles differ in length: one tile per CTA lets the hardware hand the next
+  // (heavy-first) tile to whichever multiprocessor frees up, which balanced better on H100
+  // than a static persistent split (bench/RESULTS.md, src/cuda/sm90/NOTES.md).
+  const std::int64_t grid =
+      p.causal ? num_tiles : std::min<std::int64_t>(num_tiles, multiprocessors());
   kernel<<<static_cast<unsigned>(grid), Tr::kThreads, Tr::kSmemBytes, stream>>>(
       p, maps, num_m_blocks, num_tiles);
   check_launch("memattn sm90 forward kernel");
