@@ -3,7 +3,7 @@
 #   1. .venv with torch==2.13.0 (unless torch is importable) and `pip install '.[test]'`
 #   2. ruff check + ruff format --check over python/ and tests/
 #   3. clang-format --dry-run -Werror over include/ src/ tests/cpp (clang-format from the pinned
-#      pip package)
+#      pip package); src/cuda/sm90/wgmma_ops.cuh is what scripts/gen_wgmma.py writes
 #   4. the C++ core with GoogleTest (warnings are errors), run by ctest
 #   5. pytest (CPU; `-m cuda` tests are deselected here and run on a GPU machine)
 # Any argument is passed to pytest (e.g. -x, -k NAME).
@@ -32,7 +32,8 @@ ruff format --check python tests bench
 step_done "ruff" "$t"
 
 t=$SECONDS
-log "clang-format"
+log "clang-format (and the generated wgmma wrappers are current)"
+python scripts/gen_wgmma.py --check
 mapfile -t CXX_FILES < <(find include src tests/cpp -type f \
   \( -name '*.h' -o -name '*.hpp' -o -name '*.cpp' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' \) \
   2>/dev/null | sort)
