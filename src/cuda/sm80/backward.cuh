@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "cuda/common/check.h"
+#include "cuda/common/launch_smem.cuh"
 #include "cuda/common/params.h"
 #include "cuda/common/semantics.cuh"
 #include "cuda/launch.h"
@@ -335,33 +335,18 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
 
 template <class T, int kHeadDim, bool kFeatures>
 void launch_backward(const DeviceParams& p, cudaStream_t stream) {
-  {
-    using Tr = DkvTraits<kHeadDim>;
-    constexpr int kSmem = DkvSmem<T, kHeadDim>::kBytes;
-    auto kernel = &backward_dkdv_kernel<T, kHeadDim, kFeatures>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-               "cudaFuncSetAttribute(backward dK/dV)");
-    const int num_n_blocks = (p.Lk + Tr::kBlockN - 1) / Tr::kBlockN;
-    const std::int64_t blocks = static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk;
-    if (blocks > 0) {
-      kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, kSmem, stream>>>(p, num_n_blocks);
-      check_launch("memattn sm80 backward dK/dV kernel");
-    }
-  }
-  {
-    using Tr = DqTraits<kHeadDim>;
-    constexpr int kSmem = DqSmem<T, kHeadDim>::kBytes;
-    auto kernel = &backward_dq_kernel<T, kHeadDim, kFeatures>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-               "cudaFuncSetAttribute(backward dQ)");
-    const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
-    const std::int64_t blocks =
-        static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer * p.grad_mask_h_outer;
-    if (blocks > 0) {
-      kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, kSmem, stream>>>(p, num_m_blocks);
-      check_launch("memattn sm80 backward dQ kernel");
-    }
-  }
+  using Kv = DkvTraits<kHeadDim>;
+  const int num_n_blocks = (p.Lk + Kv::kBlockN - 1) / Kv::kBlockN;
+  launch_with_smem(&backward_dkdv_kernel<T, kHeadDim, kFeatures>,
+                   "memattn sm80 backward dK/dV kernel",
+                   static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads,
+                   DkvSmem<T, kHeadDim>::kBytes, stream, p, num_n_blocks);
+  using Dq = DqTraits<kHeadDim>;
+  const int num_m_blocks = (p.Lq + Dq::kBlockM - 1) / Dq::kBlockM;
+  launch_with_smem(
+      &backward_dq_kernel<T, kHeadDim, kFeatures>, "memattn sm80 backward dQ kernel",
+      static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer * p.grad_mask_h_outer,
+      Dq::kThreads, DqSmem<T, kHeadDim>::kBytes, stream, p, num_m_blocks);
 }
 
 }  // namespace memattn::cuda::sm80

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "cuda/common/check.h"
+#include "cuda/common/launch_smem.cuh"
 #include "cuda/common/params.h"
 #include "cuda/common/semantics.cuh"
 #include "cuda/launch.h"
@@ -119,15 +119,10 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
 template <class T, int kHeadDim, bool kFeatures>
 void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   using Tr = ForwardTraits<kHeadDim>;
-  constexpr int kSmem = ForwardSmem<T, kHeadDim>::kBytes;
-  auto kernel = &forward_kernel<T, kHeadDim, kFeatures>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-             "cudaFuncSetAttribute(forward)");
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
-  const std::int64_t blocks = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
-  if (blocks == 0) return;
-  kernel<<<static_cast<unsigned>(blocks), Tr::kThreads, kSmem, stream>>>(p, num_m_blocks);
-  check_launch("memattn sm80 forward kernel");
+  launch_with_smem(&forward_kernel<T, kHeadDim, kFeatures>, "memattn sm80 forward kernel",
+                   static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq, Tr::kThreads,
+                   ForwardSmem<T, kHeadDim>::kBytes, stream, p, num_m_blocks);
 }
 
 }  // namespace memattn::cuda::sm80

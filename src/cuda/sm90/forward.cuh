@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cuda/common/check.h"
+#include "cuda/common/launch_smem.cuh"
 #include "cuda/common/params.h"
 #include "cuda/common/semantics.cuh"
 #include "cuda/launch.h"
@@ -338,18 +339,13 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
-  auto kernel = &forward_kernel<T, kHeadDim, kFeatures>;
-  check_cuda(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
-      "cudaFuncSetAttribute(sm90 forward)");
   // Causal tiles differ in length: one tile per CTA lets the hardware hand the next
   // (heavy-first) tile to whichever multiprocessor frees up, which balanced better on H100
   // than a static persistent split (bench/RESULTS.md, src/cuda/sm90/NOTES.md).
   const std::int64_t grid =
       p.causal ? num_tiles : std::min<std::int64_t>(num_tiles, multiprocessors());
-  kernel<<<static_cast<unsigned>(grid), Tr::kThreads, Tr::kSmemBytes, stream>>>(
-      p, maps, num_m_blocks, num_tiles);
-  check_launch("memattn sm90 forward kernel");
+  launch_with_smem(&forward_kernel<T, kHeadDim, kFeatures>, "memattn sm90 forward kernel", grid,
+                   Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
 }
 
 }  // namespace memattn::cuda::sm90
