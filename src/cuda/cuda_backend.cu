@@ -7,11 +7,13 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "cuda/common/check.h"
+#include "cuda/common/device.h"
 #include "cuda/common/params.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/launch.h"
@@ -23,17 +25,9 @@
 #endif
 
 namespace memattn::cuda {
-namespace {
 
-constexpr int kMinMajor = 8;  // mma.sync bf16, cp.async, ldmatrix: sm_80 and newer
-
-struct DeviceCaps {
-  bool known = false;
-  cudaError_t error = cudaSuccess;
-  int major = 0, minor = 0;
-};
-
-// Compute capability per device, read once (cudaGetDeviceProperties is slow).
+// Compute capability and multiprocessor count per device, read once (cudaGetDeviceProperties
+// is slow).
 DeviceCaps device_caps(int device) {
   static std::mutex mutex;
   static std::array<DeviceCaps, 64> cache;
@@ -45,9 +39,15 @@ DeviceCaps device_caps(int device) {
     c.error = cudaDeviceGetAttribute(&c.major, cudaDevAttrComputeCapabilityMajor, device);
     if (c.error == cudaSuccess)
       c.error = cudaDeviceGetAttribute(&c.minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (c.error == cudaSuccess)
+      c.error = cudaDeviceGetAttribute(&c.multiprocessors, cudaDevAttrMultiProcessorCount, device);
   }
   return c;
 }
+
+namespace {
+
+constexpr int kMinMajor = 8;  // mma.sync bf16, cp.async, ldmatrix: sm_80 and newer
 
 bool uses_tensor_cores(DType dtype) { return dtype == DType::f16 || dtype == DType::bf16; }
 
@@ -64,7 +64,7 @@ bool use_sm90_forward(const ForwardArgs& a) {
   const DeviceCaps caps = device_caps(a.q.device_index);
   if (caps.error != cudaSuccess || caps.major != 9 || caps.minor != 0) return false;
   const char* disabled = std::getenv("MEMATTN_DISABLE_SM90");
-  return disabled == nullptr || std::string(disabled).empty() || std::string(disabled) == "0";
+  return disabled == nullptr || disabled[0] == '\0' || std::strcmp(disabled, "0") == 0;
 #else
   (void)a;
   return false;

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cuda/common/check.h"
+#include "cuda/common/device.h"
 #include "cuda/common/launch_smem.cuh"
 #include "cuda/common/params.h"
 #include "cuda/common/semantics.cuh"
@@ -319,14 +320,14 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   }
 }
 
-// Resident CTAs for the persistent grid: one per multiprocessor (the kernel's shared memory
-// and 384 threads at 168 registers allow no second).
+// Resident CTAs for the persistent grid: one per multiprocessor of the current device (the
+// kernel's shared memory and 384 threads at 168 registers allow no second).
 inline int multiprocessors() {
-  int device = 0, count = 0;
+  int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute(multiprocessor count)");
-  return count;
+  const DeviceCaps caps = device_caps(device);
+  check_cuda(caps.error, "cudaDeviceGetAttribute(multiprocessor count)");
+  return caps.multiprocessors;
 }
 
 template <class T, int kHeadDim, bool kFeatures>
