@@ -324,6 +324,25 @@ def memory_target(
 # Timing
 
 
+def cuda_event_times(fn: Callable[[], Any], *, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn on the current CUDA stream, timed with CUDA
+    events after `warmup` (at least 1) untimed calls; no cache flush between calls."""
+    import torch
+
+    for _ in range(max(1, warmup)):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def time_call(
     fn: Callable[[], Any],
     *,
@@ -334,24 +353,11 @@ def time_call(
 ) -> list[float]:
     """Milliseconds of each timed call of fn (after warm-up). Fewer reps (at least 3) when a
     call is so slow that `reps` of them would take longer than `max_seconds`."""
-    import torch
-
     if device == "cuda":
         do_bench = _triton_do_bench()
         if do_bench is not None:
             return [float(do_bench(fn, warmup=25, rep=100, return_mode="median"))]
-        for _ in range(max(1, warmup)):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return times
+        return cuda_event_times(fn, warmup=warmup, reps=reps)
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
