@@ -294,3 +294,71 @@ def check_against_reference(inputs: Inputs, *, backward: bool = True):
             name, g, grads["ref64"][i], lo, dtype, max_score=smax, term_scale=scales.get(name, 0.0)
         )
     return ours_out, ours_lse, grads["ours"]
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (memattn draws dropout seeds from CPU generators)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def recover_keep_mask(q, k, p, seed, **kwargs):
+    """The keep mask [B, Hq, Lq, Lk] (on the CPU) memattn draws for (q, k, p, seed) on q's
+    device: with v = identity (Dv = Lk), out[i, j] = P[i, j] * keep[i, j] / (1 - p)."""
+    B, Hk, Lk = k.shape[0], k.shape[1], k.shape[2]
+    v = torch.eye(Lk, dtype=q.dtype, device=q.device).expand(B, Hk, Lk, Lk).contiguous()
+    with torch.no_grad():
+        out = memattn.attention(q, k, v, dropout_p=p, generator=seeded_generator(seed), **kwargs)
+    return (out != 0).cpu()
+
+
+def assert_dropout_matches_reference(out, grads, leaves, grad_out, keep, p, dtype, kwargs):
+    """``out`` and ``grads`` (of q, k, v, mask = ``leaves``) of a dropout call against
+    ``attention_reference`` driven by the recovered ``keep`` mask, in float64 and in ``dtype``,
+    with the tolerance policy. ``grad_out``: the float64 CPU gradient the grads were taken with."""
+
+    def reference(compute_dtype):
+        ref_leaves = [t.detach().cpu().to(compute_dtype).requires_grad_() for t in leaves]
+        ref = attention_reference(
+            *ref_leaves[:3],
+            attn_mask=ref_leaves[3],
+            dropout_p=p,
+            dropout_mask=keep,
+            dtype=compute_dtype,
+            **kwargs,
+        )
+        return (ref, *torch.autograd.grad(ref, ref_leaves, grad_out.to(compute_dtype)))
+
+    ref64 = reference(torch.float64)
+    low = reference(dtype) if dtype != torch.float64 else (None,) * 5
+    names = ("out", "grad_q", "grad_k", "grad_v", "grad_attn_mask")
+    for name, got, want, lo in zip(names, (out, *grads), ref64, low, strict=True):
+        assert_close_policy(name, got, want, lo, dtype)
+
+
+def assert_dead_rows(out, lse, grad_q, dead):
+    """dead: bool [B, Hq, Lq] (CPU), True where the row has no key left: out exactly 0, lse
+    -inf, grad_q 0 there; nothing NaN, lse finite elsewhere. Tensors may be on any device."""
+    out, lse, grad_q = out.detach().cpu(), lse.cpu(), grad_q.cpu()
+    assert dead.any(), "the test must contain fully masked rows"
+    assert not torch.isnan(out).any()
+    assert not torch.isnan(lse).any()
+    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "dead rows: out must be exactly 0"
+    assert torch.all(lse[dead] == -math.inf), "dead rows: lse must be -inf"
+    assert torch.isfinite(lse[~dead]).all()
+    assert not torch.isnan(grad_q).any()
+    assert torch.equal(grad_q[dead], torch.zeros_like(grad_q[dead])), "dead rows: grad_q must be 0"
+
+
+def masked_causal_attention(q, k, v, mask, kpm):
+    """memattn.attention with a mask, key padding and bottom-right causal, as [B, L, H * Dv]
+    times 2: the function the torch.compile tests compile."""
+    out = memattn.attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        key_padding_mask=kpm,
+        is_causal=True,
+        causal_alignment="bottom_right",
+    )
+    return out.transpose(1, 2).flatten(2) * 2.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import memattn
-from attn_testing import make_qkv
+from attn_testing import make_qkv, masked_causal_attention
 from memattn import _ops
 
 GRADCHECK_TOL = {"atol": 1e-7, "rtol": 1e-5}
@@ -164,22 +164,11 @@ def _eager_and_compiled(fn, inputs, **compile_kwargs):
     return results
 
 
-def _attn(q, k, v, mask, kpm):
-    out = memattn.attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        key_padding_mask=kpm,
-        is_causal=True,
-        causal_alignment="bottom_right",
-    )
-    return out.transpose(1, 2).flatten(2) * 2.0
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
-    (out_e, grads_e), (out_c, grads_c) = _eager_and_compiled(_attn, _loss_inputs(), backend=backend)
+    (out_e, grads_e), (out_c, grads_c) = _eager_and_compiled(
+        masked_causal_attention, _loss_inputs(), backend=backend
+    )
     torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

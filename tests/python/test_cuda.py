@@ -33,10 +33,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 import memattn
-from attn_testing import Inputs, assert_close_policy, check_against_reference, make_qkv
+from attn_testing import (
+    Inputs,
+    assert_close_policy,
+    assert_dead_rows,
+    assert_dropout_matches_reference,
+    check_against_reference,
+    make_qkv,
+    masked_causal_attention,
+    recover_keep_mask,
+    seeded_generator,
+)
 from memattn import convert
 from memattn import nn as mnn
-from memattn.reference import attention_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -96,23 +105,6 @@ def rand_mask(shape, dtype, *, scale=2.0, requires_grad=True):
 
 def bool_mask(shape, p_attend=0.7):
     return (torch.rand(shape) < p_attend).to(DEV)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _assert_dead_rows(out, lse, grad_q, dead):
-    """dead: bool [B, Hq, Lq] (CPU), True where the row has no key left."""
-    out, lse, grad_q = out.detach().cpu(), lse.cpu(), grad_q.cpu()
-    assert dead.any(), "the test must contain fully masked rows"
-    assert not torch.isnan(out).any()
-    assert not torch.isnan(lse).any()
-    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "dead rows: out must be exactly 0"
-    assert torch.all(lse[dead] == -math.inf), "dead rows: lse must be -inf"
-    assert torch.isfinite(lse[~dead]).all()
-    assert not torch.isnan(grad_q).any()
-    assert torch.equal(grad_q[dead], torch.zeros_like(grad_q[dead])), "dead rows: grad_q must be 0"
 
 
 def _kernel_name(plan: dict) -> str:
@@ -362,7 +354,7 @@ def test_fully_masked_rows_bool_mask(dtype):
     mask[1, 1, :2, :] = False
     mask[1, 0, 64:, :] = False  # the rows of a whole query block
     out, lse, grads = check_cuda(Inputs(q, k, v, mask.to(DEV)))
-    _assert_dead_rows(out, lse, grads[0], ~mask.any(-1))
+    assert_dead_rows(out, lse, grads[0], ~mask.any(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -375,7 +367,7 @@ def test_fully_masked_rows_float_mask_neg_inf(dtype):
     out, lse, grads = check_cuda(Inputs(q, k, v, mask))
     dead = torch.zeros(1, 2, 8, dtype=torch.bool)
     dead[0, 0, 5] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
     assert torch.equal(grads[3][0, 0, 5].cpu(), torch.zeros(130, dtype=grads[3].dtype))
 
 
@@ -387,7 +379,7 @@ def test_fully_masked_batch_by_key_padding(dtype):
     out, lse, grads = check_cuda(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
     dead = torch.zeros(2, 2, 6, dtype=torch.bool)
     dead[1] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
     assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
     assert torch.equal(grads[2][1], torch.zeros_like(grads[2][1]))
 
@@ -400,7 +392,7 @@ def test_fully_masked_rows_causal_bottom_right(dtype):
     out, lse, grads = check_cuda(Inputs(q, k, v, kwargs=kwargs))
     dead = torch.zeros(1, 2, 150, dtype=torch.bool)
     dead[..., :110] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -412,7 +404,7 @@ def test_fully_masked_rows_from_mask_and_causal_combined(dtype):
     out, lse, grads = check_cuda(Inputs(q, k, v, mask.to(DEV), kwargs={"is_causal": True}))
     dead = torch.zeros(1, 1, 66, dtype=torch.bool)
     dead[0, 0, 0] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
 
 
 # ---- layouts ---------------------------------------------------------------------------------
@@ -553,26 +545,16 @@ def test_forward_saves_only_out_and_lse():
 # ---- dropout ---------------------------------------------------------------------------------
 
 
-def recover_keep_mask(q, k, p, seed, **kwargs):
-    """The keep mask [B, Hq, Lq, Lk] memattn draws for (q, k, p, seed) on q's device: with
-    v = identity (Dv = Lk), out[i, j] = P[i, j] * keep[i, j] / (1 - p)."""
-    B, Hk, Lk = k.shape[0], k.shape[1], k.shape[2]
-    v = torch.eye(Lk, dtype=q.dtype, device=q.device).expand(B, Hk, Lk, Lk).contiguous()
-    with torch.no_grad():
-        out = memattn.attention(q, k, v, dropout_p=p, generator=_gen(seed), **kwargs)
-    return (out != 0).cpu()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_same_seed_same_result(dtype):
     q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=70, Lk=130, D=64, dtype=dtype)
     runs = []
     for _ in range(2):
-        out = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(7))
+        out = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(7))
         runs.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
-    other = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(8))
+    other = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(8))
     assert not torch.equal(runs[0][0], other)
 
 
@@ -635,7 +617,7 @@ def test_dropout_matches_cpu_backend_fp32():
             attn_mask=leaves[3],
             key_padding_mask=kpm.to(dev),
             dropout_p=p,
-            generator=_gen(seed),
+            generator=seeded_generator(seed),
             **kwargs,
         )
         grads = torch.autograd.grad(out, leaves, grad_out.to(dev))
@@ -664,32 +646,20 @@ def test_dropout_forward_and_backward_match_reference(dtype, kwargs):
     mask = rand_mask((1, Hq, Lq, Lk), dtype)
 
     poison_cuda_cache()
-    out = memattn.attention(q, k, v, attn_mask=mask, dropout_p=p, generator=_gen(seed), **kwargs)
+    out = memattn.attention(
+        q, k, v, attn_mask=mask, dropout_p=p, generator=seeded_generator(seed), **kwargs
+    )
     grad_out = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v, mask), grad_out.to(DEV, dtype))
 
-    def reference(compute_dtype):
-        leaves = [t.detach().cpu().to(compute_dtype).requires_grad_() for t in (q, k, v, mask)]
-        ref = attention_reference(
-            *leaves[:3],
-            attn_mask=leaves[3],
-            dropout_p=p,
-            dropout_mask=keep,
-            dtype=compute_dtype,
-            **kwargs,
-        )
-        return (ref, *torch.autograd.grad(ref, leaves, grad_out.to(compute_dtype)))
-
-    ref64 = reference(torch.float64)
-    low = reference(dtype)
-    names = ("out", "grad_q", "grad_k", "grad_v", "grad_attn_mask")
-    for name, got, want, lo in zip(names, (out, *grads), ref64, low, strict=True):
-        assert_close_policy(name, got, want, lo, dtype)
+    assert_dropout_matches_reference(out, grads, (q, k, v, mask), grad_out, keep, p, dtype, kwargs)
 
 
 def test_dropout_lse_is_before_dropout():
     q, k, v = qkv(Lq=70, Lk=130, D=64, dtype=torch.bfloat16, requires_grad=False)
-    _, lse_drop = memattn.attention(q, k, v, dropout_p=0.5, return_lse=True, generator=_gen(1))
+    _, lse_drop = memattn.attention(
+        q, k, v, dropout_p=0.5, return_lse=True, generator=seeded_generator(1)
+    )
     _, lse = memattn.attention(q, k, v, return_lse=True)
     torch.testing.assert_close(lse_drop, lse, rtol=1e-6, atol=1e-6)
 
@@ -715,7 +685,7 @@ def test_deterministic_run_to_run(dtype):
             key_padding_mask=kpm,
             is_causal=True,
             dropout_p=0.1,
-            generator=_gen(5),
+            generator=seeded_generator(5),
         )
         runs.append((out, *torch.autograd.grad(out, (q, k, v, mask), grad)))
     for other in runs[1:]:
@@ -928,19 +898,6 @@ def test_opcheck_backward_cuda(dtype):
     torch.library.opcheck(torch.ops.memattn.attention_backward.default, args)
 
 
-def _attn(q, k, v, mask, kpm):
-    out = memattn.attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        key_padding_mask=kpm,
-        is_causal=True,
-        causal_alignment="bottom_right",
-    )
-    return out.transpose(1, 2).flatten(2) * 2.0
-
-
 @pytest.mark.parametrize(
     ("backend", "dtype"),
     [("aot_eager", torch.bfloat16), ("aot_eager", torch.float32), ("inductor", torch.bfloat16)],
@@ -952,7 +909,10 @@ def test_compile_fullgraph_matches_eager(backend, dtype):
     kpm = (torch.rand(2, 130) < 0.3).to(DEV)
     torch._dynamo.reset()
     results = []
-    for f in (_attn, torch.compile(_attn, fullgraph=True, backend=backend)):
+    for f in (
+        masked_causal_attention,
+        torch.compile(masked_causal_attention, fullgraph=True, backend=backend),
+    ):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask)]
         out = f(*leaves, kpm)
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))

@@ -14,38 +14,30 @@ import pytest
 import torch
 
 import memattn
-from attn_testing import assert_close_policy, make_qkv
+from attn_testing import (
+    assert_dropout_matches_reference,
+    make_qkv,
+    recover_keep_mask,
+    seeded_generator,
+)
 from memattn.reference import attention_reference
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _identity_v(B, Hk, Lk, dtype=torch.float32):
     return torch.eye(Lk, dtype=dtype).expand(B, Hk, Lk, Lk).contiguous()
 
 
-def recover_keep_mask(q, k, p, seed, **kwargs):
-    """The keep mask [B, Hq, Lq, Lk] memattn draws for (q, k, p, seed)."""
-    B, Hk, Lk = k.shape[0], k.shape[1], k.shape[2]
-    v = _identity_v(B, Hk, Lk, q.dtype)
-    with torch.no_grad():
-        out = memattn.attention(q, k, v, dropout_p=p, generator=_gen(seed), **kwargs)
-    return out != 0
-
-
 def test_same_seed_same_output():
     q, k, v = make_qkv(B=2, Hq=2, Lq=20, Lk=30, requires_grad=False)
-    a = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(7))
-    b = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(7))
+    a = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(7))
+    b = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(7))
     assert torch.equal(a, b)
 
 
 def test_different_seed_different_output():
     q, k, v = make_qkv(B=2, Hq=2, Lq=20, Lk=30, requires_grad=False)
-    a = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(7))
-    b = memattn.attention(q, k, v, dropout_p=0.3, generator=_gen(8))
+    a = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(7))
+    b = memattn.attention(q, k, v, dropout_p=0.3, generator=seeded_generator(8))
     assert not torch.equal(a, b)
 
 
@@ -62,7 +54,7 @@ def test_default_generator_follows_manual_seed():
 
 def test_generator_advances_per_call():
     q, k, v = make_qkv(requires_grad=False)
-    g = _gen(5)
+    g = seeded_generator(5)
     a = memattn.attention(q, k, v, dropout_p=0.2, generator=g)
     b = memattn.attention(q, k, v, dropout_p=0.2, generator=g)
     assert not torch.equal(a, b)
@@ -70,7 +62,7 @@ def test_generator_advances_per_call():
 
 def test_no_dropout_ignores_generator():
     q, k, v = make_qkv(requires_grad=False)
-    g = _gen(5)
+    g = seeded_generator(5)
     state = g.get_state()
     a = memattn.attention(q, k, v, dropout_p=0.0, generator=g)
     assert torch.equal(g.get_state(), state), "dropout_p=0 must not draw from the generator"
@@ -100,7 +92,7 @@ def test_kept_values_scaled():
     q, k, _ = make_qkv(B=1, Hq=2, Lq=16, Lk=24, D=8, requires_grad=False)
     v = _identity_v(1, 2, 24)
     with torch.no_grad():
-        out = memattn.attention(q, k, v, dropout_p=p, generator=_gen(3))
+        out = memattn.attention(q, k, v, dropout_p=p, generator=seeded_generator(3))
         probs = attention_reference(q, k, v)
     keep = out != 0
     torch.testing.assert_close(out[keep].double(), probs[keep] / (1 - p), rtol=1e-5, atol=1e-7)
@@ -108,7 +100,9 @@ def test_kept_values_scaled():
 
 def test_lse_is_before_dropout():
     q, k, v = make_qkv(requires_grad=False)
-    _, lse_drop = memattn.attention(q, k, v, dropout_p=0.5, return_lse=True, generator=_gen(1))
+    _, lse_drop = memattn.attention(
+        q, k, v, dropout_p=0.5, return_lse=True, generator=seeded_generator(1)
+    )
     _, lse = memattn.attention(q, k, v, return_lse=True)
     assert torch.equal(lse_drop, lse)
 
@@ -133,27 +127,13 @@ def test_forward_and_backward_match_reference_with_recovered_mask(dtype, kwargs)
     keep = recover_keep_mask(q.detach().double(), k.detach().double(), p, seed, **kwargs)
     mask = torch.randn(1, Hq, Lq, Lk, dtype=torch.float64).to(dtype).requires_grad_()
 
-    out = memattn.attention(q, k, v, attn_mask=mask, dropout_p=p, generator=_gen(seed), **kwargs)
+    out = memattn.attention(
+        q, k, v, attn_mask=mask, dropout_p=p, generator=seeded_generator(seed), **kwargs
+    )
     grad_out = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v, mask), grad_out.to(dtype))
 
-    def reference(compute_dtype):
-        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v, mask)]
-        ref = attention_reference(
-            *leaves[:3],
-            attn_mask=leaves[3],
-            dropout_p=p,
-            dropout_mask=keep,
-            dtype=compute_dtype,
-            **kwargs,
-        )
-        return (ref, *torch.autograd.grad(ref, leaves, grad_out.to(compute_dtype)))
-
-    ref64 = reference(torch.float64)
-    low = reference(dtype) if dtype != torch.float64 else (None,) * 5
-    names = ("out", "grad_q", "grad_k", "grad_v", "grad_attn_mask")
-    for name, got, want, lo in zip(names, (out, *grads), ref64, low, strict=True):
-        assert_close_policy(name, got, want, lo, dtype)
+    assert_dropout_matches_reference(out, grads, (q, k, v, mask), grad_out, keep, p, dtype, kwargs)
 
 
 def test_gradcheck_with_dropout():
@@ -161,7 +141,7 @@ def test_gradcheck_with_dropout():
     q, k, v = make_qkv(B=1, Hq=2, Lq=5, Lk=6, D=4, Dv=3, dtype=torch.float64)
 
     def fn(q, k, v):
-        return memattn.attention(q, k, v, dropout_p=0.4, generator=_gen(99))
+        return memattn.attention(q, k, v, dropout_p=0.4, generator=seeded_generator(99))
 
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-5, rtol=1e-4)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import memattn
-from attn_testing import Inputs, check_against_reference, make_qkv
+from attn_testing import Inputs, assert_dead_rows, check_against_reference, make_qkv
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -219,18 +219,6 @@ def test_key_padding_mask_equals_float_mask():
 # ---- fully masked rows -----------------------------------------------------------------------
 
 
-def _assert_dead_rows(out, lse, grad_q, dead):
-    """dead: bool [B, Hq, Lq], True where the row has no key left."""
-    assert dead.any(), "the test must contain fully masked rows"
-    assert not torch.isnan(out).any()
-    assert not torch.isnan(lse).any()
-    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "dead rows: out must be exactly 0"
-    assert torch.all(lse[dead] == -math.inf), "dead rows: lse must be -inf"
-    assert torch.isfinite(lse[~dead]).all()
-    assert not torch.isnan(grad_q).any()
-    assert torch.equal(grad_q[dead], torch.zeros_like(grad_q[dead])), "dead rows: grad_q must be 0"
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_fully_masked_rows_bool_mask(dtype):
     q, k, v = make_qkv(B=2, Hq=2, Lq=9, Lk=11, D=16, dtype=dtype)
@@ -239,7 +227,7 @@ def test_fully_masked_rows_bool_mask(dtype):
     mask[0, :, 3, :] = False
     mask[1, 1, :2, :] = False
     out, lse, grads = check_against_reference(Inputs(q, k, v, mask))
-    _assert_dead_rows(out, lse, grads[0], ~mask.any(-1))
+    assert_dead_rows(out, lse, grads[0], ~mask.any(-1))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -252,7 +240,7 @@ def test_fully_masked_rows_float_mask_neg_inf(dtype):
     out, lse, grads = check_against_reference(Inputs(q, k, v, mask))
     dead = torch.zeros(1, 2, 8, dtype=torch.bool)
     dead[0, 0, 5] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
     assert torch.equal(grads[3][0, 0, 5], torch.zeros_like(grads[3][0, 0, 5]))
 
 
@@ -263,7 +251,7 @@ def test_fully_masked_batch_by_key_padding():
     out, lse, grads = check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm}))
     dead = torch.zeros(2, 2, 6, dtype=torch.bool)
     dead[1] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
     assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
     assert torch.equal(grads[2][1], torch.zeros_like(grads[2][1]))
 
@@ -276,7 +264,7 @@ def test_fully_masked_rows_causal_bottom_right(dtype):
     out, lse, grads = check_against_reference(Inputs(q, k, v, kwargs=kwargs))
     dead = torch.zeros(1, 2, 12, dtype=torch.bool)
     dead[..., :7] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
 
 
 def test_fully_masked_rows_from_mask_and_causal_combined():
@@ -287,7 +275,7 @@ def test_fully_masked_rows_from_mask_and_causal_combined():
     out, lse, grads = check_against_reference(Inputs(q, k, v, mask, kwargs={"is_causal": True}))
     dead = torch.zeros(1, 1, 6, dtype=torch.bool)
     dead[0, 0, 0] = True
-    _assert_dead_rows(out, lse, grads[0], dead)
+    assert_dead_rows(out, lse, grads[0], dead)
 
 
 def test_no_keys():
