@@ -54,19 +54,27 @@ bool uses_tensor_cores(DType dtype) { return dtype == DType::f16 || dtype == DTy
 // Head-dim bucket of the tensor-core kernels: the smallest of 64, 96, 128, 256 that holds D and Dv.
 int head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256; }
 
-// The Hopper kernels (sm90/) run the forward pass of fp16/bf16 calls on compute capability
-// 9.0 when they were built; MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends
-// those calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are
-// 64, 128 and 256 (96 runs in the 128 kernel: TMA reads the missing columns as zeros).
-bool use_sm90_forward(const ForwardArgs& a) {
+// Larger of the query/key and value head dims: what the head-dim buckets must hold.
+std::int64_t max_head_dim(const ForwardArgs& a) {
+  return a.q.sizes[3] > a.v.sizes[3] ? a.q.sizes[3] : a.v.sizes[3];
+}
+
+// The Hopper kernels (sm90/) run fp16/bf16 calls on compute capability 9.0 when they were
+// built: every forward, and the backward up to 128 head-dim columns (its dK/dV accumulators
+// would spill beyond); MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends those
+// calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are 64,
+// 128 and 256 (96 runs in the 128 kernels: TMA reads the missing columns as zeros).
+bool use_sm90(const ForwardArgs& a, bool backward) {
 #if MEMATTN_HAVE_SM90
   if (!uses_tensor_cores(a.q.dtype)) return false;
+  if (backward && max_head_dim(a) > 128) return false;
   const DeviceCaps caps = device_caps(a.q.device_index);
   if (caps.error != cudaSuccess || caps.major != 9 || caps.minor != 0) return false;
   const char* disabled = std::getenv("MEMATTN_DISABLE_SM90");
   return disabled == nullptr || disabled[0] == '\0' || std::strcmp(disabled, "0") == 0;
 #else
   (void)a;
+  (void)backward;
   return false;
 #endif
 }
@@ -187,8 +195,11 @@ class DeviceGuard {
 
 #if MEMATTN_HAVE_SM90
 template <class T>
-void run_sm90_forward(int bucket, const DeviceParams& p, cudaStream_t stream) {
-  switch (sm90_head_dim_bucket(bucket)) {
+void run_sm90(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
+  const int sm90_bucket = sm90_head_dim_bucket(bucket);
+  if (backward)  // use_sm90 sends only buckets 64 and 128 here
+    return sm90_bucket == 64 ? sm90_backward<T, 64>(p, stream) : sm90_backward<T, 128>(p, stream);
+  switch (sm90_bucket) {
     case 64:
       return sm90_forward<T, 64>(p, stream);
     case 128:
@@ -203,7 +214,7 @@ template <class T>
 void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream,
                      bool sm90) {
 #if MEMATTN_HAVE_SM90
-  if (sm90 && !backward) return run_sm90_forward<T>(bucket, p, stream);
+  if (sm90) return run_sm90<T>(backward, bucket, p, stream);
 #else
   (void)sm90;
 #endif
@@ -222,7 +233,7 @@ void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStrea
 void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const DeviceParams& p,
          cudaStream_t stream) {
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
-  const bool sm90 = !backward && use_sm90_forward(a);
+  const bool sm90 = use_sm90(a, backward);
   switch (a.q.dtype) {
     case DType::f16:
       return run_tensor_core<__half>(backward, bucket, p, stream, sm90);
@@ -274,8 +285,8 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
 
 std::string kernel_name(const ForwardArgs& a, bool backward) {
   if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + short_dtype(a.q.dtype);
-  const std::int64_t d = a.q.sizes[3] > a.v.sizes[3] ? a.q.sizes[3] : a.v.sizes[3];
-  if (!backward && use_sm90_forward(a))
+  const std::int64_t d = max_head_dim(a);
+  if (use_sm90(a, backward))
     return std::string("cuda/sm90/") + short_dtype(a.q.dtype) + "/d" +
            std::to_string(sm90_head_dim_bucket(d));
   return std::string("cuda/sm80/") + short_dtype(a.q.dtype) + "/d" +

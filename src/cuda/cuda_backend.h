@@ -13,7 +13,7 @@ namespace memattn::cuda {
 // Every reason this backend cannot run the call; empty when it can. Reads the device's compute
 // capability (cached) only when the tensors are on a CUDA device.
 std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const ProblemShape& shape);
-// "cuda/sm90/bf16/d128" (Hopper forward), "cuda/sm80/bf16/d128" (tensor cores) or
+// "cuda/sm90/bf16/d128" (Hopper kernels), "cuda/sm80/bf16/d128" (tensor cores) or
 // "cuda/simt/f32": the kernel of the forward pass, or of the backward pass if `backward`.
 std::string kernel_name(const ForwardArgs& args, bool backward);
 

@@ -976,19 +976,23 @@ def _sm90_built() -> bool:
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_hopper_runs_the_sm90_forward_and_the_sm80_backward(dtype, monkeypatch):
-    """On H100/H200 the forward pass takes the wgmma/TMA kernels, the backward the sm80 ones;
-    MEMATTN_DISABLE_SM90=1 sends the forward to sm80 too."""
+def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
+    """On H100/H200 the forward takes the wgmma/TMA kernels at every head dim, the backward up
+    to 128 columns (sm80 above); MEMATTN_DISABLE_SM90=1 sends both passes to sm80."""
     assert _sm90_built(), memattn.build_info()
-    q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
-    assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm90/"), memattn.explain(q, k, v)
-    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
+    for D, backward_kernel in ((64, "sm90"), (128, "sm90"), (96, "sm90"), (256, "sm80")):
+        q, k, v = qkv(B=1, Hq=2, Lq=100, D=D, dtype=dtype, requires_grad=False)
+        assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm90/"), D
+        plan = memattn.explain(q, k, v, backward=True)
+        assert plan["kernel"].startswith(f"cuda/{backward_kernel}/"), (D, plan)
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
     assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")
+    q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
+    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
 
 
 def _forward_cases(dtype):
-    """Inputs that exercise the forward's features: odd sizes, GQA, causal both ways, masks,
+    """Inputs that exercise the kernels' features: odd sizes, GQA, causal both ways, masks,
     key padding, fully masked rows, strided views (dropout: the dropout tests)."""
     q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=64, dtype=dtype)
     mask = rand_mask((1, 4, 130, 200), dtype)
@@ -1008,14 +1012,18 @@ def _forward_cases(dtype):
 
 @pytest.mark.parametrize("kernel", ["sm90", "sm80"])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_forward_kernels_on_every_feature(dtype, kernel, monkeypatch):
-    """Both tensor-core forward kernels (sm90 where the GPU is a Hopper) against the float64
-    reference on the same feature mix."""
+def test_tensor_core_kernels_on_every_feature(dtype, kernel, monkeypatch):
+    """Both families of tensor-core kernels (sm90 where the GPU is a Hopper), forward and
+    backward, against the float64 reference on the same feature mix."""
     if kernel == "sm90" and not _is_hopper():
         pytest.skip("the sm90 kernels run on compute capability 9.0")
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "0" if kernel == "sm90" else "1")
     for inputs in _forward_cases(dtype):
-        assert memattn.explain(inputs.q, inputs.k, inputs.v)["kernel"].startswith(f"cuda/{kernel}/")
+        q, k, v = inputs.q, inputs.k, inputs.v
+        assert memattn.explain(q, k, v)["kernel"].startswith(f"cuda/{kernel}/")
+        backward_kernel = "sm80" if max(q.shape[-1], v.shape[-1]) > 128 else kernel
+        plan = memattn.explain(q, k, v, backward=True)
+        assert plan["kernel"].startswith(f"cuda/{backward_kernel}/"), plan
         check_cuda(inputs)
 
 

@@ -103,6 +103,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// The backward's row shift: P = exp2(score - lse2) with lse2 = lse * log2(e); +inf marks a
+// fully masked row (lse = -inf), whose P is then 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
 // exp2(x - row_max) that is 0 for masked scores, also when the whole row is masked so far
 // (row_max = -inf): avoids inf - inf = NaN.
 __device__ __forceinline__ float exp2_shifted(float x, float row_max) {

@@ -17,14 +17,10 @@
 #include "cuda/common/semantics.cuh"
 #include "cuda/launch.h"
 #include "cuda/sm80/scores.cuh"
+#include "cuda/sm80/softmax.cuh"
 #include "cuda/sm80/warp_gemm.cuh"
 
 namespace memattn::cuda::sm80 {
-
-// P = exp2(score - lse2) with lse2 = lse * log2(e); +inf marks a fully masked row (P = 0).
-__device__ __forceinline__ float lse_log2(float lse) {
-  return lse == -INFINITY ? INFINITY : lse * kLog2e;
-}
 
 // ------------------------------------------------------------------------------------------
 // dQ (+ mask gradient)
@@ -92,10 +88,9 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
       float lse2[2], delta[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int i = i0 + warp_row0 + c_row(0, 2 * r, lane);
-        const bool in = i < p.Lq;
-        lse2[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l]) : INFINITY;
-        delta[r] = in ? p.delta[(bh * p.Lq) + i] : 0.f;
+        const RowStats stats = row_stats(p, b, h, i0 + warp_row0 + c_row(0, 2 * r, lane));
+        lse2[r] = stats.lse2;
+        delta[r] = stats.delta;
       }
 
       float acc_dq[1][kD][4];
@@ -130,42 +125,15 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         mask_scores<Rows::queries, kFeatures>(s, masks, i0 + warp_row0, j0, check, lane);
         if constexpr (kFeatures)
           if (p.dropout) apply_dropout<Rows::queries>(dp, p, bh, i0 + warp_row0, j0, lane);
-#pragma unroll
-        for (int n = 0; n < kN; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float prob = fast_exp2(s[0][n][e] * unit - lse2[e / 2]);
-            s[0][n][e] = prob * (dp[0][n][e] - delta[e / 2]);  // s now holds dS
-          }
-        if (kFeatures && p.grad_mask != nullptr) {
-#pragma unroll
-          for (int n = 0; n < kN; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = i0 + warp_row0 + c_row(0, e, lane), j = j0 + c_col(n, e, lane);
-              if (i < p.Lq && j < p.Lk)
-                p.grad_mask[b * p.grad_mask_st[0] + h * p.grad_mask_st[1] + i * p.grad_mask_st[2] +
-                            j * p.grad_mask_st[3]] += s[0][n][e];
-            }
-        }
+        score_grad_of_query_rows(s, dp, lse2, delta, unit);  // s now holds dS
+        if (kFeatures && p.grad_mask != nullptr) add_mask_grad(p, b, h, i0 + warp_row0, j0, s, lane);
         std::uint32_t dsf[1][kN / 2][4];
         c_to_a<T>(dsf, s);
         gemm_rs<1, kD, Tr::kBlockN>(acc_dq, dsf, k_stage(stage), 0, lane);
       }
 
-      T* dq = static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = i0 + warp_row0 + c_row(0, 2 * r, lane);
-        if (i >= p.Lq) continue;
-#pragma unroll
-        for (int d = 0; d < kD; ++d) {
-          const int col = c_col(d, 0, lane);
-          if (col < p.D)
-            *reinterpret_cast<std::uint32_t*>(dq + i * p.grad_q_st.l + col) =
-                pack2<T>(acc_dq[0][d][2 * r] * p.scale, acc_dq[0][d][2 * r + 1] * p.scale);
-        }
-      }
+      store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
+                    p.grad_q_st.l, i0 + warp_row0, p.Lq, 0, p.D, acc_dq, p.scale, lane);
       __syncthreads();  // the next (b, h) reloads Q and dO
     }
 }
@@ -211,7 +179,7 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
   auto do_stage = [&](int s) {
     return typename Smem::QTile(q_base + (2 + s) * Smem::QTile::kElems);
   };
-  float* row_stats = reinterpret_cast<float*>(smem_raw + Smem::kTileBytes);  // [stage][2][kBlockQ]
+  float* stats_smem = reinterpret_cast<float*>(smem_raw + Smem::kTileBytes);  // [stage][2][kBlockQ]
 
   const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
   const std::int64_t bhk = blockIdx.x / num_n_blocks;
@@ -240,13 +208,11 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     load_tile_async<Tr::kThreads>(q_stage(stage), q, p.q_st.l, p.Lq - i0, p.D);
     load_tile_async<Tr::kThreads>(do_stage(stage), dout, p.grad_out_st.l, p.Lq - i0, p.Dv);
     cp_async_commit();
-    float* stats = row_stats + stage * 2 * Tr::kBlockQ;
-    const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+    float* stats = stats_smem + stage * 2 * Tr::kBlockQ;
     for (int r = threadIdx.x; r < Tr::kBlockQ; r += Tr::kThreads) {
-      const int i = i0 + r;
-      const bool in = i < p.Lq;
-      stats[r] = in ? lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l]) : INFINITY;
-      stats[Tr::kBlockQ + r] = in ? p.delta[bh * p.Lq + i] : 0.f;
+      const RowStats row = row_stats(p, b, h, i0 + r);
+      stats[r] = row.lse2;
+      stats[Tr::kBlockQ + r] = row.delta;
     }
   };
 
@@ -267,7 +233,7 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     cp_async_wait<0>();
     __syncthreads();  // step it landed; every warp is done with the other stage
     if (it + 1 < steps) load_step(it + 1, stage ^ 1);
-    const float* lse2 = row_stats + stage * 2 * Tr::kBlockQ;
+    const float* lse2 = stats_smem + stage * 2 * Tr::kBlockQ;
     const float* delta = lse2 + Tr::kBlockQ;
 
     // P^T for this warp's 16 keys x kBlockQ queries.
@@ -314,23 +280,10 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     }
   }
 
-  T* dk = static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h;
-  T* dv = static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = j0 + key_row0 + c_row(0, 2 * r, lane);
-    if (j >= p.Lk) continue;
-#pragma unroll
-    for (int d = 0; d < kOut; ++d) {
-      const int col = col_base + c_col(d, 0, lane);
-      if (col < p.D)
-        *reinterpret_cast<std::uint32_t*>(dk + j * p.grad_k_st.l + col) =
-            pack2<T>(acc_dk[0][d][2 * r] * p.scale, acc_dk[0][d][2 * r + 1] * p.scale);
-      if (col < p.Dv)
-        *reinterpret_cast<std::uint32_t*>(dv + j * p.grad_v_st.l + col) =
-            pack2<T>(acc_dv[0][d][2 * r], acc_dv[0][d][2 * r + 1]);
-    }
-  }
+  store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
+                p.grad_k_st.l, j0 + key_row0, p.Lk, col_base, p.D, acc_dk, p.scale, lane);
+  store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h,
+                p.grad_v_st.l, j0 + key_row0, p.Lk, col_base, p.Dv, acc_dv, 1.f, lane);
 }
 
 template <class T, int kHeadDim, bool kFeatures>

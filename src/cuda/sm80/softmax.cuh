@@ -1,6 +1,6 @@
 // The forward kernels' online softmax over a warp's C tiles (rows g and g + 8 of each m-tile,
-// spread over the 4 threads of a quad) and their epilogue; the sm80 and sm90 forward kernels
-// share both, so the two produce the same numbers.
+// spread over the 4 threads of a quad) and the epilogues; the sm80 and sm90 kernels share
+// them, so the two produce the same numbers.
 #pragma once
 
 #include <cstdint>
@@ -85,6 +85,69 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
         p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l] =
             sum > 0.f ? (row_max[m][r] * unit + log2f(sum)) * kLn2 : -INFINITY;
     }
+}
+
+// What the backward needs of query row i of (b, h): lse2 (lse_log2; +inf past Lq, so P = 0
+// there) and delta (0 past Lq).
+struct RowStats {
+  float lse2, delta;
+};
+__device__ __forceinline__ RowStats row_stats(const DeviceParams& p, int b, int h, int i) {
+  if (i >= p.Lq) return {INFINITY, 0.f};
+  const std::int64_t bh = static_cast<std::int64_t>(b) * p.Hq + h;
+  return {lse_log2(p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l]),
+          p.delta[bh * p.Lq + i]};
+}
+
+// dS = P o (dP - delta) with P = exp2(s * unit - lse2) on a warp's tile of query rows (dQ
+// passes): s holds the masked scores (score_unit units) and becomes dS; dP has dropout applied;
+// lse2 and delta belong to the thread's rows c_row(0, 0) and c_row(0, 2).
+template <int kN>
+__device__ __forceinline__ void score_grad_of_query_rows(float (&s)[1][kN][4],
+                                                         const float (&dp)[1][kN][4],
+                                                         const float (&lse2)[2],
+                                                         const float (&delta)[2], float unit) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[0][n][e] = fast_exp2(s[0][n][e] * unit - lse2[e / 2]) * (dp[0][n][e] - delta[e / 2]);
+}
+
+// Adds a warp's dS tile (query rows from row0, key columns from col0) to the mask gradient of
+// (b, h). The dQ grids give every element a single writing thread (params.h), so += is safe.
+template <int kN>
+__device__ __forceinline__ void add_mask_grad(const DeviceParams& p, int b, int h, int row0,
+                                              int col0, const float (&ds)[1][kN][4], int lane) {
+  float* grad = p.grad_mask + b * p.grad_mask_st[0] + h * p.grad_mask_st[1];
+#pragma unroll
+  for (int n = 0; n < kN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = row0 + c_row(0, e, lane), j = col0 + c_col(n, e, lane);
+      if (i < p.Lq && j < p.Lk) grad[i * p.grad_mask_st[2] + j * p.grad_mask_st[3]] += ds[0][n][e];
+    }
+}
+
+// Writes a warp's 16-row accumulator tile times `mul` as T: element (r, c) to
+// dst[(row0 + r) * row_stride + col0 + c], skipping rows >= row_end and columns >= col_end
+// (col0 + c is compared). The backward kernels' dQ, dK and dV epilogues.
+template <class T, int kD>
+__device__ __forceinline__ void store_rows(T* dst, std::int64_t row_stride, int row0, int row_end,
+                                           int col0, int col_end, const float (&acc)[1][kD][4],
+                                           float mul, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row0 + c_row(0, 2 * r, lane);
+    if (i >= row_end) continue;
+#pragma unroll
+    for (int d = 0; d < kD; ++d) {
+      const int col = col0 + c_col(d, 0, lane);
+      if (col < col_end)
+        *reinterpret_cast<std::uint32_t*>(dst + i * row_stride + col) =
+            pack2<T>(acc[0][d][2 * r] * mul, acc[0][d][2 * r + 1] * mul);
+    }
+  }
 }
 
 }  // namespace memattn::cuda::sm80

@@ -25,7 +25,7 @@
 #include "cuda/sm80/warp_gemm.cuh"
 #include "cuda/sm90/hopper.cuh"
 #include "cuda/sm90/tensor_map.h"
-#include "cuda/sm90/wgmma_ops.cuh"
+#include "cuda/sm90/tiles.cuh"
 
 namespace memattn::cuda::sm90 {
 
@@ -78,21 +78,6 @@ struct ForwardSmem {
   }
 };
 
-// One TMA copy per 64-column chunk of a tile of `rows` rows starting at row `row`.
-template <int kChunks, int kRows>
-__device__ __forceinline__ void load_tile(std::uint32_t dst, const CUtensorMap& map,
-                                          std::uint32_t bar, int row, int head, int batch) {
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c)
-    tma_load_4d(dst + c * kRows * kRowBytes, map, bar, c * kChunkCols, row, head, batch);
-}
-
-// A consumer warp is done reading a stage (its wgmma waited): one arrival per warp.
-__device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(empty_bar);
-}
-
 // The two products of a consumer warpgroup `wg`, issued asynchronously (wgmma_commit'ed;
 // the caller waits).
 template <class T, int kHeadDim>
@@ -102,31 +87,16 @@ struct GemmIssue {
   ForwardSmem<kHeadDim> sm;
   int wg;
 
-  // S = Q K^T over stage s: k-step kk covers columns [16 kk, 16 kk + 16) of Q and K, in
-  // chunk kk / 4 at byte 32 (kk % 4) of each 128-byte row.
+  // S = Q K^T over stage s.
   __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int s) const {
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const std::uint32_t col_bytes = (kk % 4) * 32;
-      const std::uint64_t a = smem_desc(
-          sm.q() + (kk / 4) * Tr::kBlockM * kRowBytes + wg * 64 * kRowBytes + col_bytes, 16, 1024);
-      const std::uint64_t bk =
-          smem_desc(sm.k(s) + (kk / 4) * Tr::kBlockN * kRowBytes + col_bytes, 16, 1024);
-      Wgmma<T, Tr::kBlockN>::ss(sc[0], a, bk, kk > 0);
-    }
+    gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kBlockM>(sc[0], sm.q(), 64 * wg, sm.k(s), false);
     wgmma_commit();
   }
 
-  // O += P V over stage s: k-step kk covers keys [16 kk, 16 kk + 16), two groups of 8 rows
-  // (2048 bytes); V is read transposed (N-major), its 64-column chunks kBlockN rows apart.
+  // O += P V over stage s.
   __device__ __forceinline__ void values(float (&acc_o)[1][kD][4],
                                          const std::uint32_t (&pf)[1][kN / 2][4], int s) const {
-#pragma unroll
-    for (int kk = 0; kk < kN / 2; ++kk) {
-      const std::uint64_t bv =
-          smem_desc(sm.v(s) + kk * 16 * kRowBytes, Tr::kBlockN * kRowBytes, 1024);
-      Wgmma<T, kHeadDim>::rs(acc_o[0], pf[0][kk], bv, 1);
-    }
+    gemm_rs<T, kHeadDim, Tr::kBlockN>(acc_o[0], pf, sm.v(s));
     wgmma_commit();
   }
 };

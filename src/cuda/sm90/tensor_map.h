@@ -7,9 +7,12 @@
 
 namespace memattn::cuda::sm90 {
 
-// The three tensor maps of a forward call, passed to the kernel by value.
+// The tensor maps of a forward call and of a backward pass, passed to the kernels by value.
 struct ForwardMaps {
   CUtensorMap q, k, v;
+};
+struct BackwardMaps {
+  CUtensorMap q, k, v, grad_out;
 };
 
 // A tensor map over a [B, H, L, D] tensor of 16-bit elements (fp16 or bf16; `bf16` picks which)

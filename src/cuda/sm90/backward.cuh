@@ -1,0 +1,443 @@
+// Hopper (sm_90a) backward: the two atomic-free passes of sm80/backward.cuh (same results run
+// to run, no fp32 dQ scratch), with every product on wgmma from TMA-loaded shared memory and a
+// producer warpgroup feeding two consumer warpgroups through mbarrier rings:
+//   dK/dV kernel: one CTA per 128 keys of one (b, k/v head); consumer warpgroup g owns keys
+//     [64 g, 64 g + 64). K and V are loaded once; (Q, dO) blocks of kBlockQ queries stream in
+//     for every query head of the GQA group and every query block that sees the keys, with the
+//     blocks' lse2/delta rows written to shared memory by a second producer warp. Per block:
+//     S^T = K Q^T and dP^T = V dO^T (wgmma SS), P^T and dS^T in registers, then
+//     dV += (P o Z)^T dO and dK += dS^T Q (wgmma RS: P and dS straight from registers).
+//   dQ kernel: one CTA per 128 queries of one (b, h), or of every (b, h) that a broadcast mask's
+//     gradient sums (the CTA walks them, as in sm80); Q and dO are loaded once per (b, h), K/V
+//     blocks stream in. S = Q K^T and dP = dO V^T (SS), dS, dQ += dS K (RS); also writes the
+//     mask gradient.
+// Head-dim buckets 64 and 128: at 256 columns the dK and dV accumulators of 64 keys would not
+// fit a warpgroup's registers (the planner keeps the sm80 backward there).
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common/launch_smem.cuh"
+#include "cuda/common/params.h"
+#include "cuda/common/semantics.cuh"
+#include "cuda/launch.h"
+#include "cuda/sm80/scores.cuh"
+#include "cuda/sm80/softmax.cuh"
+#include "cuda/sm80/warp_gemm.cuh"
+#include "cuda/sm90/hopper.cuh"
+#include "cuda/sm90/tensor_map.h"
+#include "cuda/sm90/tiles.cuh"
+
+namespace memattn::cuda::sm90 {
+
+// Shapes shared by both passes: a producer warpgroup and two consumer warpgroups of 64 rows.
+struct BackwardShape {
+  static constexpr int kConsumers = 2;
+  static constexpr int kRows = 64 * kConsumers;  // keys (dK/dV) or queries (dQ) per CTA
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kProducerRegs = 32, kConsumerRegs = 240;
+  static constexpr int kConsumerWarps = 4 * kConsumers;  // arrivals on an "empty" barrier
+};
+
+template <class Tr>
+__device__ __forceinline__ int stage_of(int it) {
+  return it % Tr::kStages;
+}
+template <class Tr>
+__device__ __forceinline__ std::uint32_t parity_of(int it) {
+  return static_cast<std::uint32_t>((it / Tr::kStages) & 1);
+}
+
+// ------------------------------------------------------------------------------------------
+// dK, dV
+
+// Queries per pipeline step: 128 only where S^T, dP^T, both accumulators and both operand
+// copies fit in registers (D = 64 without the mask/dropout code; that spilled 656 bytes).
+template <int kHeadDim, bool kFeatures>
+struct DkvTraits : BackwardShape {
+  static constexpr int kBlockQ = kHeadDim <= 64 && !kFeatures ? 128 : 64;
+  static constexpr int kChunks = kHeadDim / kChunkCols;
+  static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
+  static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
+  // Layout: K | V | Q[kStages] | dO[kStages] | stats[kStages][lse2, delta][kBlockQ] | mbarriers.
+  static constexpr std::uint32_t kStatsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
+  static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  // A step is full when the TMA bytes landed and the stats warp's 32 lanes arrived.
+  static constexpr int kStepArrivals = 1 + 32;
+};
+
+template <int kHeadDim, bool kFeatures>
+struct DkvSmem {
+  using Tr = DkvTraits<kHeadDim, kFeatures>;
+  unsigned char* raw;  // 1024-byte aligned
+  __device__ __forceinline__ std::uint32_t base() const { return smem_u32(raw); }
+  __device__ __forceinline__ std::uint32_t k() const { return base(); }
+  __device__ __forceinline__ std::uint32_t v() const { return base() + Tr::kKVBytes; }
+  __device__ __forceinline__ std::uint32_t q(int s) const {
+    return base() + 2 * Tr::kKVBytes + s * Tr::kQBytes;
+  }
+  __device__ __forceinline__ std::uint32_t grad_out(int s) const {
+    return base() + 2 * Tr::kKVBytes + (Tr::kStages + s) * Tr::kQBytes;
+  }
+  __device__ __forceinline__ float* lse2(int s) const {
+    return reinterpret_cast<float*>(raw + Tr::kStatsOffset) + s * 2 * Tr::kBlockQ;
+  }
+  __device__ __forceinline__ float* delta(int s) const { return lse2(s) + Tr::kBlockQ; }
+  __device__ __forceinline__ std::uint32_t bar(int i) const {
+    return base() + Tr::kBarrierOffset + 8 * i;
+  }
+  __device__ __forceinline__ std::uint32_t kv_full() const { return bar(0); }
+  __device__ __forceinline__ std::uint32_t step_full(int s) const { return bar(1 + s); }
+  __device__ __forceinline__ std::uint32_t step_empty(int s) const {
+    return bar(1 + Tr::kStages + s);
+  }
+};
+
+// Step `it` of a dK/dV CTA: query head h (of the k/v head's group), query block i0.
+struct DkvStep {
+  int h, i0;
+  __device__ __forceinline__ static DkvStep at(const DeviceParams& p, int hk, int it,
+                                               int q_block_begin, int q_blocks, int block_q) {
+    return {hk * p.group + it / q_blocks, (q_block_begin + it % q_blocks) * block_q};
+  }
+};
+
+template <class T, int kHeadDim, bool kFeatures>
+__global__ void __launch_bounds__(BackwardShape::kThreads, 1)
+    backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
+                         const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
+  using Tr = DkvTraits<kHeadDim, kFeatures>;
+  constexpr int kQ = Tr::kBlockQ / 8, kD = kHeadDim / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const DkvSmem<kHeadDim, kFeatures> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
+
+  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  const std::int64_t bhk = blockIdx.x / num_n_blocks;
+  const int b = static_cast<int>(bhk / p.Hk), hk = static_cast<int>(bhk % p.Hk);
+  const int j0 = n_block * Tr::kRows;
+  // Queries that can see a key of this block: i >= j0 - causal_offset.
+  const int q_block_begin = causal_query_begin(p, j0) / Tr::kBlockQ;
+  const int q_blocks = (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ - q_block_begin;
+  const int steps = q_blocks * p.group;  // (query head, query block) pairs, head-major
+  const auto step_at = [&](int it) {
+    return DkvStep::at(p, hk, it, q_block_begin, q_blocks, Tr::kBlockQ);
+  };
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(sm.step_full(s), Tr::kStepArrivals);
+      mbar_init(sm.step_empty(s), Tr::kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
+  if (warp_group == 0) {  // producer: warp 0 issues the copies, warp 1 writes the row stats
+    warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    const int warp = threadIdx.x / 32;
+    if (warp == 0 && lane == 0) {
+      prefetch_tensor_map(maps.q);
+      prefetch_tensor_map(maps.grad_out);
+      mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
+      for (int it = 0; it < steps; ++it) {
+        const int s = stage_of<Tr>(it);
+        const DkvStep step = step_at(it);
+        mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+        mbar_arrive_expect_tx(sm.step_full(s), 2 * Tr::kQBytes);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), step.i0, step.h, b);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s),
+                                            step.i0, step.h, b);
+      }
+    } else if (warp == 1) {
+      for (int it = 0; it < steps; ++it) {
+        const int s = stage_of<Tr>(it);
+        const DkvStep step = step_at(it);
+        mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+        for (int r = lane; r < Tr::kBlockQ; r += 32) {
+          const sm80::RowStats row = sm80::row_stats(p, b, step.h, step.i0 + r);
+          sm.lse2(s)[r] = row.lse2;
+          sm.delta(s)[r] = row.delta;
+        }
+        mbar_arrive(sm.step_full(s));  // releases this lane's stores to the consumers
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns keys [j0 + 64 wg, +64), warp w of it +16 w.
+  warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
+  const int key_row0 = j0 + 64 * wg + 16 * warp;
+  const float unit = sm80::score_unit<kFeatures>(p);
+  float acc_dk[1][kD][4], acc_dv[1][kD][4];
+  sm80::zero(acc_dk);
+  sm80::zero(acc_dv);
+  mbar_wait(sm.kv_full(), 0);
+  for (int it = 0; it < steps; ++it) {
+    const int s = stage_of<Tr>(it);
+    const DkvStep step = step_at(it);
+    const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + step.h;
+    mbar_wait(sm.step_full(s), parity_of<Tr>(it));
+
+    float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
+    wgmma_fence();
+    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
+    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st[0]);
+    fence_operands(dpt[0]);
+
+    const bool check = sm80::block_needs_check(p, step.i0, Tr::kBlockQ, j0, Tr::kRows);
+    sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, step.h}, key_row0,
+                                                   step.i0, check, lane);
+    // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
+    const float* lse2 = sm.lse2(s);
+    const float* delta = sm.delta(s);
+#pragma unroll
+    for (int n = 0; n < kQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = sm80::c_col(n, e, lane);
+        const float prob = fast_exp2(st[0][n][e] * unit - lse2[col]);
+        float keep = 1.f;
+        if constexpr (kFeatures)
+          if (p.dropout)
+            keep = dropout_keeps(p, bh, step.i0 + col, key_row0 + sm80::c_row(0, e, lane))
+                       ? p.dropout_keep_scale
+                       : 0.f;
+        dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
+        st[0][n][e] = prob * keep;
+      }
+    std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
+    sm80::c_to_a<T>(dsf, dpt);
+    sm80::c_to_a<T>(pf, st);
+
+    wgmma_fence();
+    gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
+    gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_dv[0]);
+    fence_operands(acc_dk[0]);
+    release(sm.step_empty(s), lane);
+  }
+
+  sm80::store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
+                      p.grad_k_st.l, key_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
+  sm80::store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h,
+                      p.grad_v_st.l, key_row0, p.Lk, 0, p.Dv, acc_dv, 1.f, lane);
+}
+
+// ------------------------------------------------------------------------------------------
+// dQ (+ mask gradient)
+
+template <int kHeadDim>
+struct DqTraits : BackwardShape {
+  // Keys per step: at D = 128 the S, dP and dQ tiles of 128 keys would not fit in registers.
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : 64;
+  static constexpr int kChunks = kHeadDim / kChunkCols;
+  static constexpr std::uint32_t kQBytes = kRows * kHeadDim * 2;
+  static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
+  // Layout: Q | dO | K[kStages] | V[kStages] | mbarriers.
+  static constexpr std::uint32_t kBarrierOffset = 2 * kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kBarriers = 2 + 2 * kStages;  // Q/dO full, empty; K/V full, empty
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;
+};
+
+template <int kHeadDim>
+struct DqSmem {
+  using Tr = DqTraits<kHeadDim>;
+  std::uint32_t base;  // 1024-byte aligned
+  __device__ __forceinline__ std::uint32_t q() const { return base; }
+  __device__ __forceinline__ std::uint32_t grad_out() const { return base + Tr::kQBytes; }
+  __device__ __forceinline__ std::uint32_t k(int s) const {
+    return base + 2 * Tr::kQBytes + s * Tr::kKVBytes;
+  }
+  __device__ __forceinline__ std::uint32_t v(int s) const {
+    return base + 2 * Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
+  }
+  __device__ __forceinline__ std::uint32_t bar(int i) const {
+    return base + Tr::kBarrierOffset + 8 * i;
+  }
+  __device__ __forceinline__ std::uint32_t q_full() const { return bar(0); }
+  __device__ __forceinline__ std::uint32_t q_empty() const { return bar(1); }
+  __device__ __forceinline__ std::uint32_t kv_full(int s) const { return bar(2 + s); }
+  __device__ __forceinline__ std::uint32_t kv_empty(int s) const {
+    return bar(2 + Tr::kStages + s);
+  }
+};
+
+// The (b, h) pairs of a dQ CTA: one, or every pair whose mask gradient lands on the same
+// broadcast element (params.h: grad_mask_b_outer / grad_mask_h_outer).
+struct DqRows {
+  int b_outer, h_outer, b_count, h_count;
+  __device__ __forceinline__ DqRows(const DeviceParams& p, std::int64_t outer)
+      : b_outer(static_cast<int>(outer / p.grad_mask_h_outer)),
+        h_outer(static_cast<int>(outer % p.grad_mask_h_outer)),
+        b_count(p.B / p.grad_mask_b_outer),
+        h_count(p.Hq / p.grad_mask_h_outer) {}
+  __device__ __forceinline__ int pairs() const { return b_count * h_count; }
+  __device__ __forceinline__ int b(const DeviceParams& p, int pair) const {
+    return p.grad_mask_b_outer == 1 ? pair / h_count : b_outer;
+  }
+  __device__ __forceinline__ int h(const DeviceParams& p, int pair) const {
+    return p.grad_mask_h_outer == 1 ? pair % h_count : h_outer;
+  }
+};
+
+template <class T, int kHeadDim, bool kFeatures>
+__global__ void __launch_bounds__(BackwardShape::kThreads, 1)
+    backward_dq_kernel(const __grid_constant__ DeviceParams p,
+                       const __grid_constant__ BackwardMaps maps, int num_m_blocks) {
+  using Tr = DqTraits<kHeadDim>;
+  constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const DqSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+
+  // Heavy (late, for causal) query blocks first.
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  const DqRows rows(p, blockIdx.x / num_m_blocks);
+  const int i0 = m_block * Tr::kRows;
+  const int num_n_blocks = (causal_key_end(p, i0 + Tr::kRows - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), Tr::kConsumerWarps);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(sm.kv_full(s), 1);
+      mbar_init(sm.kv_empty(s), Tr::kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
+  if (warp_group == 0) {  // producer: one thread issues every copy
+    warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    prefetch_tensor_map(maps.k);
+    prefetch_tensor_map(maps.v);
+    int it = 0;  // K/V blocks loaded so far; the ring continues across (b, h) pairs
+    for (int pair = 0; pair < rows.pairs(); ++pair) {
+      const int b = rows.b(p, pair), h = rows.h(p, pair), hk = h / p.group;
+      mbar_wait(sm.q_empty(), (pair & 1) ^ 1);
+      mbar_arrive_expect_tx(sm.q_full(), 2 * Tr::kQBytes);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.q(), maps.q, sm.q_full(), i0, h, b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.grad_out(), maps.grad_out, sm.q_full(), i0, h, b);
+      for (int nb = 0; nb < num_n_blocks; ++nb, ++it) {
+        const int s = stage_of<Tr>(it);
+        mbar_wait(sm.kv_empty(s), parity_of<Tr>(it) ^ 1);
+        mbar_arrive_expect_tx(sm.kv_full(s), 2 * Tr::kKVBytes);
+        load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.kv_full(s), nb * Tr::kBlockN, hk,
+                                            b);
+        load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.kv_full(s), nb * Tr::kBlockN, hk,
+                                            b);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns queries [i0 + 64 wg, +64), warp w of it +16 w.
+  warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
+  const int warp_row0 = i0 + 64 * wg + 16 * warp;
+  const float unit = sm80::score_unit<kFeatures>(p);
+  int it = 0;
+  for (int pair = 0; pair < rows.pairs(); ++pair) {
+    const int b = rows.b(p, pair), h = rows.h(p, pair);
+    const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const sm80::RowStats stats = sm80::row_stats(p, b, h, warp_row0 + sm80::c_row(0, 2 * r, lane));
+      lse2[r] = stats.lse2;
+      delta[r] = stats.delta;
+    }
+    const ElementMasks<T> masks{p, b, h};
+    float acc_dq[1][kD][4];
+    sm80::zero(acc_dq);
+    mbar_wait(sm.q_full(), pair & 1);
+    for (int nb = 0; nb < num_n_blocks; ++nb, ++it) {
+      const int s = stage_of<Tr>(it), j0 = nb * Tr::kBlockN;
+      mbar_wait(sm.kv_full(s), parity_of<Tr>(it));
+      float sc[1][kN][4], dp[1][kN][4];
+      wgmma_fence();
+      gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kRows>(sc[0], sm.q(), 64 * wg, sm.k(s), false);
+      gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kRows>(dp[0], sm.grad_out(), 64 * wg, sm.v(s), false);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(sc[0]);
+      fence_operands(dp[0]);
+
+      const bool check = sm80::block_needs_check(p, i0, Tr::kRows, j0, Tr::kBlockN);
+      sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      if constexpr (kFeatures)
+        if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(dp, p, bh, warp_row0, j0, lane);
+      sm80::score_grad_of_query_rows(sc, dp, lse2, delta, unit);  // sc now holds dS
+      if constexpr (kFeatures)
+        if (p.grad_mask != nullptr) sm80::add_mask_grad(p, b, h, warp_row0, j0, sc, lane);
+      std::uint32_t dsf[1][kN / 2][4];
+      sm80::c_to_a<T>(dsf, sc);
+
+      wgmma_fence();
+      gemm_rs<T, kHeadDim, Tr::kBlockN>(acc_dq[0], dsf, sm.k(s));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_dq[0]);
+      release(sm.kv_empty(s), lane);
+    }
+    release(sm.q_empty(), lane);
+    sm80::store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
+                        p.grad_q_st.l, warp_row0, p.Lq, 0, p.D, acc_dq, p.scale, lane);
+  }
+}
+
+template <class T, int kHeadDim, bool kFeatures>
+void launch_backward(const DeviceParams& p, cudaStream_t stream) {
+  using Kv = DkvTraits<kHeadDim, kFeatures>;
+  using Dq = DqTraits<kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // Box rows differ between the passes (the dK/dV kernel streams Q/dO in kBlockQ-row blocks and
+  // holds 128 keys; the dQ kernel the reverse), so each pass gets its own maps.
+  const auto maps = [&](int q_rows, int kv_rows) {
+    return BackwardMaps{
+        make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, q_rows),
+        make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, kv_rows),
+        make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, kv_rows),
+        make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows)};
+  };
+  const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
+  launch_with_smem(&backward_dkdv_kernel<T, kHeadDim, kFeatures>,
+                   "memattn sm90 backward dK/dV kernel",
+                   static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads,
+                   Kv::kSmemBytes, stream, p, maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+  const int num_m_blocks = (p.Lq + Dq::kRows - 1) / Dq::kRows;
+  launch_with_smem(
+      &backward_dq_kernel<T, kHeadDim, kFeatures>, "memattn sm90 backward dQ kernel",
+      static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer * p.grad_mask_h_outer,
+      Dq::kThreads, Dq::kSmemBytes, stream, p, maps(Dq::kRows, Dq::kBlockN), num_m_blocks);
+}
+
+}  // namespace memattn::cuda::sm90
+
+namespace memattn::cuda {
+template <class T, int kHeadDim>
+void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
+  launch_backward_delta<T>(p, stream);
+  if (has_features(p))
+    sm90::launch_backward<T, kHeadDim, true>(p, stream);
+  else
+    sm90::launch_backward<T, kHeadDim, false>(p, stream);
+}
+}  // namespace memattn::cuda

@@ -1,0 +1,60 @@
+// Tile copies and warpgroup products on the sm90 kernels' 128-byte-swizzled shared-memory tiles
+// (layout: top of hopper.cuh), shared by the forward and backward kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/sm90/hopper.cuh"
+#include "cuda/sm90/wgmma_ops.cuh"
+
+namespace memattn::cuda::sm90 {
+
+// One TMA copy per 64-column chunk of a tile of kRows rows starting at row `row` of (head,
+// batch); completion is counted in bytes on `bar`.
+template <int kChunks, int kRows>
+__device__ __forceinline__ void load_tile(std::uint32_t dst, const CUtensorMap& map,
+                                          std::uint32_t bar, int row, int head, int batch) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c)
+    tma_load_4d(dst + c * kRows * kRowBytes, map, bar, c * kChunkCols, row, head, batch);
+}
+
+// A consumer warp is done reading a buffer (its wgmma waited): one arrival per warp.
+__device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty_bar);
+}
+
+// acc (=|+=) A B^T for one warpgroup, issued asynchronously (the caller commits and waits).
+// A: rows [a_row0, a_row0 + 64) of a tile of kARows rows, B: a tile of kN rows, both K-major
+// (rows along M/N, the kCols contracted columns contiguous). Step kk covers columns
+// [16 kk, 16 kk + 16): chunk kk / 4, byte 32 (kk % 4) of each 128-byte row.
+template <class T, int kN, int kCols, int kARows>
+__device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a_tile, int a_row0,
+                                        std::uint32_t b_tile, bool accumulate) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    const std::uint32_t col_bytes = (kk % 4) * 32;
+    const std::uint64_t a =
+        smem_desc(a_tile + (kk / 4) * kARows * kRowBytes + a_row0 * kRowBytes + col_bytes, 16, 1024);
+    const std::uint64_t b = smem_desc(b_tile + (kk / 4) * kN * kRowBytes + col_bytes, 16, 1024);
+    Wgmma<T, kN>::ss(acc, a, b, accumulate || kk > 0);
+  }
+}
+
+// acc += A B for one warpgroup, issued asynchronously. A (64 x kK): mma.sync A fragments in
+// registers (sm80::c_to_a of a C tile), B (kK x kN): a tile of kK rows of kN columns, read
+// N-major; step kk covers rows [16 kk, 16 kk + 16), two groups of 8 rows (2048 bytes), and the
+// 64-column chunks lie kK rows apart.
+template <class T, int kN, int kK>
+__device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4],
+                                        const std::uint32_t (&a)[1][kK / 16][4],
+                                        std::uint32_t b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const std::uint64_t b = smem_desc(b_tile + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
+    Wgmma<T, kN>::rs(acc, a[0][kk], b, 1);
+  }
+}
+
+}  // namespace memattn::cuda::sm90
