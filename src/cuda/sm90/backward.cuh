@@ -39,7 +39,11 @@ struct BackwardShape {
   static constexpr int kRows = 64 * kConsumers;  // keys (dK/dV) or queries (dQ) per CTA
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
-  static constexpr int kProducerRegs = 32, kConsumerRegs = 240;
+  // setmaxnreg only moves registers within the CTA's launch allocation, 168 per thread for
+  // 384 threads (ptxas's share): 128 * 40 + 256 * 232 = 168 * 384. (An earlier 32 / 240 split
+  // asked for more than that: the consumers' setmaxnreg.inc waited forever.) The producer's
+  // copy and row-stats loops need more than the forward's 24.
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static constexpr int kConsumerWarps = 4 * kConsumers;  // arrivals on an "empty" barrier
 };
 
@@ -55,11 +59,12 @@ __device__ __forceinline__ std::uint32_t parity_of(int it) {
 // ------------------------------------------------------------------------------------------
 // dK, dV
 
-// Queries per pipeline step: 128 only where S^T, dP^T, both accumulators and both operand
-// copies fit in registers (D = 64 without the mask/dropout code; that spilled 656 bytes).
+// Queries per pipeline step: as many as S^T, dP^T, both accumulators and both operand copies
+// leave registers for next to the mask/dropout code (at 232 registers: the general kernels
+// spilled 656 bytes at D = 64 with 128 queries, 752 bytes at D = 128 with 64).
 template <int kHeadDim, bool kFeatures>
 struct DkvTraits : BackwardShape {
-  static constexpr int kBlockQ = kHeadDim <= 64 && !kFeatures ? 128 : 64;
+  static constexpr int kBlockQ = (kHeadDim <= 64 ? 128 : 64) / (kFeatures ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
@@ -99,15 +104,6 @@ struct DkvSmem {
   }
 };
 
-// Step `it` of a dK/dV CTA: query head h (of the k/v head's group), query block i0.
-struct DkvStep {
-  int h, i0;
-  __device__ __forceinline__ static DkvStep at(const DeviceParams& p, int hk, int it,
-                                               int q_block_begin, int q_blocks, int block_q) {
-    return {hk * p.group + it / q_blocks, (q_block_begin + it % q_blocks) * block_q};
-  }
-};
-
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
@@ -121,13 +117,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const std::int64_t bhk = blockIdx.x / num_n_blocks;
   const int b = static_cast<int>(bhk / p.Hk), hk = static_cast<int>(bhk % p.Hk);
   const int j0 = n_block * Tr::kRows;
-  // Queries that can see a key of this block: i >= j0 - causal_offset.
-  const int q_block_begin = causal_query_begin(p, j0) / Tr::kBlockQ;
-  const int q_blocks = (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ - q_block_begin;
-  const int steps = q_blocks * p.group;  // (query head, query block) pairs, head-major
-  const auto step_at = [&](int it) {
-    return DkvStep::at(p, hk, it, q_block_begin, q_blocks, Tr::kBlockQ);
-  };
+  // Steps: the group's query heads h_begin.. h_end, and for each the query blocks from
+  // i_begin, the first that can see a key of this block (i >= j0 - causal_offset). Every
+  // role walks them in the same order, counting steps in `it` (ring stage and phase).
+  const int h_begin = hk * p.group, h_end = h_begin + p.group;
+  const int i_begin = causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -149,27 +143,29 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
-      for (int it = 0; it < steps; ++it) {
-        const int s = stage_of<Tr>(it);
-        const DkvStep step = step_at(it);
-        mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
-        mbar_arrive_expect_tx(sm.step_full(s), 2 * Tr::kQBytes);
-        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), step.i0, step.h, b);
-        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s),
-                                            step.i0, step.h, b);
-      }
-    } else if (warp == 1) {
-      for (int it = 0; it < steps; ++it) {
-        const int s = stage_of<Tr>(it);
-        const DkvStep step = step_at(it);
-        mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
-        for (int r = lane; r < Tr::kBlockQ; r += 32) {
-          const sm80::RowStats row = sm80::row_stats(p, b, step.h, step.i0 + r);
-          sm.lse2(s)[r] = row.lse2;
-          sm.delta(s)[r] = row.delta;
+      int it = 0;
+      for (int h = h_begin; h < h_end; ++h)
+        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+          const int s = stage_of<Tr>(it);
+          mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+          mbar_arrive_expect_tx(sm.step_full(s), 2 * Tr::kQBytes);
+          load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), i0, h, b);
+          load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
+                                              b);
         }
-        mbar_arrive(sm.step_full(s));  // releases this lane's stores to the consumers
-      }
+    } else if (warp == 1) {
+      int it = 0;
+      for (int h = h_begin; h < h_end; ++h)
+        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+          const int s = stage_of<Tr>(it);
+          mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+          for (int r = lane; r < Tr::kBlockQ; r += 32) {
+            const sm80::RowStats row = sm80::row_stats(p, b, h, i0 + r);
+            sm.lse2(s)[r] = row.lse2;
+            sm.delta(s)[r] = row.delta;
+          }
+          mbar_arrive(sm.step_full(s));  // releases this lane's stores to the consumers
+        }
     }
     return;
   }
@@ -183,55 +179,56 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
   mbar_wait(sm.kv_full(), 0);
-  for (int it = 0; it < steps; ++it) {
-    const int s = stage_of<Tr>(it);
-    const DkvStep step = step_at(it);
-    const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + step.h;
-    mbar_wait(sm.step_full(s), parity_of<Tr>(it));
+  int it = 0;
+  for (int h = h_begin; h < h_end; ++h)
+    for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+      const int s = stage_of<Tr>(it);
+      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
-    float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
-    wgmma_fence();
-    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
-    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(st[0]);
-    fence_operands(dpt[0]);
+      float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
+      wgmma_fence();
+      gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
+      gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(st[0]);
+      fence_operands(dpt[0]);
 
-    const bool check = sm80::block_needs_check(p, step.i0, Tr::kBlockQ, j0, Tr::kRows);
-    sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, step.h}, key_row0,
-                                                   step.i0, check, lane);
-    // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
-    const float* lse2 = sm.lse2(s);
-    const float* delta = sm.delta(s);
+      const bool check = sm80::block_needs_check(p, i0, Tr::kBlockQ, j0, Tr::kRows);
+      sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h}, key_row0, i0,
+                                                     check, lane);
+      // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
+      const float* lse2 = sm.lse2(s);
+      const float* delta = sm.delta(s);
 #pragma unroll
-    for (int n = 0; n < kQ; ++n)
+      for (int n = 0; n < kQ; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = sm80::c_col(n, e, lane);
-        const float prob = fast_exp2(st[0][n][e] * unit - lse2[col]);
-        float keep = 1.f;
-        if constexpr (kFeatures)
-          if (p.dropout)
-            keep = dropout_keeps(p, bh, step.i0 + col, key_row0 + sm80::c_row(0, e, lane))
-                       ? p.dropout_keep_scale
-                       : 0.f;
-        dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
-        st[0][n][e] = prob * keep;
-      }
-    std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
-    sm80::c_to_a<T>(dsf, dpt);
-    sm80::c_to_a<T>(pf, st);
+        for (int e = 0; e < 4; ++e) {
+          const int col = sm80::c_col(n, e, lane);
+          const float prob = fast_exp2(st[0][n][e] * unit - lse2[col]);
+          float keep = 1.f;
+          if constexpr (kFeatures)
+            if (p.dropout)
+              keep = dropout_keeps(p, bh, i0 + col, key_row0 + sm80::c_row(0, e, lane))
+                         ? p.dropout_keep_scale
+                         : 0.f;
+          dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
+          st[0][n][e] = prob * keep;
+        }
+      std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
+      sm80::c_to_a<T>(dsf, dpt);
+      sm80::c_to_a<T>(pf, st);
 
-    wgmma_fence();
-    gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
-    gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(acc_dv[0]);
-    fence_operands(acc_dk[0]);
-    release(sm.step_empty(s), lane);
-  }
+      wgmma_fence();
+      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
+      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(acc_dv[0]);
+      fence_operands(acc_dk[0]);
+      release(sm.step_empty(s), lane);
+    }
 
   sm80::store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
                       p.grad_k_st.l, key_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
@@ -360,7 +357,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     float lse2[2], delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const sm80::RowStats stats = sm80::row_stats(p, b, h, warp_row0 + sm80::c_row(0, 2 * r, lane));
+      const sm80::RowStats stats =
+          sm80::row_stats(p, b, h, warp_row0 + sm80::c_row(0, 2 * r, lane));
       lse2[r] = stats.lse2;
       delta[r] = stats.delta;
     }
