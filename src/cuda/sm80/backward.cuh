@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         if constexpr (kFeatures)
           if (p.dropout) apply_dropout<Rows::queries>(dp, p, bh, i0 + warp_row0, j0, lane);
         score_grad_of_query_rows(s, dp, lse2, delta, unit);  // s now holds dS
-        if (kFeatures && p.grad_mask != nullptr) add_mask_grad(p, b, h, i0 + warp_row0, j0, s, lane);
+        if (kFeatures && p.grad_mask != nullptr)
+          add_mask_grad(p, b, h, i0 + warp_row0, j0, s, lane);
         std::uint32_t dsf[1][kN / 2][4];
         c_to_a<T>(dsf, s);
         gemm_rs<1, kD, Tr::kBlockN>(acc_dq, dsf, k_stage(stage), 0, lane);
@@ -280,10 +281,10 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     }
   }
 
-  store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
-                p.grad_k_st.l, j0 + key_row0, p.Lk, col_base, p.D, acc_dk, p.scale, lane);
-  store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h,
-                p.grad_v_st.l, j0 + key_row0, p.Lk, col_base, p.Dv, acc_dv, 1.f, lane);
+  store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h, p.grad_k_st.l,
+                j0 + key_row0, p.Lk, col_base, p.D, acc_dk, p.scale, lane);
+  store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h, p.grad_v_st.l,
+                j0 + key_row0, p.Lk, col_base, p.Dv, acc_dv, 1.f, lane);
 }
 
 template <class T, int kHeadDim, bool kFeatures>

@@ -35,8 +35,8 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk) {
     const std::uint32_t col_bytes = (kk % 4) * 32;
-    const std::uint64_t a =
-        smem_desc(a_tile + (kk / 4) * kARows * kRowBytes + a_row0 * kRowBytes + col_bytes, 16, 1024);
+    const std::uint64_t a = smem_desc(
+        a_tile + (kk / 4) * kARows * kRowBytes + a_row0 * kRowBytes + col_bytes, 16, 1024);
     const std::uint64_t b = smem_desc(b_tile + (kk / 4) * kN * kRowBytes + col_bytes, 16, 1024);
     Wgmma<T, kN>::ss(acc, a, b, accumulate || kk > 0);
   }
