@@ -69,12 +69,22 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
   // Layout: K | V | Q[kStages] | dO[kStages] | stats[kStages][lse2, delta][kBlockQ] | mbarriers.
+  // Q and dO of a step arrive on mbarrier step_full (TMA), its stats on named barriers.
   static constexpr std::uint32_t kStatsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
   static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  // A step is full when the TMA bytes landed and the stats warp's 32 lanes arrived.
-  static constexpr int kStepArrivals = 1 + 32;
+  // A step's row stats pass from the producer's stats warp to each consumer warpgroup through
+  // named barriers (bar.arrive by the writer, bar.sync by the reader: the pattern
+  // compute-sanitizer's racecheck follows; it flagged the same hand-off on mbarriers), one
+  // "full" and one "empty" barrier per (warpgroup, stage), ids from 1.
+  static constexpr int kStatsBarrierThreads = 128 + 32;
+  __device__ __forceinline__ static int stats_full_id(int wg, int s) {
+    return 1 + wg * kStages + s;
+  }
+  __device__ __forceinline__ static int stats_empty_id(int wg, int s) {
+    return 1 + (kConsumers + wg) * kStages + s;
+  }
 };
 
 template <int kHeadDim, bool kFeatures>
@@ -122,11 +132,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // role walks them in the same order, counting steps in `it` (ring stage and phase).
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const int i_begin = causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+  const int steps = p.group * ((p.Lq - i_begin + Tr::kBlockQ - 1) / Tr::kBlockQ);
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
     for (int s = 0; s < Tr::kStages; ++s) {
-      mbar_init(sm.step_full(s), Tr::kStepArrivals);
+      mbar_init(sm.step_full(s), 1);
       mbar_init(sm.step_empty(s), Tr::kConsumerWarps);
     }
     mbar_init_fence();
@@ -158,13 +169,16 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       for (int h = h_begin; h < h_end; ++h)
         for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
           const int s = stage_of<Tr>(it);
-          mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+          if (it >= Tr::kStages)  // both warpgroups are done with step it - kStages
+            for (int g = 0; g < Tr::kConsumers; ++g)
+              named_barrier_sync(Tr::stats_empty_id(g, s), Tr::kStatsBarrierThreads);
           for (int r = lane; r < Tr::kBlockQ; r += 32) {
             const sm80::RowStats row = sm80::row_stats(p, b, h, i0 + r);
             sm.lse2(s)[r] = row.lse2;
             sm.delta(s)[r] = row.delta;
           }
-          mbar_arrive(sm.step_full(s));  // releases this lane's stores to the consumers
+          for (int g = 0; g < Tr::kConsumers; ++g)
+            named_barrier_arrive(Tr::stats_full_id(g, s), Tr::kStatsBarrierThreads);
         }
     }
     return;
@@ -199,6 +213,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h}, key_row0, i0,
                                                      check, lane);
       // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
+      named_barrier_sync(Tr::stats_full_id(wg, s), Tr::kStatsBarrierThreads);
       const float* lse2 = sm.lse2(s);
       const float* delta = sm.delta(s);
 #pragma unroll
@@ -216,6 +231,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
           st[0][n][e] = prob * keep;
         }
+      // The stats warp waits for this only where it has a later step to write into stage s.
+      if (it + Tr::kStages < steps)
+        named_barrier_arrive(Tr::stats_empty_id(wg, s), Tr::kStatsBarrierThreads);
       std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
       sm80::c_to_a<T>(dsf, dpt);
       sm80::c_to_a<T>(pf, st);
