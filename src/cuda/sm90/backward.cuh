@@ -40,10 +40,9 @@ struct BackwardShape {
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // setmaxnreg only moves registers within the CTA's launch allocation, 168 per thread for
-  // 384 threads (ptxas's share): 128 * 40 + 256 * 232 = 168 * 384. (An earlier 32 / 240 split
-  // asked for more than that: the consumers' setmaxnreg.inc waited forever.) The producer's
-  // copy and row-stats loops need more than the forward's 24.
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  // 384 threads (ptxas's share): 128 * 24 + 256 * 240 <= 168 * 384. (A 32 / 240 split asked
+  // for more than that: the consumers' setmaxnreg.inc waited forever.)
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kConsumerWarps = 4 * kConsumers;  // arrivals on an "empty" barrier
 };
 
@@ -60,31 +59,21 @@ __device__ __forceinline__ std::uint32_t parity_of(int it) {
 // dK, dV
 
 // Queries per pipeline step: as many as S^T, dP^T, both accumulators and both operand copies
-// leave registers for next to the mask/dropout code (at 232 registers: the general kernels
-// spilled 656 bytes at D = 64 with 128 queries, 752 bytes at D = 128 with 64).
+// leave registers for next to the mask/dropout code (the general kernels spilled 656 bytes at
+// D = 64 with 128 queries, 208 bytes at D = 128 with 64).
 template <int kHeadDim, bool kFeatures>
 struct DkvTraits : BackwardShape {
   static constexpr int kBlockQ = (kHeadDim <= 64 ? 128 : 64) / (kFeatures ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
-  // Layout: K | V | Q[kStages] | dO[kStages] | stats[kStages][lse2, delta][kBlockQ] | mbarriers.
-  // Q and dO of a step arrive on mbarrier step_full (TMA), its stats on named barriers.
+  // Layout: K | V | Q[kStages] | dO[kStages] | stats[kConsumers][kStages][lse2, delta][kBlockQ]
+  // | mbarriers.
   static constexpr std::uint32_t kStatsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
-  static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
+  static constexpr std::uint32_t kBarrierOffset =
+      kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  // A step's row stats pass from the producer's stats warp to each consumer warpgroup through
-  // named barriers (bar.arrive by the writer, bar.sync by the reader: the pattern
-  // compute-sanitizer's racecheck follows; it flagged the same hand-off on mbarriers), one
-  // "full" and one "empty" barrier per (warpgroup, stage), ids from 1.
-  static constexpr int kStatsBarrierThreads = 128 + 32;
-  __device__ __forceinline__ static int stats_full_id(int wg, int s) {
-    return 1 + wg * kStages + s;
-  }
-  __device__ __forceinline__ static int stats_empty_id(int wg, int s) {
-    return 1 + (kConsumers + wg) * kStages + s;
-  }
 };
 
 template <int kHeadDim, bool kFeatures>
@@ -100,10 +89,12 @@ struct DkvSmem {
   __device__ __forceinline__ std::uint32_t grad_out(int s) const {
     return base() + 2 * Tr::kKVBytes + (Tr::kStages + s) * Tr::kQBytes;
   }
-  __device__ __forceinline__ float* lse2(int s) const {
-    return reinterpret_cast<float*>(raw + Tr::kStatsOffset) + s * 2 * Tr::kBlockQ;
+  // Consumer warpgroup wg's copy of the row stats of the step in stage s.
+  __device__ __forceinline__ float* lse2(int wg, int s) const {
+    return reinterpret_cast<float*>(raw + Tr::kStatsOffset) +
+           (wg * Tr::kStages + s) * 2 * Tr::kBlockQ;
   }
-  __device__ __forceinline__ float* delta(int s) const { return lse2(s) + Tr::kBlockQ; }
+  __device__ __forceinline__ float* delta(int wg, int s) const { return lse2(wg, s) + Tr::kBlockQ; }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base() + Tr::kBarrierOffset + 8 * i;
   }
@@ -145,10 +136,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-  if (warp_group == 0) {  // producer: warp 0 issues the copies, warp 1 writes the row stats
+  if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    const int warp = threadIdx.x / 32;
-    if (warp == 0 && lane == 0) {
+    if (threadIdx.x == 0) {
       prefetch_tensor_map(maps.q);
       prefetch_tensor_map(maps.grad_out);
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
@@ -164,22 +154,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
                                               b);
         }
-    } else if (warp == 1) {
-      int it = 0;
-      for (int h = h_begin; h < h_end; ++h)
-        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
-          const int s = stage_of<Tr>(it);
-          if (it >= Tr::kStages)  // both warpgroups are done with step it - kStages
-            for (int g = 0; g < Tr::kConsumers; ++g)
-              named_barrier_sync(Tr::stats_empty_id(g, s), Tr::kStatsBarrierThreads);
-          for (int r = lane; r < Tr::kBlockQ; r += 32) {
-            const sm80::RowStats row = sm80::row_stats(p, b, h, i0 + r);
-            sm.lse2(s)[r] = row.lse2;
-            sm.delta(s)[r] = row.delta;
-          }
-          for (int g = 0; g < Tr::kConsumers; ++g)
-            named_barrier_arrive(Tr::stats_full_id(g, s), Tr::kStatsBarrierThreads);
-        }
     }
     return;
   }
@@ -192,12 +166,29 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
+  // Row stats (lse2, delta) of a step's queries: thread t of the warpgroup loads row t one
+  // step ahead into registers (the load's latency hides behind a step), stores it into the
+  // warpgroup's buffer of the step's stage and a warpgroup barrier publishes it; with two
+  // buffers the same barrier also orders the reads of two steps back before the overwrite.
+  const int wg_thread = threadIdx.x % 128;
+  const bool stats_row = wg_thread < Tr::kBlockQ;
+  sm80::RowStats next_stats{};
+  if (stats_row && steps > 0) next_stats = sm80::row_stats(p, b, h_begin, i_begin + wg_thread);
   mbar_wait(sm.kv_full(), 0);
   int it = 0;
   for (int h = h_begin; h < h_end; ++h)
     for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
       const int s = stage_of<Tr>(it);
       const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      if (stats_row) {
+        sm.lse2(wg, s)[wg_thread] = next_stats.lse2;
+        sm.delta(wg, s)[wg_thread] = next_stats.delta;
+      }
+      named_barrier_sync(1 + wg, 128);
+      const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
+      if (stats_row && !(last_block && h + 1 == h_end))
+        next_stats = sm80::row_stats(p, b, last_block ? h + 1 : h,
+                                     (last_block ? i_begin : i0 + Tr::kBlockQ) + wg_thread);
       mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
       float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
@@ -213,9 +204,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h}, key_row0, i0,
                                                      check, lane);
       // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
-      named_barrier_sync(Tr::stats_full_id(wg, s), Tr::kStatsBarrierThreads);
-      const float* lse2 = sm.lse2(s);
-      const float* delta = sm.delta(s);
+      const float* lse2 = sm.lse2(wg, s);
+      const float* delta = sm.delta(wg, s);
 #pragma unroll
       for (int n = 0; n < kQ; ++n)
 #pragma unroll
@@ -231,9 +221,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
           st[0][n][e] = prob * keep;
         }
-      // The stats warp waits for this only where it has a later step to write into stage s.
-      if (it + Tr::kStages < steps)
-        named_barrier_arrive(Tr::stats_empty_id(wg, s), Tr::kStatsBarrierThreads);
       std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
       sm80::c_to_a<T>(dsf, dpt);
       sm80::c_to_a<T>(pf, st);
