@@ -86,12 +86,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
 
       float lse2[2], delta[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const RowStats stats = row_stats(p, b, h, i0 + warp_row0 + c_row(0, 2 * r, lane));
-        lse2[r] = stats.lse2;
-        delta[r] = stats.delta;
-      }
+      thread_row_stats(p, b, h, i0 + warp_row0, lse2, delta, lane);
 
       float acc_dq[1][kD][4];
       zero(acc_dq);

@@ -99,6 +99,18 @@ __device__ __forceinline__ RowStats row_stats(const DeviceParams& p, int b, int 
           p.delta[bh * p.Lq + i]};
 }
 
+// row_stats of the thread's two rows row0 + c_row(0, 0) and row0 + c_row(0, 2) of a warp's
+// tile of query rows (dQ passes): what score_grad_of_query_rows takes.
+__device__ __forceinline__ void thread_row_stats(const DeviceParams& p, int b, int h, int row0,
+                                                 float (&lse2)[2], float (&delta)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const RowStats stats = row_stats(p, b, h, row0 + c_row(0, 2 * r, lane));
+    lse2[r] = stats.lse2;
+    delta[r] = stats.delta;
+  }
+}
+
 // dS = P o (dP - delta) with P = exp2(s * unit - lse2) on a warp's tile of query rows (dQ
 // passes): s holds the masked scores (score_unit units) and becomes dS; dP has dropout applied;
 // lse2 and delta belong to the thread's rows c_row(0, 0) and c_row(0, 2).

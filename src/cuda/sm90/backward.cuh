@@ -46,15 +46,6 @@ struct BackwardShape {
   static constexpr int kConsumerWarps = 4 * kConsumers;  // arrivals on an "empty" barrier
 };
 
-template <class Tr>
-__device__ __forceinline__ int stage_of(int it) {
-  return it % Tr::kStages;
-}
-template <class Tr>
-__device__ __forceinline__ std::uint32_t parity_of(int it) {
-  return static_cast<std::uint32_t>((it / Tr::kStages) & 1);
-}
-
 // ------------------------------------------------------------------------------------------
 // dK, dV
 
@@ -123,7 +114,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // role walks them in the same order, counting steps in `it` (ring stage and phase).
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const int i_begin = causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
-  const int steps = p.group * ((p.Lq - i_begin + Tr::kBlockQ - 1) / Tr::kBlockQ);
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -173,7 +163,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int wg_thread = threadIdx.x % 128;
   const bool stats_row = wg_thread < Tr::kBlockQ;
   sm80::RowStats next_stats{};
-  if (stats_row && steps > 0) next_stats = sm80::row_stats(p, b, h_begin, i_begin + wg_thread);
+  if (stats_row && i_begin < p.Lq) next_stats = sm80::row_stats(p, b, h_begin, i_begin + wg_thread);
   mbar_wait(sm.kv_full(), 0);
   int it = 0;
   for (int h = h_begin; h < h_end; ++h)
@@ -360,13 +350,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     const int b = rows.b(p, pair), h = rows.h(p, pair);
     const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
     float lse2[2], delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const sm80::RowStats stats =
-          sm80::row_stats(p, b, h, warp_row0 + sm80::c_row(0, 2 * r, lane));
-      lse2[r] = stats.lse2;
-      delta[r] = stats.delta;
-    }
+    sm80::thread_row_stats(p, b, h, warp_row0, lse2, delta, lane);
     const ElementMasks<T> masks{p, b, h};
     float acc_dq[1][kD][4];
     sm80::zero(acc_dq);

@@ -153,8 +153,6 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   const auto tile_at = [&](std::int64_t t) {
     return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
   };
-  const auto stage = [](int it) { return it % Tr::kStages; };
-  const auto parity = [](int it) { return static_cast<std::uint32_t>((it / Tr::kStages) & 1); };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
@@ -180,8 +178,8 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const Tile tile = tile_at(t);
       for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
-        const int s = stage(it), row = nb * Tr::kBlockN;
-        mbar_wait(sm.k_empty(s), parity(it) ^ 1);
+        const int s = stage_of<Tr>(it), row = nb * Tr::kBlockN;
+        mbar_wait(sm.k_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
@@ -190,7 +188,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
           load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
           ++q_round;
         }
-        mbar_wait(sm.v_empty(s), parity(it) ^ 1);
+        mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), row, tile.hk, tile.b);
       }
@@ -236,14 +234,14 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     if (n > 0) {  // block 0: S(0) alone
       mbar_wait(sm.q_full(), q_round & 1);
       turn.start();
-      mbar_wait(sm.k_full(stage(it)), parity(it));
+      mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
       wgmma_fence();
-      gemm.scores(sc, stage(it));
+      gemm.scores(sc, stage_of<Tr>(it));
       turn.pass(/*last=*/n == 1);
       wgmma_wait<0>();
       fence_operands(sc[0]);
-      release(sm.k_empty(stage(it)), lane);
+      release(sm.k_empty(stage_of<Tr>(it)), lane);
       if (n == 1) release(sm.q_empty(), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
       softmax(0, rescale);
@@ -256,33 +254,33 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     // ptxas serializes wgmmas on divergent paths.
     for (int nb = 1; nb < n; ++nb) {
       const int cur = it + nb;
-      mbar_wait(sm.k_full(stage(cur)), parity(cur));
-      mbar_wait(sm.v_full(stage(cur - 1)), parity(cur - 1));
+      mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
+      mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
       turn.wait();
       wgmma_fence();
-      gemm.scores(sc, stage(cur));
-      gemm.values(acc_o, pf, stage(cur - 1));
+      gemm.scores(sc, stage_of<Tr>(cur));
+      gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
       turn.pass(/*last=*/nb + 1 == n);
       wgmma_wait<1>();
       fence_operands(sc[0]);
-      release(sm.k_empty(stage(cur)), lane);
+      release(sm.k_empty(stage_of<Tr>(cur)), lane);
       if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
       float rescale[1][2];
       softmax(nb, rescale);
       wgmma_wait<0>();
       fence_operands(acc_o[0]);
-      release(sm.v_empty(stage(cur - 1)), lane);
+      release(sm.v_empty(stage_of<Tr>(cur - 1)), lane);
       sm80::rescale_rows(acc_o, rescale);
       to_operand(nb);
     }
     if (n > 0) {  // the last block's P V
       const int last = it + n - 1;
-      mbar_wait(sm.v_full(stage(last)), parity(last));
+      mbar_wait(sm.v_full(stage_of<Tr>(last)), parity_of<Tr>(last));
       wgmma_fence();
-      gemm.values(acc_o, pf, stage(last));
+      gemm.values(acc_o, pf, stage_of<Tr>(last));
       wgmma_wait<0>();
       fence_operands(acc_o[0]);
-      release(sm.v_empty(stage(last)), lane);
+      release(sm.v_empty(stage_of<Tr>(last)), lane);
       it += n;
       ++q_round;
     }

@@ -9,6 +9,17 @@
 
 namespace memattn::cuda::sm90 {
 
+// The it-th use of a ring of Tr::kStages buffers: its stage, and the parity of the phase in
+// which the stage's "full" barrier completes (its "empty" barrier: parity ^ 1).
+template <class Tr>
+__device__ __forceinline__ int stage_of(int it) {
+  return it % Tr::kStages;
+}
+template <class Tr>
+__device__ __forceinline__ std::uint32_t parity_of(int it) {
+  return static_cast<std::uint32_t>((it / Tr::kStages) & 1);
+}
+
 // One TMA copy per 64-column chunk of a tile of kRows rows starting at row `row` of (head,
 // batch); completion is counted in bytes on `bar`.
 template <int kChunks, int kRows>
