@@ -11,6 +11,8 @@ enum class DType : std::uint8_t { f16, bf16, f32, f64, boolean };
 enum class DeviceType : std::uint8_t { cpu, cuda };
 
 const char* dtype_name(DType dtype);
+// "f16", "bf16", "f32", "f64", "bool": the dtype part of kernel names ("cpu/avx2/f32").
+const char* dtype_short_name(DType dtype);
 const char* device_name(DeviceType device);
 int dtype_bytes(DType dtype);
 

@@ -20,6 +20,22 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+const char* dtype_short_name(DType dtype) {
+  switch (dtype) {
+    case DType::f16:
+      return "f16";
+    case DType::bf16:
+      return "bf16";
+    case DType::f32:
+      return "f32";
+    case DType::f64:
+      return "f64";
+    case DType::boolean:
+      return "bool";
+  }
+  return "unknown";
+}
+
 const char* device_name(DeviceType device) {
   switch (device) {
     case DeviceType::cpu:

@@ -66,22 +66,6 @@ Selection select_variant() {
   return {&kVariants[0], "fallback"};  // unreachable: base is always supported
 }
 
-const char* dtype_suffix(DType t) {
-  switch (t) {
-    case DType::f32:
-      return "f32";
-    case DType::f64:
-      return "f64";
-    case DType::bf16:
-      return "bf16";
-    case DType::f16:
-      return "f16";
-    case DType::boolean:
-      return "bool";
-  }
-  return "?";
-}
-
 }  // namespace
 
 std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const ProblemShape&) {
@@ -97,7 +81,8 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const Prob
 }
 
 std::string kernel_name(const ForwardArgs& args) {
-  return std::string("cpu/") + select_variant().variant->name + "/" + dtype_suffix(args.q.dtype);
+  return std::string("cpu/") + select_variant().variant->name + "/" +
+         dtype_short_name(args.q.dtype);
 }
 
 void forward(const ForwardArgs& args, const ProblemShape& shape, int num_threads) {

@@ -80,19 +80,6 @@ bool use_sm90(const ForwardArgs& a, bool backward) {
 }
 int sm90_head_dim_bucket(std::int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
-const char* short_dtype(DType dtype) {
-  switch (dtype) {
-    case DType::f16:
-      return "f16";
-    case DType::bf16:
-      return "bf16";
-    case DType::f32:
-      return "f32";
-    default:
-      return dtype_name(dtype);
-  }
-}
-
 // Layout rules of the kernels for one [B, H, L, D] tensor: contiguous last dim; for the
 // tensor-core kernels also 16-byte aligned rows (cp.async copies 16 bytes at a time).
 void layout_reasons(std::vector<std::string>& reasons, const TensorView& t, const char* name,
@@ -284,12 +271,12 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
 }
 
 std::string kernel_name(const ForwardArgs& a, bool backward) {
-  if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + short_dtype(a.q.dtype);
+  if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + dtype_short_name(a.q.dtype);
   const std::int64_t d = max_head_dim(a);
   if (use_sm90(a, backward))
-    return std::string("cuda/sm90/") + short_dtype(a.q.dtype) + "/d" +
+    return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" +
            std::to_string(sm90_head_dim_bucket(d));
-  return std::string("cuda/sm80/") + short_dtype(a.q.dtype) + "/d" +
+  return std::string("cuda/sm80/") + dtype_short_name(a.q.dtype) + "/d" +
          std::to_string(head_dim_bucket(d));
 }
 

@@ -813,6 +813,11 @@ TEST(TensorView, DtypeNamesAndSizes) {
   EXPECT_STREQ(memattn::dtype_name(DType::f32), "float32");
   EXPECT_STREQ(memattn::dtype_name(DType::f64), "float64");
   EXPECT_STREQ(memattn::dtype_name(DType::boolean), "bool");
+  EXPECT_STREQ(memattn::dtype_short_name(DType::f16), "f16");
+  EXPECT_STREQ(memattn::dtype_short_name(DType::bf16), "bf16");
+  EXPECT_STREQ(memattn::dtype_short_name(DType::f32), "f32");
+  EXPECT_STREQ(memattn::dtype_short_name(DType::f64), "f64");
+  EXPECT_STREQ(memattn::dtype_short_name(DType::boolean), "bool");
   EXPECT_EQ(memattn::dtype_bytes(DType::f16), 2);
   EXPECT_EQ(memattn::dtype_bytes(DType::bf16), 2);
   EXPECT_EQ(memattn::dtype_bytes(DType::f32), 4);
