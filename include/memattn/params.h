@@ -38,6 +38,12 @@ struct ForwardArgs {
   // Outputs, allocated by the caller.
   TensorView out;  // [B, Hq, Lq, Dv], q's dtype
   TensorView lse;  // [B, Hq, Lq], float32 (float64 when q is float64)
+  // CUDA only, optional, used with key_padding_mask: contiguous 4-byte scratch (a float32
+  // tensor) of at least 2*B elements, allocated by the caller like grad_scratch. The CUDA
+  // backend stores each batch element's key range there (first padded key, last unpadded key
+  // + 1) so its kernels skip fully padded key blocks; without it they check every key. Ignored
+  // by the CPU backend.
+  TensorView key_range_scratch;
 };
 
 struct BackwardArgs {

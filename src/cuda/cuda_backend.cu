@@ -114,6 +114,19 @@ std::int64_t broadcast_stride(const TensorView& t, int d) {
   return t.sizes[d] == 1 ? 0 : t.strides[d];
 }
 
+// key_range_scratch as the kernels' int [B][2] key ranges (params.h), after checking it.
+int* key_range_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
+  if (t.dtype != DType::f32 || t.device != DeviceType::cuda || t.device_index != a.q.device_index ||
+      t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < 2 * s.B)
+    throw Error(ErrorKind::invalid_value,
+                "key_range_scratch: the CUDA kernels need a contiguous 1-D float32 tensor of at "
+                "least 2*B = " +
+                    std::to_string(2 * s.B) + " elements on q's device (cuda:" +
+                    std::to_string(a.q.device_index) + "), got " + dtype_name(t.dtype) + " " +
+                    t.shape_string() + " on " + device_name(t.device));
+  return static_cast<int*>(t.data);
+}
+
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   DeviceParams p;
   p.q = a.q.data;
@@ -153,6 +166,7 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
     p.key_padding = static_cast<const std::uint8_t*>(a.key_padding_mask.data);
     p.key_padding_st[0] = a.key_padding_mask.strides[0];
     p.key_padding_st[1] = a.key_padding_mask.strides[1];
+    if (a.key_range_scratch.present()) p.key_ranges = key_range_words(a.key_range_scratch, a, s);
   }
   if (a.dropout_p > 0.0) {
     p.dropout = true;
@@ -219,6 +233,7 @@ void run_tensor_core(bool backward, int bucket, const DeviceParams& p, cudaStrea
 
 void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const DeviceParams& p,
          cudaStream_t stream) {
+  launch_key_ranges(p, stream);
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
   const bool sm90 = use_sm90(a, backward);
   switch (a.q.dtype) {

@@ -14,6 +14,11 @@ namespace memattn::cuda {
 template <class T>
 void launch_backward_delta(const DeviceParams& p, cudaStream_t stream);
 
+// p.key_ranges[b] = (first padded key, last unpadded key + 1) of key_padding row b, for the
+// attention kernels' block skipping (semantics.cuh: KeyRange). No-op without key padding or
+// without p.key_ranges.
+void launch_key_ranges(const DeviceParams& p, cudaStream_t stream);
+
 // SIMT kernels (no tensor cores) for float32 inputs: any D, Dv <= 256, exact fp32 accumulation.
 // Backward computes delta itself and writes grad_q, grad_k, grad_v (and grad_mask if set).
 void simt_forward(const DeviceParams& p, cudaStream_t stream);

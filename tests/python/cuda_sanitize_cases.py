@@ -10,7 +10,8 @@ attn_testing.py. Meant to run under the sanitizer, where every kernel launch is 
 (for memcheck set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, so that every tensor is its own
 allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-core kernels) and
 fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
-masks (broadcast, with gradient), key padding (a fully padded batch entry), causal in both
+masks (broadcast, with gradient), key padding (with masks; alone, skipping trailing key blocks;
+a fully padded batch entry), causal in both
 alignments (fully masked rows), [B, L, H, D] views, dropout}.
 
 Exit status: 0 all cases match, 1 a case failed (each failure is printed with its traceback),
@@ -99,6 +100,18 @@ def case_bool_mask_broadcast_and_padding(dtype):
     check_against_reference(Inputs(q, k, v, mask, kwargs={"key_padding_mask": kpm.to(DEV)}))
 
 
+def case_key_padding_only_block_skipping(dtype):
+    """Key padding alone (the lean kernels): right padding that leaves whole trailing key
+    blocks, a hole before the last unpadded key, and a fully padded batch entry."""
+    q, k, v = _qkv(dtype, B=3, Hq=2, Lq=70, Lk=300, D=128)
+    kpm = torch.zeros(3, 300, dtype=torch.bool)
+    kpm[0, 140:] = True
+    kpm[1, 60:150] = True
+    kpm[1, 290:] = True
+    kpm[2] = True
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+
+
 def case_float_mask_grad_causal_padding(dtype):
     q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=45, Lk=77, D=64)
     mask = _float_mask((1, 4, 45, 77), dtype)
@@ -175,6 +188,7 @@ CASES: list[Callable] = [
     case_mqa_causal_bottom_right_dead_rows,
     case_causal_bottom_right_lq_lt_lk,
     case_bool_mask_broadcast_and_padding,
+    case_key_padding_only_block_skipping,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_bshd_views,

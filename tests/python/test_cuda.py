@@ -342,6 +342,65 @@ def test_key_padding_mask_equals_float_mask(dtype):
     torch.testing.assert_close(a, b, rtol=0, atol=tol)
 
 
+def _padding_patterns(Lk: int) -> torch.Tensor:
+    """Key padding rows that exercise the kernels' key ranges (first padded key, last unpadded
+    key + 1): right padding inside a block and on a block boundary, holes before the last
+    unpadded key, left padding, no padding and all padding."""
+    rows = torch.zeros(7, Lk, dtype=torch.bool)
+    rows[0, 300:] = True  # right padding inside a 128-key block
+    rows[1, 256:] = True  # right padding from a block boundary
+    rows[2, 130:260] = True  # a hole of whole and partial blocks ...
+    rows[2, 500:] = True  # ... before right padding
+    rows[3, :200] = True  # left padding
+    rows[4] = torch.rand(Lk) < 0.3  # scattered
+    rows[4, 0] = False  # (so that every causal query keeps a key)
+    rows[6] = True  # every key padded: the rows see nothing
+    return rows  # row 5: no padding
+
+
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("D", "causal"), [(64, None), (128, None), (64, "top_left"), (128, "bottom_right")]
+)
+def test_key_padding_patterns_skip_blocks_exactly(dtype, kernel, D, causal, monkeypatch):
+    """Key padding now runs in the lean kernels, which stop at each batch element's last
+    unpadded key and read the mask per key only after its first padded key: every pattern must
+    still match the reference, and fully padded batch elements give 0 / -inf / zero grads."""
+    if kernel == "sm90" and (dtype == torch.float32 or not _is_hopper()):
+        pytest.skip("the sm90 kernels run fp16/bf16 on compute capability 9.0")
+    monkeypatch.setenv("MEMATTN_DISABLE_SM90", "0" if kernel == "sm90" else "1")
+    kpm = _padding_patterns(600)
+    q, k, v = qkv(B=7, Hq=4, Hk=2, Lq=150, Lk=600, D=D, dtype=dtype)
+    kwargs = {"key_padding_mask": kpm.to(DEV)}
+    if causal:
+        kwargs |= {"is_causal": True, "causal_alignment": causal}
+    out, lse, grads = check_cuda(Inputs(q, k, v, kwargs=kwargs))
+    dead = torch.zeros(7, 4, 150, dtype=torch.bool)
+    dead[6] = True
+    if causal == "top_left":
+        dead[3] = True  # left padding hides every key these 150 queries may see
+    assert_dead_rows(out, lse, grads[0], dead)
+    assert not grads[1][6].any() and not grads[2][6].any()
+
+
+def test_key_range_scratch_is_checked():
+    """The module checks the CUDA kernels' key-range scratch like grad_scratch."""
+    from memattn import _memattn
+
+    q, k, v = qkv(B=3, Hq=2, Lq=10, Lk=20, D=64, dtype=torch.bfloat16, requires_grad=False)
+    out, lse = torch.empty_like(q), torch.empty(3, 2, 10, device=DEV)
+    kpm = torch.zeros(3, 20, dtype=torch.bool, device=DEV)
+    for scratch in (torch.empty(5, device=DEV), torch.empty(6, dtype=torch.float16, device=DEV)):
+        with pytest.raises(ValueError, match=r"^key_range_scratch: .*2\*B = 6 elements"):
+            _memattn.forward(
+                q, k, v, out, lse, None, kpm,
+                is_causal=False, causal_alignment="top_left", dropout_p=0.0, dropout_seed=0,
+                scale=None, num_threads=1, key_range_scratch=scratch,
+            )  # fmt: skip
+        torch.cuda.synchronize()
+
+
 # ---- fully masked rows -----------------------------------------------------------------------
 
 

@@ -42,6 +42,11 @@ struct DeviceParams {
 
   const std::uint8_t* key_padding = nullptr;  // bool [B, Lk], true = padding
   std::int64_t key_padding_st[2] = {0, 0};
+  // Optional, with key_padding: [B][2] = (first padded key, last unpadded key + 1) of each
+  // batch element, written by launch_key_ranges before the attention kernels (semantics.cuh:
+  // KeyRange). Lets the kernels skip trailing padded key blocks and the per-key mask reads of
+  // blocks before the first padded key.
+  int* key_ranges = nullptr;
 
   // Dropout: key (i, j) of row bh = b * Hq + h is kept iff
   // philox::dropout_draws(seed, bh, i, j >> 2).x[j & 3] >= dropout_threshold.
@@ -68,12 +73,13 @@ struct DeviceParams {
   int grad_mask_h_outer = 0;  // Hq, or 1 when grad_mask's h dim is summed
 };
 
-// Whether a call needs the general kernels (masks, key padding, dropout, mask gradient, or a
-// scale <= 0, which the lean kernels' raw-score maxima cannot take) rather than the lean ones
-// that check only bounds and causality.
+// Whether a call needs the general kernels (masks, dropout, mask gradient, or a scale <= 0,
+// which the lean kernels' raw-score maxima cannot take) rather than the lean ones that check
+// only bounds, causality and key padding (per key, and only in blocks that key_ranges says
+// hold padding).
 inline bool has_features(const DeviceParams& p) {
-  return p.mask_kind != MaskKind::none || p.key_padding != nullptr || p.dropout ||
-         p.grad_mask != nullptr || !(p.scale_log2 > 0.f);
+  return p.mask_kind != MaskKind::none || p.dropout || p.grad_mask != nullptr ||
+         !(p.scale_log2 > 0.f);
 }
 
 }  // namespace memattn::cuda

@@ -55,20 +55,52 @@ __device__ __forceinline__ int causal_query_begin(const DeviceParams& p, std::in
   return begin <= 0 ? 0 : (begin >= p.Lq ? p.Lq : static_cast<int>(begin));
 }
 
+// The keys of batch element b that key padding leaves: [0, dense_end) are all unpadded, keys
+// >= end are all padded, keys in between are read from the mask one by one. Without key
+// padding that is {Lk, Lk}; with key padding but no precomputed ranges (launch_key_ranges)
+// {0, Lk}, so every key is read.
+struct KeyRange {
+  int dense_end, end;
+};
+__device__ __forceinline__ KeyRange key_range(const DeviceParams& p, int b) {
+  if (p.key_padding == nullptr) return {p.Lk, p.Lk};
+  if (p.key_ranges == nullptr) return {0, p.Lk};
+  return {p.key_ranges[2 * b], p.key_ranges[2 * b + 1]};
+}
+
+// Keys [0, end) that queries up to i_last of a batch element with key range `keys` may see:
+// block loops stop there, skipping trailing padded blocks as well as causally hidden ones.
+__device__ __forceinline__ int visible_key_end(const DeviceParams& p, const KeyRange& keys,
+                                               std::int64_t i_last) {
+  const int end = causal_key_end(p, i_last);
+  return end < keys.end ? end : keys.end;
+}
+
 // Everything that masks or biases one score, for one (b, h) pair. `T` is the additive mask's
 // element type (q's dtype).
 template <class T>
 struct ElementMasks {
   const DeviceParams& p;
   int b, h;
+  KeyRange keys;
 
-  // Adds the mask to a score in log2 units, or returns -inf where (i, j) may not attend.
-  // Call only for j < Lk.
+  __device__ __forceinline__ ElementMasks(const DeviceParams& params, int b_, int h_)
+      : ElementMasks(params, b_, h_, key_range(params, b_)) {}
+  __device__ __forceinline__ ElementMasks(const DeviceParams& params, int b_, int h_,
+                                          const KeyRange& keys_)
+      : p(params), b(b_), h(h_), keys(keys_) {}
+
+  // Whether key j exists (j < Lk) and is not padding; reads the padding mask only between
+  // keys.dense_end and keys.end.
+  __device__ __forceinline__ bool key_visible(int j) const {
+    return j < keys.dense_end ||
+           (j < keys.end && p.key_padding[b * p.key_padding_st[0] + j * p.key_padding_st[1]] == 0);
+  }
+
+  // Adds the mask to a score in log2 units, or returns -inf where (i, j) may not attend
+  // (also for keys j >= Lk). Call only for i < Lq.
   __device__ __forceinline__ float apply(float score_log2, int i, int j) const {
-    if (!causal_allows(p, i, j)) return -INFINITY;
-    if (p.key_padding != nullptr &&
-        p.key_padding[b * p.key_padding_st[0] + j * p.key_padding_st[1]] != 0)
-      return -INFINITY;
+    if (!key_visible(j) || !causal_allows(p, i, j)) return -INFINITY;
     if (p.mask_kind == MaskKind::none) return score_log2;
     const std::int64_t off =
         b * p.mask_st[0] + h * p.mask_st[1] + i * p.mask_st[2] + j * p.mask_st[3];

@@ -69,9 +69,6 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row0 = warp * 16;
 
-  const int j_end = causal_key_end(p, i0 + Tr::kBlockM - 1);
-  const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
-
   for (int bi = 0; bi < b_inner_count; ++bi)
     for (int hi = 0; hi < h_inner_count; ++hi) {
       // Outer index varies fastest over the kept dims; summed dims are walked here.
@@ -87,11 +84,13 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
 
       float lse2[2], delta[2];
       thread_row_stats(p, b, h, i0 + warp_row0, lse2, delta, lane);
+      const ElementMasks<T> masks{p, b, h};
+      const float unit = score_unit<kFeatures>(p);
+      const int j_end = visible_key_end(p, masks.keys, i0 + Tr::kBlockM - 1);
+      const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
 
       float acc_dq[1][kD][4];
       zero(acc_dq);
-      const ElementMasks<T> masks{p, b, h};
-      const float unit = score_unit<kFeatures>(p);
       if (num_n_blocks > 0) {
         load_tile_async<Tr::kThreads>(q_tile, q, p.q_st.l, p.Lq - i0, p.D);
         load_tile_async<Tr::kThreads>(do_tile, dout, p.grad_out_st.l, p.Lq - i0, p.Dv);
@@ -116,7 +115,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
         zero(dp);
         gemm_ss<1, kN, kHeadDim>(s, q_tile, warp_row0, k_stage(stage), 0, lane);
         gemm_ss<1, kN, kHeadDim>(dp, do_tile, warp_row0, v_stage(stage), 0, lane);
-        const bool check = block_needs_check(p, i0, Tr::kBlockM, j0, Tr::kBlockN);
+        const bool check = block_needs_check(p, masks.keys, i0, Tr::kBlockM, j0, Tr::kBlockN);
         mask_scores<Rows::queries, kFeatures>(s, masks, i0 + warp_row0, j0, check, lane);
         if constexpr (kFeatures)
           if (p.dropout) apply_dropout<Rows::queries>(dp, p, bh, i0 + warp_row0, j0, lane);
@@ -185,9 +184,11 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
   const int key_row0 = (warp / Tr::kDSplit) * 16;
   const int col_base = (warp % Tr::kDSplit) * Tr::kOutCols;
 
-  // Queries that can see a key of this block: i >= j0 - causal_offset.
+  // Queries that can see a key of this block: i >= j0 - causal_offset; none when every key of
+  // the block is padding.
+  const KeyRange keys = key_range(p, b);
   const int q_block_begin = causal_query_begin(p, j0) / Tr::kBlockQ;
-  const int q_blocks = (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ - q_block_begin;
+  const int q_blocks = j0 >= keys.end ? 0 : (p.Lq + Tr::kBlockQ - 1) / Tr::kBlockQ - q_block_begin;
   const int steps = q_blocks * p.group;  // (query head, query block) pairs, head-major
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + j0 * p.k_st.l;
@@ -236,8 +237,8 @@ __global__ void __launch_bounds__(DkvTraits<kHeadDim>::kThreads)
     float pt[1][kQ][4];
     zero(pt);
     gemm_ss<1, kQ, kHeadDim>(pt, k_tile, key_row0, q_stage(stage), 0, lane);
-    const bool check = block_needs_check(p, i0, Tr::kBlockQ, j0, Tr::kBlockN);
-    mask_scores<Rows::keys, kFeatures>(pt, ElementMasks<T>{p, b, h}, j0 + key_row0, i0, check,
+    const bool check = block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kBlockN);
+    mask_scores<Rows::keys, kFeatures>(pt, ElementMasks<T>{p, b, h, keys}, j0 + key_row0, i0, check,
                                        lane);
 #pragma unroll
     for (int n = 0; n < kQ; ++n)

@@ -62,8 +62,9 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
 
-  // Keys this block can see: all, or up to the causal limit of its last query.
-  const int j_end = causal_key_end(p, i0 + Tr::kBlockM - 1);
+  // Keys this block can see: up to the causal limit of its last query and the last unpadded key.
+  const ElementMasks<T> masks{p, b, h};
+  const int j_end = visible_key_end(p, masks.keys, i0 + Tr::kBlockM - 1);
   const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
 
   float acc_o[kM][kD][4];
@@ -74,7 +75,6 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_max[m][r] = -INFINITY, row_sum[m][r] = 0.f;
 
-  const ElementMasks<T> masks{p, b, h};
   const float unit = score_unit<kFeatures>(p);
   if (num_n_blocks > 0) {
     load_tile_async<Tr::kThreads>(q_tile, q, p.q_st.l, p.Lq - i0, p.D);
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     float s[kM][kN][4];
     zero(s);
     gemm_ss<kM, kN, kHeadDim>(s, q_tile, warp_row0, k_tile, 0, lane);
-    const bool check = block_needs_check(p, i0, Tr::kBlockM, j0, Tr::kBlockN);
+    const bool check = block_needs_check(p, masks.keys, i0, Tr::kBlockM, j0, Tr::kBlockN);
     mask_scores<Rows::queries, kFeatures>(s, masks, i0 + warp_row0, j0, check, lane);
     // As in FA2: K(nb + 1) streams in while this block's softmax runs.
     cp_async_wait<0>();

@@ -32,8 +32,8 @@ __device__ __forceinline__ float score_unit(const DeviceParams& p) {
 // Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
 // score_unit for the units). row0/col0: global index of the tile's first row/column. `check`
 // false promises that every element is attendable and unmasked (block interior). kMasks false
-// promises no attn_mask and no key padding: only bounds and causality are checked, which keeps
-// the common kernels free of the mask code's registers.
+// promises no attn_mask: only bounds, causality and key padding are checked, which keeps the
+// common kernels free of the mask code's registers.
 template <Rows kRows, bool kMasks, class T, int kM, int kN>
 __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
                                             int row0, int col0, bool check, int lane) {
@@ -59,19 +59,19 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
         const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
         const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
         if constexpr (kMasks)
-          x = (i < p.Lq && j < p.Lk) ? masks.apply(x, i, j) : -INFINITY;
+          x = i < p.Lq ? masks.apply(x, i, j) : -INFINITY;
         else
-          x = (i < p.Lq && j < p.Lk && causal_allows(p, i, j)) ? x : -INFINITY;
+          x = (i < p.Lq && causal_allows(p, i, j) && masks.key_visible(j)) ? x : -INFINITY;
         acc[m][n][e] = x;
       }
 }
 
 // Whether a block of queries [i0, i0 + ni) x keys [j0, j0 + nj) needs per-element checks:
-// a partial block, a mask, key padding, or the causal diagonal crossing it.
-__device__ __forceinline__ bool block_needs_check(const DeviceParams& p, int i0, int ni, int j0,
-                                                  int nj) {
-  return i0 + ni > p.Lq || j0 + nj > p.Lk || p.mask_kind != MaskKind::none ||
-         p.key_padding != nullptr ||
+// a partial block, a mask, keys past the batch element's dense prefix (padding or Lk), or the
+// causal diagonal crossing it.
+__device__ __forceinline__ bool block_needs_check(const DeviceParams& p, const KeyRange& keys,
+                                                  int i0, int ni, int j0, int nj) {
+  return i0 + ni > p.Lq || j0 + nj > keys.dense_end || p.mask_kind != MaskKind::none ||
          (p.causal && static_cast<std::int64_t>(j0) + nj - 1 > i0 + p.causal_offset);
 }
 

@@ -112,8 +112,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // Steps: the group's query heads h_begin.. h_end, and for each the query blocks from
   // i_begin, the first that can see a key of this block (i >= j0 - causal_offset). Every
   // role walks them in the same order, counting steps in `it` (ring stage and phase).
+  // A block whose keys are all padding has no steps (dK = dV = 0).
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
-  const int i_begin = causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+  const KeyRange keys = key_range(p, b);
+  const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -190,9 +192,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(st[0]);
       fence_operands(dpt[0]);
 
-      const bool check = sm80::block_needs_check(p, i0, Tr::kBlockQ, j0, Tr::kRows);
-      sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h}, key_row0, i0,
-                                                     check, lane);
+      const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
+      sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h, keys}, key_row0,
+                                                     i0, check, lane);
       // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
       const float* lse2 = sm.lse2(wg, s);
       const float* delta = sm.delta(wg, s);
@@ -301,7 +303,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
   const DqRows rows(p, blockIdx.x / num_m_blocks);
   const int i0 = m_block * Tr::kRows;
-  const int num_n_blocks = (causal_key_end(p, i0 + Tr::kRows - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
+  // Key blocks of batch element b: up to the causal limit and b's last unpadded key.
+  const auto num_n_blocks = [&](const KeyRange& keys) {
+    return (visible_key_end(p, keys, i0 + Tr::kRows - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
@@ -323,11 +328,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     int it = 0;  // K/V blocks loaded so far; the ring continues across (b, h) pairs
     for (int pair = 0; pair < rows.pairs(); ++pair) {
       const int b = rows.b(p, pair), h = rows.h(p, pair), hk = h / p.group;
+      const int n = num_n_blocks(key_range(p, b));
       mbar_wait(sm.q_empty(), (pair & 1) ^ 1);
       mbar_arrive_expect_tx(sm.q_full(), 2 * Tr::kQBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.q(), maps.q, sm.q_full(), i0, h, b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.grad_out(), maps.grad_out, sm.q_full(), i0, h, b);
-      for (int nb = 0; nb < num_n_blocks; ++nb, ++it) {
+      for (int nb = 0; nb < n; ++nb, ++it) {
         const int s = stage_of<Tr>(it);
         mbar_wait(sm.kv_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.kv_full(s), 2 * Tr::kKVBytes);
@@ -352,10 +358,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     float lse2[2], delta[2];
     sm80::thread_row_stats(p, b, h, warp_row0, lse2, delta, lane);
     const ElementMasks<T> masks{p, b, h};
+    const int n = num_n_blocks(masks.keys);
     float acc_dq[1][kD][4];
     sm80::zero(acc_dq);
     mbar_wait(sm.q_full(), pair & 1);
-    for (int nb = 0; nb < num_n_blocks; ++nb, ++it) {
+    for (int nb = 0; nb < n; ++nb, ++it) {
       const int s = stage_of<Tr>(it), j0 = nb * Tr::kBlockN;
       mbar_wait(sm.kv_full(s), parity_of<Tr>(it));
       float sc[1][kN][4], dp[1][kN][4];
@@ -367,7 +374,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(sc[0]);
       fence_operands(dp[0]);
 
-      const bool check = sm80::block_needs_check(p, i0, Tr::kRows, j0, Tr::kBlockN);
+      const bool check = sm80::block_needs_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
       sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
       if constexpr (kFeatures)
         if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(dp, p, bh, warp_row0, j0, lane);

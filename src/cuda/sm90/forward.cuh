@@ -120,10 +120,11 @@ struct PingPong {
 
 // Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
 // blocks first within each bh, consecutive tiles on one bh so concurrent CTAs share its K/V in
-// L2.
+// L2. Its key blocks stop at the causal limit and at b's last unpadded key.
 struct Tile {
   int b, h, hk, i0, num_n_blocks;
   std::int64_t bh;
+  KeyRange keys;
   template <int kBlockM, int kBlockN>
   __device__ __forceinline__ static Tile at(const DeviceParams& p, std::int64_t t,
                                             int num_m_blocks) {
@@ -134,7 +135,9 @@ struct Tile {
     tile.h = static_cast<int>(tile.bh % p.Hq);
     tile.hk = tile.h / p.group;
     tile.i0 = m_block * kBlockM;
-    tile.num_n_blocks = (causal_key_end(p, tile.i0 + kBlockM - 1) + kBlockN - 1) / kBlockN;
+    tile.keys = key_range(p, tile.b);
+    tile.num_n_blocks =
+        (visible_key_end(p, tile.keys, tile.i0 + kBlockM - 1) + kBlockN - 1) / kBlockN;
     return tile;
   }
 };
@@ -209,7 +212,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     float acc_o[1][kD][4];
     sm80::zero(acc_o);
     float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
-    const ElementMasks<T> masks{p, tile.b, tile.h};
+    const ElementMasks<T> masks{p, tile.b, tile.h, tile.keys};
     const float unit = sm80::score_unit<kFeatures>(p);
 
     float sc[1][kN][4];              // S of the current block, then its probabilities
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     // factor for acc_o once the previous P V is in.
     const auto softmax = [&](int nb, float(&rescale)[1][2]) {
       const int j0 = nb * Tr::kBlockN;
-      const bool check = sm80::block_needs_check(p, wg_row0, 64, j0, Tr::kBlockN);
+      const bool check = sm80::block_needs_check(p, tile.keys, wg_row0, 64, j0, Tr::kBlockN);
       sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
       sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
     };
