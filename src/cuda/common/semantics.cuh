@@ -100,7 +100,12 @@ struct ElementMasks {
   // Adds the mask to a score in log2 units, or returns -inf where (i, j) may not attend
   // (also for keys j >= Lk). Call only for i < Lq.
   __device__ __forceinline__ float apply(float score_log2, int i, int j) const {
-    if (!key_visible(j) || !causal_allows(p, i, j)) return -INFINITY;
+    return key_visible(j) ? mask_and_causal(score_log2, i, j) : -INFINITY;
+  }
+
+  // apply() for a key j < Lk known not to be padding.
+  __device__ __forceinline__ float mask_and_causal(float score_log2, int i, int j) const {
+    if (!causal_allows(p, i, j)) return -INFINITY;
     if (p.mask_kind == MaskKind::none) return score_log2;
     const std::int64_t off =
         b * p.mask_st[0] + h * p.mask_st[1] + i * p.mask_st[2] + j * p.mask_st[3];

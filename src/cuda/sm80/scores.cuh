@@ -29,6 +29,40 @@ __device__ __forceinline__ float score_unit(const DeviceParams& p) {
   return kMasks ? 1.f : p.scale_log2;
 }
 
+// Whether key j may be attended: read from the padding mask (kReadPadding) or bounded by the
+// batch element's key range.
+template <bool kReadPadding, class T>
+__device__ __forceinline__ bool key_visible(const ElementMasks<T>& masks, int j) {
+  return kReadPadding ? masks.key_visible(j) : j < masks.keys.end;
+}
+
+// mask_scores' per-element loop. kReadPadding: read the key padding mask per key; otherwise
+// the batch element's key range bounds the keys (a register compare: no load, no branch).
+template <Rows kRows, bool kMasks, bool kReadPadding, class T, int kM, int kN>
+__device__ __forceinline__ void mask_elements(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
+                                              int row0, int col0, int lane) {
+  const DeviceParams& p = masks.p;
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = acc[m][n][e];
+        const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
+        const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
+        if constexpr (kMasks)
+          x = (i < p.Lq && key_visible<kReadPadding>(masks, j))
+                  ? masks.mask_and_causal(x * p.scale_log2, i, j)
+                  : -INFINITY;
+        else
+          x = (i < p.Lq && causal_allows(p, i, j) && key_visible<kReadPadding>(masks, j))
+                  ? x
+                  : -INFINITY;
+        acc[m][n][e] = x;
+      }
+}
+
 // Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
 // score_unit for the units). row0/col0: global index of the tile's first row/column. `check`
 // false promises that every element is attendable and unmasked (block interior). kMasks false
@@ -37,7 +71,6 @@ __device__ __forceinline__ float score_unit(const DeviceParams& p) {
 template <Rows kRows, bool kMasks, class T, int kM, int kN>
 __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
                                             int row0, int col0, bool check, int lane) {
-  const DeviceParams& p = masks.p;
   if (!check) {  // block interior: nothing to mask, one uniform branch for the whole tile
     if constexpr (kMasks)
 #pragma unroll
@@ -45,25 +78,22 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
 #pragma unroll
         for (int n = 0; n < kN; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][n][e] *= p.scale_log2;
+          for (int e = 0; e < 4; ++e) acc[m][n][e] *= masks.p.scale_log2;
     return;
   }
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = acc[m][n][e];
-        if constexpr (kMasks) x *= p.scale_log2;
-        const int r = row0 + c_row(m, e, lane), c = col0 + c_col(n, e, lane);
-        const int i = kRows == Rows::queries ? r : c, j = kRows == Rows::queries ? c : r;
-        if constexpr (kMasks)
-          x = i < p.Lq ? masks.apply(x, i, j) : -INFINITY;
-        else
-          x = (i < p.Lq && causal_allows(p, i, j) && masks.key_visible(j)) ? x : -INFINITY;
-        acc[m][n][e] = x;
-      }
+  // The lean forward and dQ kernels read the padding mask per key only in tiles whose keys reach
+  // between the first padded and the last unpadded key (holes in the padding; a warp-uniform
+  // branch). The general kernels read masks per element anyway, and in the lean dK/dV kernels a
+  // second copy of the loop spilled: one loop there.
+  if constexpr (kMasks || kRows == Rows::keys) {
+    mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
+  } else {
+    const KeyRange& keys = masks.keys;
+    if (keys.dense_end < keys.end && col0 + 8 * kN > keys.dense_end && col0 < keys.end)
+      mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
+    else
+      mask_elements<kRows, kMasks, false>(acc, masks, row0, col0, lane);
+  }
 }
 
 // Whether a block of queries [i0, i0 + ni) x keys [j0, j0 + nj) needs per-element checks:
