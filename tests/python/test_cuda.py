@@ -384,19 +384,24 @@ def test_key_padding_patterns_skip_blocks_exactly(dtype, kernel, D, causal, monk
     assert not grads[1][6].any() and not grads[2][6].any()
 
 
-def test_key_range_scratch_is_checked():
-    """The module checks the CUDA kernels' key-range scratch like grad_scratch."""
+def test_kernel_scratch_is_checked():
+    """The module checks the CUDA kernels' bookkeeping scratch like grad_scratch."""
     from memattn import _memattn
 
     q, k, v = qkv(B=3, Hq=2, Lq=10, Lk=20, D=64, dtype=torch.bfloat16, requires_grad=False)
     out, lse = torch.empty_like(q), torch.empty(3, 2, 10, device=DEV)
     kpm = torch.zeros(3, 20, dtype=torch.bool, device=DEV)
-    for scratch in (torch.empty(5, device=DEV), torch.empty(6, dtype=torch.float16, device=DEV)):
-        with pytest.raises(ValueError, match=r"^key_range_scratch: .*2\*B = 6 elements"):
+    bad = (
+        torch.empty(6, device=DEV),  # too short
+        torch.empty(7, dtype=torch.float16, device=DEV),  # not 4-byte words
+        torch.empty(14, device=DEV)[::2],  # not contiguous
+    )
+    for scratch in bad:
+        with pytest.raises(ValueError, match=r"^kernel_scratch: .*2\*B \+ 1 = 7 elements"):
             _memattn.forward(
                 q, k, v, out, lse, None, kpm,
                 is_causal=False, causal_alignment="top_left", dropout_p=0.0, dropout_seed=0,
-                scale=None, num_threads=1, key_range_scratch=scratch,
+                scale=None, num_threads=1, kernel_scratch=scratch,
             )  # fmt: skip
         torch.cuda.synchronize()
 

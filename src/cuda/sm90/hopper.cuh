@@ -50,6 +50,16 @@ __device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parit
       : "memory");
 }
 
+// ---- one shared-memory word by its shared address (no generic pointer to keep in registers) ----
+__device__ __forceinline__ void st_shared(std::uint32_t addr, int value) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
+}
+__device__ __forceinline__ int ld_shared(std::uint32_t addr) {
+  int value;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(addr) : "memory");
+  return value;
+}
+
 // ---- bulk tensor copies ----
 // Copies the box at coordinates (c0, c1, c2, c3) (innermost first) of a 4-D tensor map into
 // shared memory; completion is counted on `bar` in bytes.
