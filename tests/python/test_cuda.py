@@ -384,6 +384,32 @@ def test_key_padding_patterns_skip_blocks_exactly(dtype, kernel, D, causal, monk
     assert not grads[1][6].any() and not grads[2][6].any()
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_without_kernel_scratch_same_numbers(dtype, D):
+    """Module calls without kernel_scratch (the C++ API allows it) take the fallbacks: causal
+    tiles one per CTA instead of the tile counter, key padding read key by key instead of key
+    ranges. Every tile is computed the same way either way: out and lse are bit-identical."""
+    from memattn import _memattn
+
+    B, H, L = 3, 4, 300
+    q, k, v = qkv(B=B, Hq=H, Lq=L, Lk=L, D=D, dtype=dtype, requires_grad=False)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, 200:] = True
+    kpm[1, 50:120] = True
+    kpm[1, 250:] = True
+    results = []
+    for scratch in (None, torch.empty(2 * B + 1, device=DEV)):
+        out, lse = torch.empty_like(q), torch.empty(B, H, L, device=DEV)
+        _memattn.forward(
+            q, k, v, out, lse, None, kpm.to(DEV),
+            is_causal=True, causal_alignment="top_left", dropout_p=0.0, dropout_seed=0,
+            scale=None, num_threads=1, kernel_scratch=scratch,
+        )  # fmt: skip
+        results.append((out, lse))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_kernel_scratch_is_checked():
     """The module checks the CUDA kernels' bookkeeping scratch like grad_scratch."""
     from memattn import _memattn
