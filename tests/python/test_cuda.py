@@ -389,7 +389,10 @@ def test_key_padding_patterns_skip_blocks_exactly(dtype, kernel, D, causal, monk
 def test_without_kernel_scratch_same_numbers(dtype, D):
     """Module calls without kernel_scratch (the C++ API allows it) take the fallbacks: causal
     tiles one per CTA instead of the tile counter, key padding read key by key instead of key
-    ranges. Every tile is computed the same way either way: out and lse are bit-identical."""
+    ranges. Every tile is computed the same way either way, except that without key ranges the
+    fully padded trailing blocks are run too: an all-masked block rescales the row sum by
+    exp2(m * s - fl(m * s)) (an FMA), so lse may move by an ulp or two and out at most by its
+    rounding (it did not in the first runs)."""
     from memattn import _memattn
 
     B, H, L = 3, 4, 300
@@ -407,7 +410,8 @@ def test_without_kernel_scratch_same_numbers(dtype, D):
             scale=None, num_threads=1, kernel_scratch=scratch,
         )  # fmt: skip
         results.append((out, lse))
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=4e-7, atol=0)
 
 
 def test_kernel_scratch_is_checked():

@@ -170,9 +170,9 @@ struct TileScheduler {
 // Persistent: each CTA runs the tiles TileScheduler gives it. The K/V ring's
 // stage and phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so
 // the producer loads the next tile's Q and K/V while the consumers finish the current one. The
-// producer picks the tiles and announces each on the Q barrier: it writes the tile's index to
-// the tile slot before the q_full arrival (a plain arrival for a tile with no key blocks, -1
-// when none is left), and the consumers read it after the wait.
+// producer picks the tiles and announces each on the Q barrier: its q_full phase also delivers
+// the tile's index into the tile slot (st_async; -1 when none is left; no Q for a tile with no
+// key blocks), and the consumers read it after the wait.
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
@@ -207,26 +207,24 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     prefetch_tensor_map(maps.v);
     const TileScheduler<Tr::kDynamicTiles> scheduler{p.tile_counter};
     int it = 0, q_round = 0;  // K/V blocks and tiles announced so far
-    // Waits until the consumers are done with the last tile's Q, then names the next tile.
-    const auto announce = [&](int t) {
+    // Waits until the consumers are done with the last tile's Q, then names the next tile on
+    // q_full, whose phase also waits for `q_bytes` of Q.
+    const auto announce = [&](int t, std::uint32_t q_bytes) {
       mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
-      st_shared(sm.tile_slot(), t);
+      mbar_arrive_expect_tx(sm.q_full(), q_bytes + 4);
+      st_async(sm.tile_slot(), t, sm.q_full());
       ++q_round;
     };
     for (int t = blockIdx.x; t < num_tiles; t = scheduler.next(t)) {
       const Tile tile = tile_at(t);
-      if (tile.num_n_blocks == 0) {  // nothing to load: the consumers write the empty rows
-        announce(t);
-        mbar_arrive(sm.q_full());
-      }
+      if (tile.num_n_blocks == 0) announce(t, 0);  // no Q: the consumers write empty rows
       for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
         const int s = stage_of<Tr>(it), row = nb * Tr::kBlockN;
         mbar_wait(sm.k_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
-          announce(t);
-          mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
+          announce(t, Tr::kQBytes);
           load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
         }
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
@@ -234,8 +232,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), row, tile.hk, tile.b);
       }
     }
-    announce(-1);
-    mbar_arrive(sm.q_full());
+    announce(-1, 0);
     return;
   }
 
