@@ -38,13 +38,12 @@ struct ForwardArgs {
   // Outputs, allocated by the caller.
   TensorView out;  // [B, Hq, Lq, Dv], q's dtype
   TensorView lse;  // [B, Hq, Lq], float32 (float64 when q is float64)
-  // CUDA only, optional: the CUDA kernels' per-call bookkeeping, contiguous 4-byte words (a
-  // float32 tensor) of at least 2*B + 1 elements, allocated by the caller like
-  // grad_scratch: the causal forward's tile counter (its dynamic tile scheduler) and each batch
-  // element's key range with a key_padding_mask (first padded key, last unpadded key + 1, so
-  // the kernels skip fully padded key blocks). Without it causal forwards run one tile per CTA
-  // and key padding is checked key by key. Ignored by the CPU backend.
-  TensorView kernel_scratch;
+  // CUDA only, optional, used with key_padding_mask: contiguous 4-byte scratch (a float32
+  // tensor) of at least 2*B elements, allocated by the caller like grad_scratch. The CUDA
+  // backend stores each batch element's key range there (first padded key, last unpadded key
+  // + 1) so its kernels skip fully padded key blocks; without it they check every key. Ignored
+  // by the CPU backend.
+  TensorView key_range_scratch;
 };
 
 struct BackwardArgs {

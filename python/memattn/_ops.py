@@ -232,12 +232,12 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _kernel_scratch(q: Tensor) -> Tensor | None:
-    """The CUDA kernels' per-call bookkeeping (params.h: kernel_scratch): the causal forward's
-    tile counter and the per-batch key ranges of a key_padding_mask. None on the CPU."""
-    if not q.is_cuda:
+def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | None:
+    """Scratch for the CUDA kernels' per-batch key ranges (first padded key, last unpadded key
+    + 1), which let them skip fully padded key blocks; None where there is nothing to skip."""
+    if key_padding_mask is None or not q.is_cuda:
         return None
-    return q.new_empty((2 * q.shape[0] + 1,), dtype=torch.float32)
+    return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
 def _seed_value(dropout_seed: Tensor | None) -> int:
@@ -287,7 +287,7 @@ def attention_forward(
         dropout_seed=_seed_value(dropout_seed),
         scale=_default_scale(q, scale),
         num_threads=torch.get_num_threads(),
-        kernel_scratch=_kernel_scratch(q),
+        key_range_scratch=_key_range_scratch(q, key_padding_mask),
         stream=_stream(q),
     )
     return _into(out, kout), lse
@@ -367,7 +367,7 @@ def attention_backward(
         scale=_default_scale(q, scale),
         num_threads=torch.get_num_threads(),
         grad_scratch=scratch,
-        kernel_scratch=_kernel_scratch(q),
+        key_range_scratch=_key_range_scratch(q, key_padding_mask),
         stream=_stream(q),
     )
     if mask_needs_grad and kernel_grad_mask is not grad_mask:

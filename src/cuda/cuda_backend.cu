@@ -114,20 +114,17 @@ std::int64_t broadcast_stride(const TensorView& t, int d) {
   return t.sizes[d] == 1 ? 0 : t.strides[d];
 }
 
-// Points the kernels' bookkeeping into kernel_scratch (include/memattn/params.h) after checking
-// it: word 0 the causal forward's tile counter, words [1, 1 + 2B) the key ranges.
-void use_kernel_scratch(DeviceParams& p, const TensorView& t, const ForwardArgs& a,
-                        const ProblemShape& s) {
+// key_range_scratch as the kernels' int [B][2] key ranges (params.h), after checking it.
+int* key_range_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
   if (t.dtype != DType::f32 || t.device != DeviceType::cuda || t.device_index != a.q.device_index ||
-      t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < 2 * s.B + 1)
+      t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < 2 * s.B)
     throw Error(ErrorKind::invalid_value,
-                "kernel_scratch: the CUDA kernels need a contiguous 1-D float32 tensor of at least "
-                "2*B + 1 = " +
-                    std::to_string(2 * s.B + 1) + " elements on q's device (cuda:" +
+                "key_range_scratch: the CUDA kernels need a contiguous 1-D float32 tensor of at "
+                "least 2*B = " +
+                    std::to_string(2 * s.B) + " elements on q's device (cuda:" +
                     std::to_string(a.q.device_index) + "), got " + dtype_name(t.dtype) + " " +
                     t.shape_string() + " on " + device_name(t.device));
-  p.tile_counter = static_cast<unsigned*>(t.data);
-  if (p.key_padding != nullptr) p.key_ranges = static_cast<int*>(t.data) + 1;
+  return static_cast<int*>(t.data);
 }
 
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
@@ -169,6 +166,7 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
     p.key_padding = static_cast<const std::uint8_t*>(a.key_padding_mask.data);
     p.key_padding_st[0] = a.key_padding_mask.strides[0];
     p.key_padding_st[1] = a.key_padding_mask.strides[1];
+    if (a.key_range_scratch.present()) p.key_ranges = key_range_words(a.key_range_scratch, a, s);
   }
   if (a.dropout_p > 0.0) {
     p.dropout = true;
@@ -178,7 +176,6 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   }
   p.grad_mask_b_outer = p.B;
   p.grad_mask_h_outer = p.Hq;
-  if (a.kernel_scratch.present()) use_kernel_scratch(p, a.kernel_scratch, a, s);
   return p;
 }
 

@@ -244,11 +244,11 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads,
-         const std::optional<nb::ndarray<>>& kernel_scratch, std::uintptr_t stream) {
+         const std::optional<nb::ndarray<>>& key_range_scratch, std::uintptr_t stream) {
         memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.out = view_of(out, "out");
         a.lse = view_of(lse, "lse");
-        a.kernel_scratch = view_of(kernel_scratch, "kernel_scratch");
+        a.key_range_scratch = view_of(key_range_scratch, "key_range_scratch");
         set_options(a, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
@@ -258,12 +258,11 @@ NB_MODULE(_memattn, m) {
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "attn_mask"_a.none(), "key_padding_mask"_a.none(),
       nb::kw_only(), "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a,
-      "scale"_a.none(), "num_threads"_a, "kernel_scratch"_a.none() = nb::none(), "stream"_a = 0,
+      "scale"_a.none(), "num_threads"_a, "key_range_scratch"_a.none() = nb::none(), "stream"_a = 0,
       "Runs the forward pass into the caller's `out` [B, Hq, Lq, Dv] and `lse` [B, Hq, Lq] "
       "(float32). CUDA calls are queued on `stream` (a cudaStream_t as an integer, 0 = the "
       "default stream) and not synchronized; with a key_padding_mask they skip fully padded "
-      "key blocks and causal calls schedule tiles dynamically when given `kernel_scratch`, "
-      "float32 [>= 2*B + 1] on the same device.");
+      "key blocks when given `key_range_scratch`, float32 [>= 2*B] on the same device.");
 
   m.def(
       "backward",
@@ -276,12 +275,12 @@ NB_MODULE(_memattn, m) {
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads,
          const std::optional<nb::ndarray<>>& grad_scratch,
-         const std::optional<nb::ndarray<>>& kernel_scratch, std::uintptr_t stream) {
+         const std::optional<nb::ndarray<>>& key_range_scratch, std::uintptr_t stream) {
         memattn::BackwardArgs a;
         a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");
         a.fwd.lse = view_of(lse, "lse");
-        a.fwd.kernel_scratch = view_of(kernel_scratch, "kernel_scratch");
+        a.fwd.key_range_scratch = view_of(key_range_scratch, "key_range_scratch");
         set_options(a.fwd, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         a.grad_out = view_of(grad_out, "grad_out");
         a.grad_q = view_of(grad_q, "grad_q");
@@ -298,11 +297,11 @@ NB_MODULE(_memattn, m) {
       "grad_out"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "grad_q"_a, "grad_k"_a, "grad_v"_a,
       "grad_attn_mask"_a.none(), "attn_mask"_a.none(), "key_padding_mask"_a.none(), nb::kw_only(),
       "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a, "scale"_a.none(),
-      "num_threads"_a, "grad_scratch"_a.none() = nb::none(), "kernel_scratch"_a.none() = nb::none(),
-      "stream"_a = 0,
+      "num_threads"_a, "grad_scratch"_a.none() = nb::none(),
+      "key_range_scratch"_a.none() = nb::none(), "stream"_a = 0,
       "Runs the backward pass into the caller's grad_q/grad_k/grad_v (and grad_attn_mask, "
       "float32, zero-filled, the 4-D shape of attn_mask, when the mask needs a gradient). CUDA "
-      "calls need `grad_scratch`, float32 [B, Hq, Lq], take `kernel_scratch` as forward "
+      "calls need `grad_scratch`, float32 [B, Hq, Lq], take `key_range_scratch` as forward "
       "does, and are queued on `stream`.");
 
   m.def("build_info", [] {

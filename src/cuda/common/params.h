@@ -48,10 +48,6 @@ struct DeviceParams {
   // blocks before the first padded key.
   int* key_ranges = nullptr;
 
-  // Optional: the sm90 forward's dynamic tile scheduler for causal calls takes tiles from this
-  // counter, which its launcher zeroes (sm90/forward.cuh: TileScheduler).
-  unsigned* tile_counter = nullptr;
-
   // Dropout: key (i, j) of row bh = b * Hq + h is kept iff
   // philox::dropout_draws(seed, bh, i, j >> 2).x[j & 3] >= dropout_threshold.
   bool dropout = false;

@@ -11,7 +11,6 @@
 #include <cuda.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -40,23 +39,15 @@ struct ForwardTraits {
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
-  // Causal calls take tiles from a counter (TileScheduler) at D = 64, where it measured up to
-  // 8% faster than one tile per CTA; the counter's atomic needs more than 24 producer
-  // registers, which D = 64's consumers can give up (232 spill nothing there; at D = 128 they
-  // spilled, and the dynamic schedule gained 0-2.5%).
-  static constexpr bool kDynamicTiles = kHeadDim == 64;
-  // Register budget: 128 * producer + 128 * kConsumers * consumer <= 168 * kThreads, the
-  // launch allocation (backward.cuh: BackwardShape).
-  static constexpr int kProducerRegs = kDynamicTiles ? 40 : 24;
-  static constexpr int kConsumerRegs = kDynamicTiles ? 232 : 240;
+  // Register budget: 128 * producer + 128 * kConsumers * consumer <= 65536.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
   // Layout: Q | K[kStages] | V[kStages] | mbarriers; every tile 1024-byte aligned.
   static constexpr std::uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
   static constexpr int kBarriers = 2 + 4 * kStages;  // q full/empty, k/v full, k/v empty
-  // + the tile slot (tile_slot) + alignment slack.
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 8 + 1024;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
 
@@ -85,8 +76,6 @@ struct ForwardSmem {
   __device__ __forceinline__ std::uint32_t v_empty(int s) const {
     return bar(2 + 3 * Tr::kStages + s);
   }
-  // The index of the tile whose Q the q_full phase delivers (-1: no tiles left).
-  __device__ __forceinline__ std::uint32_t tile_slot() const { return bar(Tr::kBarriers); }
 };
 
 // The two products of a consumer warpgroup `wg`, issued asynchronously (wgmma_commit'ed;
@@ -137,13 +126,13 @@ struct Tile {
   std::int64_t bh;
   KeyRange keys;
   template <int kBlockM, int kBlockN>
-  __device__ __forceinline__ static Tile at(const DeviceParams& p, int t, int num_m_blocks) {
+  __device__ __forceinline__ static Tile at(const DeviceParams& p, std::int64_t t,
+                                            int num_m_blocks) {
     Tile tile;
     const int m_block = num_m_blocks - 1 - static_cast<int>(t % num_m_blocks);
-    const int bh = t / num_m_blocks;
-    tile.bh = bh;
-    tile.b = bh / p.Hq;
-    tile.h = bh % p.Hq;
+    tile.bh = t / num_m_blocks;
+    tile.b = static_cast<int>(tile.bh / p.Hq);
+    tile.h = static_cast<int>(tile.bh % p.Hq);
     tile.hk = tile.h / p.group;
     tile.i0 = m_block * kBlockM;
     tile.keys = key_range(p, tile.b);
@@ -153,35 +142,18 @@ struct Tile {
   }
 };
 
-// Which tiles a CTA runs: blockIdx.x first, then the next one of a shared counter (dynamic:
-// causal calls, whose tiles differ in length; the counter hands the next heavy-first tile to
-// whichever CTA frees up, as the hardware does for a grid of one tile per CTA, while the CTA
-// keeps loading during its epilogue), or blockIdx.x + gridDim.x, ... (static).
-template <bool kDynamic>
-struct TileScheduler {
-  unsigned* counter;  // zeroed before the launch; nullptr: static
-  __device__ __forceinline__ int next(int t) const {
-    if constexpr (kDynamic)
-      if (counter != nullptr) return static_cast<int>(gridDim.x + atomicAdd(counter, 1u));
-    return static_cast<int>(t + gridDim.x);
-  }
-};
-
-// Persistent: each CTA runs the tiles TileScheduler gives it. The K/V ring's
+// Persistent (non-causal calls): each CTA runs tiles blockIdx.x, + gridDim.x, ... The K/V ring's
 // stage and phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so
-// the producer loads the next tile's Q and K/V while the consumers finish the current one. The
-// producer picks the tiles and announces each on the Q barrier: its q_full phase also delivers
-// the tile's index into the tile slot (st_async; -1 when none is left; no Q for a tile with no
-// key blocks), and the consumers read it after the wait.
+// the producer loads the next tile's Q and K/V while the consumers finish the current one.
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
-                   int num_m_blocks, int num_tiles) {
+                   int num_m_blocks, std::int64_t num_tiles) {
   using Tr = ForwardTraits<kHeadDim>;
   constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
   extern __shared__ unsigned char smem_raw[];
   const ForwardSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
-  const auto tile_at = [&](int t) {
+  const auto tile_at = [&](std::int64_t t) {
     return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
   };
 
@@ -205,34 +177,25 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     prefetch_tensor_map(maps.q);
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
-    const TileScheduler<Tr::kDynamicTiles> scheduler{p.tile_counter};
-    int it = 0, q_round = 0;  // K/V blocks and tiles announced so far
-    // Waits until the consumers are done with the last tile's Q, then names the next tile on
-    // q_full, whose phase also waits for `q_bytes` of Q.
-    const auto announce = [&](int t, std::uint32_t q_bytes) {
-      mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
-      mbar_arrive_expect_tx(sm.q_full(), q_bytes + 4);
-      st_async(sm.tile_slot(), t, sm.q_full());
-      ++q_round;
-    };
-    for (int t = blockIdx.x; t < num_tiles; t = scheduler.next(t)) {
+    int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
+    for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const Tile tile = tile_at(t);
-      if (tile.num_n_blocks == 0) announce(t, 0);  // no Q: the consumers write empty rows
       for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
         const int s = stage_of<Tr>(it), row = nb * Tr::kBlockN;
         mbar_wait(sm.k_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
-          announce(t, Tr::kQBytes);
+          mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
+          mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
           load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
+          ++q_round;
         }
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), row, tile.hk, tile.b);
       }
     }
-    announce(-1, 0);
     return;
   }
 
@@ -241,11 +204,8 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const GemmIssue<T, kHeadDim> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
-  int it = 0;
-  for (int q_round = 0;; ++q_round) {
-    mbar_wait(sm.q_full(), q_round & 1);
-    const int t = ld_shared(sm.tile_slot());
-    if (t < 0) break;
+  int it = 0, q_round = 0;
+  for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
     const Tile tile = tile_at(t);
     const int n = tile.num_n_blocks;
     const int wg_row0 = tile.i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
@@ -274,8 +234,8 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
       sm80::c_to_a<T>(pf, sc);
     };
 
-    if (n == 0) release(sm.q_empty(), lane);  // no keys: the rows are empty (out 0, lse -inf)
-    if (n > 0) {                              // block 0: S(0) alone
+    if (n > 0) {  // block 0: S(0) alone
+      mbar_wait(sm.q_full(), q_round & 1);
       turn.start();
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
@@ -325,6 +285,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
       fence_operands(acc_o[0]);
       release(sm.v_empty(stage_of<Tr>(last)), lane);
       it += n;
+      ++q_round;
     }
     sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
   }
@@ -346,29 +307,17 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
-  // Tile indices are int in the kernel: 2^31 tiles of 128 queries would be 2^38 query rows.
-  if (num_tiles > INT_MAX)
-    throw Error(ErrorKind::not_implemented,
-                "memattn sm90 forward: " + std::to_string(num_tiles) +
-                    " tiles of 128 queries (B * Hq * ceil(Lq / 128)) exceed 2^31 - 1");
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
-  // Causal tiles differ in length: a static persistent split balanced worse than one tile per
-  // CTA (src/cuda/sm90/NOTES.md), so they are handed out dynamically from p.tile_counter at
-  // D = 64 (kDynamicTiles), else (or without a counter) one per CTA.
-  DeviceParams params = p;
-  if (!p.causal || !Tr::kDynamicTiles) params.tile_counter = nullptr;
-  if (params.tile_counter != nullptr)
-    check_cuda(cudaMemsetAsync(params.tile_counter, 0, sizeof(*params.tile_counter), stream),
-               "cudaMemsetAsync(tile counter)");
-  const bool one_tile_per_cta = p.causal && params.tile_counter == nullptr;
+  // Causal tiles differ in length: one tile per CTA lets the hardware hand the next
+  // (heavy-first) tile to whichever multiprocessor frees up, which balanced better on H100
+  // than a static persistent split (bench/RESULTS.md, src/cuda/sm90/NOTES.md).
   const std::int64_t grid =
-      one_tile_per_cta ? num_tiles : std::min<std::int64_t>(num_tiles, multiprocessors());
+      p.causal ? num_tiles : std::min<std::int64_t>(num_tiles, multiprocessors());
   launch_with_smem(&forward_kernel<T, kHeadDim, kFeatures>, "memattn sm90 forward kernel", grid,
-                   Tr::kThreads, Tr::kSmemBytes, stream, params, maps, num_m_blocks,
-                   static_cast<int>(num_tiles));
+                   Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
 }
 
 }  // namespace memattn::cuda::sm90

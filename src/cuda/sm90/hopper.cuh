@@ -50,22 +50,6 @@ __device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parit
       : "memory");
 }
 
-// ---- one shared-memory word handed over on an mbarrier ----
-// Stores a word through the async proxy and counts its 4 bytes on `bar` (complete_tx), as a TMA
-// copy does: threads that wait for the phase then read it (ld_shared). (compute-sanitizer's
-// racecheck flagged a plain st.shared before the arrive handed over the same way.)
-__device__ __forceinline__ void st_async(std::uint32_t addr, int value, std::uint32_t bar) {
-  asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(addr),
-      "r"(value), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ int ld_shared(std::uint32_t addr) {
-  int value;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(addr) : "memory");
-  return value;
-}
-
 // ---- bulk tensor copies ----
 // Copies the box at coordinates (c0, c1, c2, c3) (innermost first) of a 4-D tensor map into
 // shared memory; completion is counted on `bar` in bytes.
