@@ -68,12 +68,15 @@ __device__ __forceinline__ KeyRange key_range(const DeviceParams& p, int b) {
   return {p.key_ranges[2 * b], p.key_ranges[2 * b + 1]};
 }
 
-// Keys [0, end) that queries up to i_last of a batch element with key range `keys` may see:
-// block loops stop there, skipping trailing padded blocks as well as causally hidden ones.
-__device__ __forceinline__ int visible_key_end(const DeviceParams& p, const KeyRange& keys,
-                                               std::int64_t i_last) {
-  const int end = causal_key_end(p, i_last);
-  return end < keys.end ? end : keys.end;
+// How many blocks of kBlockN keys the queries up to i_last of a batch element with key range
+// `keys` loop over: the keys up to the causal limit and the last unpadded key, so the loops skip
+// trailing padded blocks as well as causally hidden ones.
+template <int kBlockN>
+__device__ __forceinline__ int visible_key_blocks(const DeviceParams& p, const KeyRange& keys,
+                                                  std::int64_t i_last) {
+  const int causal_end = causal_key_end(p, i_last);
+  const int end = causal_end < keys.end ? causal_end : keys.end;
+  return (end + kBlockN - 1) / kBlockN;
 }
 
 // Everything that masks or biases one score, for one (b, h) pair. `T` is the additive mask's

@@ -86,8 +86,7 @@ __global__ void __launch_bounds__(DqTraits<kHeadDim>::kThreads)
       thread_row_stats(p, b, h, i0 + warp_row0, lse2, delta, lane);
       const ElementMasks<T> masks{p, b, h};
       const float unit = score_unit<kFeatures>(p);
-      const int j_end = visible_key_end(p, masks.keys, i0 + Tr::kBlockM - 1);
-      const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
+      const int num_n_blocks = visible_key_blocks<Tr::kBlockN>(p, masks.keys, i0 + Tr::kBlockM - 1);
 
       float acc_dq[1][kD][4];
       zero(acc_dq);

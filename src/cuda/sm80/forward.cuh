@@ -64,8 +64,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
 
   // Keys this block can see: up to the causal limit of its last query and the last unpadded key.
   const ElementMasks<T> masks{p, b, h};
-  const int j_end = visible_key_end(p, masks.keys, i0 + Tr::kBlockM - 1);
-  const int num_n_blocks = (j_end + Tr::kBlockN - 1) / Tr::kBlockN;
+  const int num_n_blocks = visible_key_blocks<Tr::kBlockN>(p, masks.keys, i0 + Tr::kBlockM - 1);
 
   float acc_o[kM][kD][4];
   zero(acc_o);

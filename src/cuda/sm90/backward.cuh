@@ -303,10 +303,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
   const DqRows rows(p, blockIdx.x / num_m_blocks);
   const int i0 = m_block * Tr::kRows;
-  // Key blocks of batch element b: up to the causal limit and b's last unpadded key.
-  const auto num_n_blocks = [&](const KeyRange& keys) {
-    return (visible_key_end(p, keys, i0 + Tr::kRows - 1) + Tr::kBlockN - 1) / Tr::kBlockN;
-  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
@@ -328,7 +324,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     int it = 0;  // K/V blocks loaded so far; the ring continues across (b, h) pairs
     for (int pair = 0; pair < rows.pairs(); ++pair) {
       const int b = rows.b(p, pair), h = rows.h(p, pair), hk = h / p.group;
-      const int n = num_n_blocks(key_range(p, b));
+      const int n = visible_key_blocks<Tr::kBlockN>(p, key_range(p, b), i0 + Tr::kRows - 1);
       mbar_wait(sm.q_empty(), (pair & 1) ^ 1);
       mbar_arrive_expect_tx(sm.q_full(), 2 * Tr::kQBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.q(), maps.q, sm.q_full(), i0, h, b);
@@ -358,7 +354,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     float lse2[2], delta[2];
     sm80::thread_row_stats(p, b, h, warp_row0, lse2, delta, lane);
     const ElementMasks<T> masks{p, b, h};
-    const int n = num_n_blocks(masks.keys);
+    const int n = visible_key_blocks<Tr::kBlockN>(p, masks.keys, i0 + Tr::kRows - 1);
     float acc_dq[1][kD][4];
     sm80::zero(acc_dq);
     mbar_wait(sm.q_full(), pair & 1);

@@ -136,8 +136,7 @@ struct Tile {
     tile.hk = tile.h / p.group;
     tile.i0 = m_block * kBlockM;
     tile.keys = key_range(p, tile.b);
-    tile.num_n_blocks =
-        (visible_key_end(p, tile.keys, tile.i0 + kBlockM - 1) + kBlockN - 1) / kBlockN;
+    tile.num_n_blocks = visible_key_blocks<kBlockN>(p, tile.keys, tile.i0 + kBlockM - 1);
     return tile;
   }
 };
