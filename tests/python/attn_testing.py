@@ -311,6 +311,25 @@ def recover_keep_mask(q, k, p, seed, **kwargs):
     return (out != 0).cpu()
 
 
+# The dropout tests' call variants (parametrize with ids=DROPOUT_CALL_IDS): plain, bottom-right
+# causal, and key padding, whose "random" mask dropout_call_kwargs draws.
+DROPOUT_CALLS = [
+    {},
+    {"is_causal": True, "causal_alignment": "bottom_right"},
+    {"key_padding_mask": "random"},
+]
+DROPOUT_CALL_IDS = ["plain", "causal_br", "kpm"]
+
+
+def dropout_call_kwargs(kwargs: dict, B: int, Lk: int, device=None) -> dict:
+    """One of DROPOUT_CALLS ready to pass: "random" key padding becomes a bool [B, Lk] mask
+    (30% padded, drawn on the CPU, then moved to `device` if given)."""
+    if kwargs.get("key_padding_mask") != "random":
+        return kwargs
+    mask = torch.rand(B, Lk) < 0.3
+    return {"key_padding_mask": mask if device is None else mask.to(device)}
+
+
 def assert_dropout_matches_reference(out, grads, leaves, grad_out, keep, p, dtype, kwargs):
     """``out`` and ``grads`` (of q, k, v, mask = ``leaves``) of a dropout call against
     ``attention_reference`` driven by the recovered ``keep`` mask, in float64 and in ``dtype``,

@@ -34,11 +34,14 @@ from torch import nn
 
 import memattn
 from attn_testing import (
+    DROPOUT_CALL_IDS,
+    DROPOUT_CALLS,
     Inputs,
     assert_close_policy,
     assert_dead_rows,
     assert_dropout_matches_reference,
     check_against_reference,
+    dropout_call_kwargs,
     make_qkv,
     masked_causal_attention,
     recover_keep_mask,
@@ -629,17 +632,12 @@ def test_dropout_default_generator_follows_manual_seed():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"is_causal": True, "causal_alignment": "bottom_right"}, {"key_padding_mask": "random"}],
-    ids=["plain", "causal_br", "kpm"],
-)
+@pytest.mark.parametrize("kwargs", DROPOUT_CALLS, ids=DROPOUT_CALL_IDS)
 def test_dropout_mask_is_the_cpu_backends(dtype, kwargs):
     """CPU and CUDA key the same Philox stream the same way: one seed, one mask."""
     p, seed = 0.3, 99
     Bn, Hq, Hk, Lq, Lk = 2, 4, 2, 70, 128
-    if kwargs.get("key_padding_mask") == "random":
-        kwargs = {"key_padding_mask": torch.rand(Bn, Lk) < 0.3}
+    kwargs = dropout_call_kwargs(kwargs, Bn, Lk)
     # magnitude 0.5: scores ~ N(0, 1/16), so no kept weight is near fp16's underflow
     q, k, _ = make_qkv(B=Bn, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=64, magnitude=0.5, requires_grad=False)
     cpu = recover_keep_mask(q.double(), k.double(), p, seed, **kwargs)
@@ -687,18 +685,13 @@ def test_dropout_matches_cpu_backend_fp32():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "kwargs",
-    [{}, {"is_causal": True, "causal_alignment": "bottom_right"}, {"key_padding_mask": "random"}],
-    ids=["plain", "causal_br", "kpm"],
-)
+@pytest.mark.parametrize("kwargs", DROPOUT_CALLS, ids=DROPOUT_CALL_IDS)
 def test_dropout_forward_and_backward_match_reference(dtype, kwargs):
     """Backward uses exactly the forward's mask: fwd and grads match the reference driven by
     the mask recovered from memattn's own output."""
     p, seed = 0.3, 1234
     Bn, Hq, Hk, Lq, Lk, D, Dv = 2, 4, 2, 70, 100, 64, 64
-    if kwargs.get("key_padding_mask") == "random":
-        kwargs = {"key_padding_mask": (torch.rand(Bn, Lk) < 0.3).to(DEV)}
+    kwargs = dropout_call_kwargs(kwargs, Bn, Lk, DEV)
     q, k, v = qkv(B=Bn, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype)
     # Recovered in float32 (the SIMT kernels; no rounding turns a kept weight into 0).
     keep = recover_keep_mask(q.detach().float(), k.detach().float(), p, seed, **kwargs)

@@ -15,7 +15,10 @@ import torch
 
 import memattn
 from attn_testing import (
+    DROPOUT_CALL_IDS,
+    DROPOUT_CALLS,
     assert_dropout_matches_reference,
+    dropout_call_kwargs,
     make_qkv,
     recover_keep_mask,
     seeded_generator,
@@ -108,20 +111,11 @@ def test_lse_is_before_dropout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"is_causal": True, "causal_alignment": "bottom_right"},
-        {"key_padding_mask": "random"},
-    ],
-    ids=["plain", "causal_br", "kpm"],
-)
+@pytest.mark.parametrize("kwargs", DROPOUT_CALLS, ids=DROPOUT_CALL_IDS)
 def test_forward_and_backward_match_reference_with_recovered_mask(dtype, kwargs):
     p, seed = 0.3, 1234
     B, Hq, Hk, Lq, Lk, D, Dv = 2, 4, 2, 19, 27, 16, 12
-    if kwargs.get("key_padding_mask") == "random":
-        kwargs = {"key_padding_mask": torch.rand(B, Lk) < 0.3}
+    kwargs = dropout_call_kwargs(kwargs, B, Lk)
     q, k, v = make_qkv(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype)
     # Recover the mask in float64 (no rounding can turn a kept weight into 0).
     keep = recover_keep_mask(q.detach().double(), k.detach().double(), p, seed, **kwargs)
