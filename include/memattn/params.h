@@ -58,6 +58,12 @@ struct BackwardArgs {
   // CUDA only: float32 [B, Hq, Lq] contiguous scratch (rowsum(grad_out * out)), allocated by
   // the caller so the core never allocates device memory. Ignored by the CPU backend.
   TensorView grad_scratch;
+  // CUDA only, optional: contiguous float32 scratch of at least B*Hq*ceil(Lq/64)*64*Dp
+  // elements, Dp = 64 when max(D, Dv) <= 64 else 128. Given it, the Hopper (sm90) backward of
+  // calls without attn_mask or dropout runs in one pass (dQ summed there with atomic adds,
+  // faster; its last bits vary run to run); without it, or on other GPUs, the atomic-free two
+  // passes run (bit-identical run to run). Ignored where unused.
+  TensorView grad_q_accum_scratch;
 };
 
 // Sizes derived once by validation; backends read these instead of re-deriving them.

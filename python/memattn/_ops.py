@@ -240,6 +240,30 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
     return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
+def _grad_q_accum_scratch(
+    q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
+) -> Tensor | None:
+    """fp32 scratch in which the Hopper backward sums dQ over key blocks with atomic adds (one
+    pass instead of two); None keeps the atomic-free two passes: on other GPUs, for calls the
+    single pass does not serve (attn_mask, dropout, head dims over 128), and under
+    ``torch.use_deterministic_algorithms(True)`` (the two passes give bit-identical gradients
+    run to run; the atomics' order changes dQ's last bits). ``d``, ``dv``: the head dims the
+    kernels see (after any padding)."""
+    if (
+        not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or attn_mask is not None
+        or dropout_p > 0.0
+        or max(d, dv) > 128
+        or torch.are_deterministic_algorithms_enabled()
+        or torch.cuda.get_device_capability(q.device) != (9, 0)
+    ):
+        return None
+    B, Hq, Lq = q.shape[:3]
+    columns = 64 if max(d, dv) <= 64 else 128
+    return q.new_empty((B * Hq * (-(-Lq // 64)) * 64 * columns,), dtype=torch.float32)
+
+
 def _seed_value(dropout_seed: Tensor | None) -> int:
     return 0 if dropout_seed is None else int(dropout_seed.item())
 
@@ -340,7 +364,12 @@ def attention_backward(
     grad_mask = _empty_grad_mask(q, attn_mask, mask_needs_grad)
     tensors = [t.detach() for t in (grad_out, q, k, v, out)]
     grads = [grad_q, grad_k, grad_v]
-    kernel_mask, kernel_grad_mask, scratch = _detached(attn_mask), grad_mask, None
+    kernel_mask, kernel_grad_mask, scratch, accum_scratch = (
+        _detached(attn_mask),
+        grad_mask,
+        None,
+        None,
+    )
     if q.is_cuda:
         tensors = [_cuda_ready(t) for t in tensors]
         grads = [
@@ -349,6 +378,9 @@ def attention_backward(
         ]
         B, Hq, Lq, _ = q.shape
         scratch = q.new_empty((B * Hq * Lq,), dtype=torch.float32)
+        accum_scratch = _grad_q_accum_scratch(
+            q, tensors[1].shape[-1], tensors[3].shape[-1], attn_mask, dropout_p
+        )
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(
                 attn_mask, grad_mask, Lq, k.shape[2]
@@ -368,6 +400,7 @@ def attention_backward(
         num_threads=torch.get_num_threads(),
         grad_scratch=scratch,
         key_range_scratch=_key_range_scratch(q, key_padding_mask),
+        grad_q_accum_scratch=accum_scratch,
         stream=_stream(q),
     )
     if mask_needs_grad and kernel_grad_mask is not grad_mask:

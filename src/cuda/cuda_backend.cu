@@ -127,6 +127,22 @@ int* key_range_words(const TensorView& t, const ForwardArgs& a, const ProblemSha
   return static_cast<int*>(t.data);
 }
 
+// grad_q_accum_scratch as the sm90 single pass's dQ sums (params.h), after checking it.
+float* dq_accum_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
+  const std::int64_t needed =
+      s.B * s.Hq * ((s.Lq + 63) / 64) * 64 * sm90_head_dim_bucket(max_head_dim(a));
+  if (t.dtype != DType::f32 || t.device != DeviceType::cuda || t.device_index != a.q.device_index ||
+      t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < needed)
+    throw Error(
+        ErrorKind::invalid_value,
+        "grad_q_accum_scratch: the CUDA backward needs a contiguous 1-D float32 tensor of "
+        "at least B*Hq*ceil(Lq/64)*64*" +
+            std::to_string(sm90_head_dim_bucket(max_head_dim(a))) + " = " + std::to_string(needed) +
+            " elements on q's device (cuda:" + std::to_string(a.q.device_index) + "), got " +
+            dtype_name(t.dtype) + " " + t.shape_string() + " on " + device_name(t.device));
+  return static_cast<float*>(t.data);
+}
+
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   DeviceParams p;
   p.q = a.q.data;
@@ -337,6 +353,8 @@ void backward(const BackwardArgs& a, const ProblemShape& s, const ExecContext& c
     p.grad_mask_b_outer = g.sizes[0] == 1 ? 1 : p.B;
     p.grad_mask_h_outer = g.sizes[1] == 1 ? 1 : p.Hq;
   }
+  if (a.grad_q_accum_scratch.present() && use_sm90(a.fwd, /*backward=*/true))
+    p.dq_accum = dq_accum_words(a.grad_q_accum_scratch, a.fwd, s);
   DeviceGuard guard(a.fwd.q.device_index);
   run(/*backward=*/true, a.fwd, s, p, static_cast<cudaStream_t>(ctx.stream));
 }

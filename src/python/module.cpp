@@ -275,7 +275,8 @@ NB_MODULE(_memattn, m) {
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads,
          const std::optional<nb::ndarray<>>& grad_scratch,
-         const std::optional<nb::ndarray<>>& key_range_scratch, std::uintptr_t stream) {
+         const std::optional<nb::ndarray<>>& key_range_scratch,
+         const std::optional<nb::ndarray<>>& grad_q_accum_scratch, std::uintptr_t stream) {
         memattn::BackwardArgs a;
         a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");
@@ -288,6 +289,7 @@ NB_MODULE(_memattn, m) {
         a.grad_v = view_of(grad_v, "grad_v");
         a.grad_attn_mask = view_of(grad_attn_mask, "grad_attn_mask");
         a.grad_scratch = view_of(grad_scratch, "grad_scratch");
+        a.grad_q_accum_scratch = view_of(grad_q_accum_scratch, "grad_q_accum_scratch");
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
         ctx.stream = reinterpret_cast<void*>(stream);
@@ -298,11 +300,15 @@ NB_MODULE(_memattn, m) {
       "grad_attn_mask"_a.none(), "attn_mask"_a.none(), "key_padding_mask"_a.none(), nb::kw_only(),
       "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a, "scale"_a.none(),
       "num_threads"_a, "grad_scratch"_a.none() = nb::none(),
-      "key_range_scratch"_a.none() = nb::none(), "stream"_a = 0,
+      "key_range_scratch"_a.none() = nb::none(), "grad_q_accum_scratch"_a.none() = nb::none(),
+      "stream"_a = 0,
       "Runs the backward pass into the caller's grad_q/grad_k/grad_v (and grad_attn_mask, "
       "float32, zero-filled, the 4-D shape of attn_mask, when the mask needs a gradient). CUDA "
       "calls need `grad_scratch`, float32 [B, Hq, Lq], take `key_range_scratch` as forward "
-      "does, and are queued on `stream`.");
+      "does, and are queued on `stream`; given `grad_q_accum_scratch` (float32, "
+      ">= B*Hq*ceil(Lq/64)*64*(64 if max(D, Dv) <= 64 else 128)), the Hopper backward of calls "
+      "without attn_mask or dropout runs in one pass (dQ summed with atomic adds: last bits "
+      "vary run to run).");
 
   m.def("build_info", [] {
     const auto info = memattn::build_info();

@@ -22,6 +22,7 @@ element a kernel forgets to write reads as NaN, which the checks reject.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import warnings
@@ -1041,6 +1042,81 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
     assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")
     q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
+
+
+def _lean_backward_cases(dtype):
+    """Calls the single-pass Hopper backward serves (no attn_mask, no dropout): both head-dim
+    buckets (D = 96 runs in 128), GQA, causal both ways, key padding, odd lengths."""
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=64, dtype=dtype)
+    kpm = (torch.rand(2, 200) < 0.2).to(DEV)
+    yield Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm})
+    for D in (64, 96, 128):
+        q, k, v = qkv(B=1, Hq=2, Lq=257, Lk=77, D=D, dtype=dtype)
+        yield Inputs(q, k, v, kwargs={"is_causal": True, "causal_alignment": "bottom_right"})
+        q, k, v = qkv(B=2, Hq=3, Lq=70, Lk=300, D=D, dtype=dtype)
+        yield Inputs(q, k, v)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
+    """On Hopper a lean backward sums dQ with atomic adds (one pass); under
+    torch.use_deterministic_algorithms it takes the two atomic-free passes, bit-identical run
+    to run. Both match float64, and they agree with each other on the same grad_out."""
+    from memattn import _ops
+
+    def grads(inputs, grad_out):
+        out = memattn.attention(inputs.q, inputs.k, inputs.v, **inputs.kwargs)
+        return torch.autograd.grad(out, (inputs.q, inputs.k, inputs.v), grad_out)
+
+    for inputs in _lean_backward_cases(dtype):
+        q, v = inputs.q, inputs.v
+        assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is not None
+        check_cuda(inputs)
+        grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], device=DEV, dtype=dtype)
+        single = grads(inputs, grad_out)
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is None
+            check_cuda(inputs)
+            two_pass, again = grads(inputs, grad_out), grads(inputs, grad_out)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for name, a, b, c in zip("qkv", single, two_pass, again, strict=True):
+            assert torch.equal(b, c), f"grad {name}: two passes not bit-identical run to run"
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=f"grad {name}")
+    q = qkv(B=1, Hq=2, Lq=10, D=64, dtype=dtype, requires_grad=False)[0]
+    mask = rand_mask((1, 2, 10, 10), dtype)
+    assert _ops._grad_q_accum_scratch(q, 64, 64, mask, 0.0) is None
+    assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.1) is None
+    assert _ops._grad_q_accum_scratch(q, 256, 256, None, 0.0) is None
+
+
+def test_grad_q_accum_scratch_is_checked():
+    """The module checks the single pass's dQ scratch like grad_scratch (on Hopper, the only
+    GPU that reads it; elsewhere it is ignored)."""
+    from memattn import _memattn
+
+    q, k, v = qkv(B=3, Hq=2, Lq=10, Lk=20, D=64, dtype=torch.bfloat16, requires_grad=False)
+    out, lse = torch.empty_like(q), torch.empty(3, 2, 10, device=DEV)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    needed = 3 * 2 * 64 * 64  # B * Hq * ceil(Lq / 64) * 64 * 64
+    for scratch in (
+        torch.empty(needed - 1, device=DEV),
+        torch.empty(needed, dtype=torch.float16, device=DEV),
+    ):
+        call = functools.partial(
+            _memattn.backward, q, q, k, v, out, lse, *grads, None, None, None,
+            is_causal=False, causal_alignment="top_left", dropout_p=0.0, dropout_seed=0,
+            scale=None, num_threads=1, grad_scratch=torch.empty(60, device=DEV),
+            grad_q_accum_scratch=scratch,
+        )  # fmt: skip
+        if _is_hopper():
+            with pytest.raises(ValueError, match=rf"^grad_q_accum_scratch: .* = {needed} elements"):
+                call()
+        else:
+            call()
+        torch.cuda.synchronize()
 
 
 def _forward_cases(dtype):

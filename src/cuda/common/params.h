@@ -62,6 +62,9 @@ struct DeviceParams {
   void* grad_v = nullptr;
   Strides3 grad_out_st, grad_q_st, grad_k_st, grad_v_st;
   float* delta = nullptr;  // [B, Hq, Lq] contiguous scratch: rowsum(grad_out * out)
+  // Optional fp32 scratch (BackwardArgs::grad_q_accum_scratch) where the sm90 single-pass
+  // backward sums dQ across key blocks with atomic adds; null: the atomic-free two passes.
+  float* dq_accum = nullptr;
 
   // Mask gradient, float32, attn_mask's 4-D shape with full Lq and Lk dims; its b/h dims may be
   // size 1 (mask broadcast there), then that dim receives the sum. Kernels that write it loop

@@ -1,12 +1,21 @@
-// Hopper (sm_90a) backward: the two atomic-free passes of sm80/backward.cuh (same results run
-// to run, no fp32 dQ scratch), with every product on wgmma from TMA-loaded shared memory and a
-// producer warpgroup feeding two consumer warpgroups through mbarrier rings:
+// Hopper (sm_90a) backward, every product on wgmma from TMA-loaded shared memory with a
+// producer warpgroup feeding two consumer warpgroups through mbarrier rings. Two schemes:
+// - single pass (lean calls given DeviceParams::dq_accum): the dK/dV kernel below also computes
+//   dQ = dS K per step and adds it to fp32 scratch by bulk reductions of the copy engine (its
+//   atomics); a small kernel then scales it into grad_q. Five products per (query, key) block
+//   instead of seven, but dQ's sum order varies run to run (last bits).
+// - two passes (the atomic-free scheme of sm80/backward.cuh: the same results run to run, no
+//   fp32 dQ scratch; masks, dropout and the mask gradient):
 //   dK/dV kernel: one CTA per 128 keys of one (b, k/v head); consumer warpgroup g owns keys
 //     [64 g, 64 g + 64). K and V are loaded once; (Q, dO) blocks of kBlockQ queries stream in
-//     for every query head of the GQA group and every query block that sees the keys, with the
-//     blocks' lse2/delta rows written to shared memory by a second producer warp. Per block:
+//     for every query head of the GQA group and every query block that sees the keys; each
+//     consumer warpgroup stages the blocks' lse2/delta rows in shared memory. Per block:
 //     S^T = K Q^T and dP^T = V dO^T (wgmma SS), P^T and dS^T in registers, then
-//     dV += (P o Z)^T dO and dK += dS^T Q (wgmma RS: P and dS straight from registers).
+//     dV += (P o Z)^T dO and dK += dS^T Q (wgmma RS: P and dS straight from registers); in the
+//     single pass, dS^T also goes to shared memory and each warpgroup computes a 64 x 64 part of
+//     the block's dQ = dS K (wgmma SS, both operands transposed), stages it in shared memory
+//     and one of its threads adds it to dq_accum with one bulk reduction. (Per-thread vector
+//     atomics instead made the kernel 1.3x slower: the L2's atomic units were the bottleneck.)
 //   dQ kernel: one CTA per 128 queries of one (b, h), or of every (b, h) that a broadcast mask's
 //     gradient sums (the CTA walks them, as in sm80); Q and dO are loaded once per (b, h), K/V
 //     blocks stream in. S = Q K^T and dP = dO V^T (SS), dS, dQ += dS K (RS); also writes the
@@ -52,24 +61,34 @@ struct BackwardShape {
 // Queries per pipeline step: as many as S^T, dP^T, both accumulators and both operand copies
 // leave registers for next to the mask/dropout code (the general kernels spilled 656 bytes at
 // D = 64 with 128 queries, 208 bytes at D = 128 with 64).
-template <int kHeadDim, bool kFeatures>
+template <int kHeadDim, bool kFeatures, bool kFusedDq>
 struct DkvTraits : BackwardShape {
+  static_assert(!(kFeatures && kFusedDq), "the single pass serves lean calls only");
   static constexpr int kBlockQ = (kHeadDim <= 64 ? 128 : 64) / (kFeatures ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
-  // Layout: K | V | Q[kStages] | dO[kStages] | stats[kConsumers][kStages][lse2, delta][kBlockQ]
-  // | mbarriers.
-  static constexpr std::uint32_t kStatsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
+  // Single pass: a step's dQ (kBlockQ x kHeadDim) is split into 64 x 64 parts, one per
+  // consumer warpgroup: part g covers query chunk g % kQParts and column chunk g / kQParts.
+  static constexpr int kQParts = kBlockQ / kChunkCols;
+  static_assert(!kFusedDq || kQParts * kChunks == kConsumers, "one dQ part per warpgroup");
+  // dS^T of a step (kRows keys x kBlockQ queries), double-buffered (single pass only).
+  static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
+  // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
+  static constexpr std::uint32_t kDqBytes = kFusedDq ? 64 * 64 * 4 : 0;
+  // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | stats[kConsumers]
+  // [kStages][lse2, delta][kBlockQ] | mbarriers.
+  static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
+  static constexpr std::uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
+  static constexpr std::uint32_t kStatsOffset = kDqOffset + kConsumers * kDqBytes;
   static constexpr std::uint32_t kBarrierOffset =
       kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
 };
 
-template <int kHeadDim, bool kFeatures>
+template <class Tr>
 struct DkvSmem {
-  using Tr = DkvTraits<kHeadDim, kFeatures>;
   unsigned char* raw;  // 1024-byte aligned
   __device__ __forceinline__ std::uint32_t base() const { return smem_u32(raw); }
   __device__ __forceinline__ std::uint32_t k() const { return base(); }
@@ -79,6 +98,12 @@ struct DkvSmem {
   }
   __device__ __forceinline__ std::uint32_t grad_out(int s) const {
     return base() + 2 * Tr::kKVBytes + (Tr::kStages + s) * Tr::kQBytes;
+  }
+  __device__ __forceinline__ std::uint32_t ds_t(int buffer) const {
+    return base() + Tr::kDsOffset + buffer * Tr::kDsBytes;
+  }
+  __device__ __forceinline__ std::uint32_t dq(int wg) const {
+    return base() + Tr::kDqOffset + wg * Tr::kDqBytes;
   }
   // Consumer warpgroup wg's copy of the row stats of the step in stage s.
   __device__ __forceinline__ float* lse2(int wg, int s) const {
@@ -96,14 +121,28 @@ struct DkvSmem {
   }
 };
 
-template <class T, int kHeadDim, bool kFeatures>
+// dq_accum holds dQ / scale as 64 x 64 fp32 tiles, tile ((b Hq + h) ceil(Lq / 64) + i / 64)
+// (D_bucket / 64) + d / 64, each in the order of a warpgroup's wgmma accumulators: float4 n 128 +
+// t holds accumulators [n][0..3] of warpgroup thread t. So every atomic add of a warpgroup is
+// one coalesced 16-byte vector per thread, and dq_from_accum_kernel reads tiles the same way.
+inline constexpr int kDqTileElems = 64 * 64;
+
+template <int kHeadDim>
+__device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint64_t bh, int i0,
+                                                int col0) {
+  const std::uint64_t q_tiles = (p.Lq + 63) / 64;
+  return p.dq_accum +
+         ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
+}
+
+template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
                          const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
-  using Tr = DkvTraits<kHeadDim, kFeatures>;
+  using Tr = DkvTraits<kHeadDim, kFeatures, kFusedDq>;
   constexpr int kQ = Tr::kBlockQ / 8, kD = kHeadDim / 8;
   extern __shared__ unsigned char smem_raw[];
-  const DkvSmem<kHeadDim, kFeatures> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
+  const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
   const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
   const std::int64_t bhk = blockIdx.x / num_n_blocks;
@@ -216,21 +255,90 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
       sm80::c_to_a<T>(dsf, dpt);
       sm80::c_to_a<T>(pf, st);
+      if constexpr (kFusedDq) {
+        store_a_fragments<Tr::kRows, Tr::kBlockQ>(sm.ds_t(it % 2), 64 * wg + 16 * warp, dsf, lane);
+        fence_async_shared();  // the stores, before the barrier, for the other's dQ wgmma
+      }
 
       wgmma_fence();
       gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
       gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(acc_dv[0]);
-      fence_operands(acc_dk[0]);
-      release(sm.step_empty(s), lane);
+      if constexpr (kFusedDq) {
+        // dQ = dS K sums over all 128 keys, half of them from the other warpgroup's dS^T: wait
+        // for both halves (the same barrier tells a warpgroup that the other one finished its
+        // dQ product of two steps back, which read the buffer about to be overwritten).
+        named_barrier_sync(3, 256);
+        const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
+        float acc_dq[kChunkCols / 8][4];
+        wgmma_fence();
+        gemm_ss_mn<T, Tr::kRows>(acc_dq, sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
+                                 sm.k() + col_part * Tr::kRows * kRowBytes);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(acc_dq);
+        fence_operands(acc_dv[0]);
+        fence_operands(acc_dk[0]);
+        release(sm.step_empty(s), lane);
+        // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
+        // previous step's reduction has read the buffer, then one thread hands it to the copy
+        // engine.
+        const bool leader = wg_thread == 0;
+        if (leader) bulk_wait_read<0>();
+        named_barrier_sync(4 + wg, 128);
+#pragma unroll
+        for (int n = 0; n < kChunkCols / 8; ++n)
+          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[n]);
+        fence_async_shared();
+        named_barrier_sync(4 + wg, 128);
+        const int dq_row0 = i0 + kChunkCols * q_part;
+        if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
+          bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
+                              sm.dq(wg), kDqTileElems * 4);
+          bulk_commit();
+        }
+      } else {
+        wgmma_wait<0>();
+        fence_operands(acc_dv[0]);
+        fence_operands(acc_dk[0]);
+        release(sm.step_empty(s), lane);
+      }
     }
+  if constexpr (kFusedDq)
+    if (wg_thread == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
 
   sm80::store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
                       p.grad_k_st.l, key_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
   sm80::store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h,
                       p.grad_v_st.l, key_row0, p.Lk, 0, p.Dv, acc_dv, 1.f, lane);
+}
+
+// grad_q = scale * dq_accum (layout: dq_accum_tile), after the single pass: one warpgroup per
+// 64 x 64 tile, warp w writing rows [16 w, 16 w + 16) as a consumer warp would.
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(128)
+    dq_from_accum_kernel(const __grid_constant__ DeviceParams p) {
+  constexpr int kColParts = kHeadDim / kChunkCols;
+  const int q_tiles = (p.Lq + 63) / 64;
+  const int col_part = static_cast<int>(blockIdx.x % kColParts);
+  const std::int64_t q_tile = blockIdx.x / kColParts;
+  const std::int64_t bh = q_tile / q_tiles;
+  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq);
+  const int i0 = static_cast<int>(q_tile % q_tiles) * 64;
+  const float4* tile =
+      reinterpret_cast<const float4*>(dq_accum_tile<kHeadDim>(p, bh, i0, kChunkCols * col_part));
+  float acc[1][kChunkCols / 8][4];
+#pragma unroll
+  for (int n = 0; n < kChunkCols / 8; ++n) {
+    const float4 v = tile[128 * n + threadIdx.x];
+    acc[0][n][0] = v.x;
+    acc[0][n][1] = v.y;
+    acc[0][n][2] = v.z;
+    acc[0][n][3] = v.w;
+  }
+  sm80::store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
+                      p.grad_q_st.l, i0 + 16 * static_cast<int>(threadIdx.x / 32), p.Lq,
+                      kChunkCols * col_part, p.D, acc, p.scale, threadIdx.x % 32);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -393,9 +501,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   }
 }
 
-template <class T, int kHeadDim, bool kFeatures>
+template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 void launch_backward(const DeviceParams& p, cudaStream_t stream) {
-  using Kv = DkvTraits<kHeadDim, kFeatures>;
+  using Kv = DkvTraits<kHeadDim, kFeatures, kFusedDq>;
   using Dq = DqTraits<kHeadDim>;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   // Box rows differ between the passes (the dK/dV kernel streams Q/dO in kBlockQ-row blocks and
@@ -408,10 +516,22 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows)};
   };
   const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
-  launch_with_smem(&backward_dkdv_kernel<T, kHeadDim, kFeatures>,
-                   "memattn sm90 backward dK/dV kernel",
-                   static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads,
-                   Kv::kSmemBytes, stream, p, maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+  const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * ((p.Lq + 63) / 64);
+  if constexpr (kFusedDq)
+    check_cuda(
+        cudaMemsetAsync(p.dq_accum, 0,
+                        q_tiles * (kHeadDim / kChunkCols) * kDqTileElems * sizeof(float), stream),
+        "cudaMemsetAsync(dq_accum)");
+  launch_with_smem(
+      &backward_dkdv_kernel<T, kHeadDim, kFeatures, kFusedDq>,
+      kFusedDq ? "memattn sm90 backward dK/dV/dQ kernel" : "memattn sm90 backward dK/dV kernel",
+      static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads, Kv::kSmemBytes, stream, p,
+      maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+  if constexpr (kFusedDq) {
+    launch_with_smem(&dq_from_accum_kernel<T, kHeadDim>, "memattn sm90 dQ conversion kernel",
+                     q_tiles * (kHeadDim / kChunkCols), 128, 0, stream, p);
+    return;
+  }
   const int num_m_blocks = (p.Lq + Dq::kRows - 1) / Dq::kRows;
   launch_with_smem(
       &backward_dq_kernel<T, kHeadDim, kFeatures>, "memattn sm90 backward dQ kernel",
@@ -426,8 +546,10 @@ template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
   launch_backward_delta<T>(p, stream);
   if (has_features(p))
-    sm90::launch_backward<T, kHeadDim, true>(p, stream);
+    sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
+  else if (p.dq_accum != nullptr)
+    sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
   else
-    sm90::launch_backward<T, kHeadDim, false>(p, stream);
+    sm90::launch_backward<T, kHeadDim, false, false>(p, stream);
 }
 }  // namespace memattn::cuda

@@ -66,6 +66,43 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap& map) {
                : "memory");
 }
 
+// Makes this thread's generic-proxy writes to shared memory (st.shared) visible to the async
+// proxy (wgmma, TMA) of the threads that synchronize with it afterwards.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void st_shared_v4(std::uint32_t addr, const float (&v)[4]) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(v[0]), "f"(v[1]),
+               "f"(v[2]), "f"(v[3])
+               : "memory");
+}
+
+// ---- bulk reductions (copy engine) ----
+// dst[0 .. bytes / 4) += src[...] (fp32, shared::cta -> global), done by the copy engine; the
+// issuing thread tracks it in its bulk group. bytes: a multiple of 16, both addresses 16-byte
+// aligned.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, std::uint32_t src,
+                                                    std::uint32_t bytes) {
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+      "r"(src), "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most kPending of this thread's bulk groups still read their shared memory.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Waits until at most kPending of this thread's bulk groups are still running.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // ---- warpgroup register reallocation ----
 template <int kRegs>
 __device__ __forceinline__ void warpgroup_reg_alloc() {

@@ -68,4 +68,39 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4],
   }
 }
 
+// acc (=|+=) A B for one warpgroup with both operands transposed in shared memory (rows of the
+// stored tiles along K): A (64 x kK) is a 64-column chunk of a tile of kK rows, B (kK x 64) a
+// 64-column chunk of a tile of kK rows (as gemm_rs reads B).
+template <class T, int kK>
+__device__ __forceinline__ void gemm_ss_mn(float (&acc)[kChunkCols / 8][4], std::uint32_t a_chunk,
+                                           std::uint32_t b_chunk) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const std::uint64_t a = smem_desc(a_chunk + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
+    const std::uint64_t b = smem_desc(b_chunk + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
+    Wgmma<T, kChunkCols>::ss_mn(acc, a, b, kk > 0);
+  }
+}
+
+// Stores a warp's 16 rows of A fragments (sm80::c_to_a of a C tile of kCols columns) into rows
+// [row0, row0 + 16) of a swizzled tile of kTileRows rows (layout: top of hopper.cuh), for a
+// wgmma to read. Fragment register r of a[kk] holds row 8 (r % 2) and columns 16 kk + 8 (r / 2)
+// + 2 (lane % 4) + {0, 1}; each warp-wide store covers 8 rows x 16 bytes in distinct banks.
+template <int kTileRows, int kCols>
+__device__ __forceinline__ void store_a_fragments(std::uint32_t tile, int row0,
+                                                  const std::uint32_t (&a)[1][kCols / 16][4],
+                                                  int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = row0 + lane / 4 + 8 * (r % 2);
+      const int col = 16 * kk + 8 * (r / 2);  // first column of the 16-byte unit
+      const std::uint32_t unit = (col % kChunkCols) / 8 ^ static_cast<std::uint32_t>(row % 8);
+      const std::uint32_t addr = tile + (col / kChunkCols) * kTileRows * kRowBytes +
+                                 row * kRowBytes + unit * 16 + 4 * (lane % 4);
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(a[0][kk][r]) : "memory");
+    }
+}
+
 }  // namespace memattn::cuda::sm90
