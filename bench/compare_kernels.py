@@ -1,7 +1,9 @@
 """TFLOP/s of memattn's sm90 and sm80 kernels next to torch's FLASH and CUDNN backends, same
 inputs, same run: a quick A/B while tuning the Hopper kernels (the full sweep is `memattn bench`).
 Times the forward, or with --backward forward + backward (FLOPs 3.5x the forward's, as in
-`memattn bench`), with CUDA events, median of --reps runs after warm-up.
+`memattn bench`), with CUDA events, median of --reps runs after warm-up. With --backward, the
+column "sm90 det" is the sm90 kernels under torch.use_deterministic_algorithms(True): the
+atomic-free two-pass backward instead of the default single pass.
 
     python bench/compare_kernels.py [--reps 20] [--backward] [--head-dims 64,128]
 """
@@ -40,8 +42,11 @@ def timed_pass(fn, q, k, v, grad_out):
     return run_both
 
 
-def memattn_ms(q, k, v, causal: bool, sm90: bool, reps: int, grad_out) -> float:
+def memattn_ms(
+    q, k, v, causal: bool, sm90: bool, reps: int, grad_out, deterministic: bool = False
+) -> float:
     os.environ["MEMATTN_DISABLE_SM90"] = "0" if sm90 else "1"
+    torch.use_deterministic_algorithms(deterministic)
     try:
 
         def fn(q, k, v):
@@ -50,6 +55,7 @@ def memattn_ms(q, k, v, causal: bool, sm90: bool, reps: int, grad_out) -> float:
         return median_ms(timed_pass(fn, q, k, v, grad_out), reps)
     finally:
         os.environ.pop("MEMATTN_DISABLE_SM90")
+        torch.use_deterministic_algorithms(False)
 
 
 def sdpa_ms(q, k, v, causal: bool, backend, reps: int, grad_out) -> float | None:
@@ -73,7 +79,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     what = "forward + backward" if args.backward else "forward"
     print(f"pass: {what}")
-    header = f"{'case':<34}{'sm90':>8}{'sm80':>8}{'FLASH':>8}{'CUDNN':>8}  (TFLOP/s)"
+    det = f"{'sm90 det':>10}" if args.backward else ""
+    header = f"{'case':<34}{'sm90':>8}{det}{'sm80':>8}{'FLASH':>8}{'CUDNN':>8}  (TFLOP/s)"
     print(header)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for D in head_dims:
@@ -95,7 +102,13 @@ def main() -> None:
                     sdpa_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION, args.reps, grad_out),
                     sdpa_ms(q, k, v, causal, SDPBackend.CUDNN_ATTENTION, args.reps, grad_out),
                 ]
-                cells = "".join(f"{flops / t / 1e9:>8.0f}" if t else f"{'-':>8}" for t in times)
+                if args.backward:
+                    times.insert(1, memattn_ms(q, k, v, causal, True, args.reps, grad_out, True))
+                widths = [8, 10, 8, 8, 8] if args.backward else [8] * 4
+                cells = "".join(
+                    f"{flops / t / 1e9:>{w}.0f}" if t else f"{'-':>{w}}"
+                    for t, w in zip(times, widths, strict=True)
+                )
                 name = f"{B}x{H}x{L}x{D}{' causal' if causal else ''}"
                 print(f"{name:<34}{cells}", flush=True)
 
