@@ -141,9 +141,19 @@ struct Tile {
   }
 };
 
-// Persistent (non-causal calls): each CTA runs tiles blockIdx.x, + gridDim.x, ... The K/V ring's
-// stage and phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so
-// the producer loads the next tile's Q and K/V while the consumers finish the current one.
+// Tile of a persistent CTA in round r (gridDim.x CTAs take tiles [r G, r G + G) per round), in
+// snake order: CTA c takes r G + c in even rounds and r G + G - 1 - c in odd ones. Causal tiles
+// shrink along each bh (heavy first), so a plain stride gives some CTAs the heavy tiles of
+// every round; the snake pairs each round's heavy share with the next round's light one.
+// Past the last tile: >= num_tiles (every later round too).
+__device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
+  const std::int64_t first = round * gridDim.x;
+  return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
+}
+
+// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
+// phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
+// producer loads the next tile's Q and K/V while the consumers finish the current one.
 template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
@@ -177,7 +187,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
     int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
-    for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
       const Tile tile = tile_at(t);
       for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
         const int s = stage_of<Tr>(it), row = nb * Tr::kBlockN;
@@ -204,7 +214,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   const GemmIssue<T, kHeadDim> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
   int it = 0, q_round = 0;
-  for (std::int64_t t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+  for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
     const Tile tile = tile_at(t);
     const int n = tile.num_n_blocks;
     const int wg_row0 = tile.i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
@@ -310,11 +320,7 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
-  // Causal tiles differ in length: one tile per CTA lets the hardware hand the next
-  // (heavy-first) tile to whichever multiprocessor frees up, which balanced better on H100
-  // than a static persistent split (bench/RESULTS.md, src/cuda/sm90/NOTES.md).
-  const std::int64_t grid =
-      p.causal ? num_tiles : std::min<std::int64_t>(num_tiles, multiprocessors());
+  const std::int64_t grid = std::min<std::int64_t>(num_tiles, multiprocessors());
   launch_with_smem(&forward_kernel<T, kHeadDim, kFeatures>, "memattn sm90 forward kernel", grid,
                    Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
 }
