@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/common/check.h"
@@ -32,15 +33,23 @@ namespace memattn::cuda::sm90 {
 // kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns. Two consumer
 // warpgroups at 240 registers hold S, P and O of their 64 rows with no spill for every
 // bucket (three at 160 registers spilled at D = 64 with the overlapped schedule).
-template <int kHeadDim>
+// kConsumers = 1 (short tiles): 64-row tiles, one consumer warpgroup at 232 registers and two
+// CTAs per multiprocessor, for calls whose tiles are short chains (decoding, a single key
+// block), where two independent tiles per multiprocessor overlap better than two warpgroups
+// of one tile, and a 64-row tile wastes half as much on Lq = 1.
+template <int kHeadDim, int kConsumers_ = 2>
 struct ForwardTraits {
-  static constexpr int kConsumers = 2;  // warpgroups of 64 query rows
+  static constexpr int kHead = kHeadDim;
+  static constexpr int kConsumers = kConsumers_;  // warpgroups of 64 query rows
+  static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
-  // Register budget: 128 * producer + 128 * kConsumers * consumer <= 65536.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Register budget per CTA: 128 * producer + 128 * kConsumers * consumer <= 65536 /
+  // kCtasPerSm (setmaxnreg only moves registers within the CTA's launch allocation).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 1 ? 232 : 240;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536 / kCtasPerSm);
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
@@ -52,9 +61,8 @@ struct ForwardTraits {
 };
 
 // Shared-memory addresses of one CTA's tiles and barriers.
-template <int kHeadDim>
+template <class Tr>
 struct ForwardSmem {
-  using Tr = ForwardTraits<kHeadDim>;
   std::uint32_t base;
   __device__ __forceinline__ std::uint32_t q() const { return base; }
   __device__ __forceinline__ std::uint32_t k(int s) const {
@@ -80,11 +88,11 @@ struct ForwardSmem {
 
 // The two products of a consumer warpgroup `wg`, issued asynchronously (wgmma_commit'ed;
 // the caller waits).
-template <class T, int kHeadDim>
+template <class T, class Tr>
 struct GemmIssue {
-  using Tr = ForwardTraits<kHeadDim>;
+  static constexpr int kHeadDim = Tr::kHead;
   static constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
-  ForwardSmem<kHeadDim> sm;
+  ForwardSmem<Tr> sm;
   int wg;
 
   // S = Q K^T over stage s.
@@ -107,6 +115,7 @@ struct GemmIssue {
 // every barrier sees as many arrivals as waits (all run the same number of blocks).
 template <int kConsumers>
 struct PingPong {
+  static_assert(kConsumers > 1);
   int wg;
   static constexpr int kThreads = 256;  // the waiting and the passing warpgroup
   __device__ __forceinline__ void start() const {
@@ -116,6 +125,13 @@ struct PingPong {
   __device__ __forceinline__ void pass(bool last) const {
     if (!(last && wg == kConsumers - 1)) named_barrier_arrive(1 + (wg + 1) % kConsumers, kThreads);
   }
+};
+template <>
+struct PingPong<1> {  // a single consumer warpgroup has no one to take turns with
+  int wg;
+  __device__ __forceinline__ void start() const {}
+  __device__ __forceinline__ void wait() const {}
+  __device__ __forceinline__ void pass(bool) const {}
 };
 
 // Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
@@ -154,14 +170,13 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
 // producer loads the next tile's Q and K/V while the consumers finish the current one.
-template <class T, int kHeadDim, bool kFeatures>
-__global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
+template <class T, class Tr, bool kFeatures>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
                    int num_m_blocks, std::int64_t num_tiles) {
-  using Tr = ForwardTraits<kHeadDim>;
-  constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8;
   extern __shared__ unsigned char smem_raw[];
-  const ForwardSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+  const ForwardSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
   const auto tile_at = [&](std::int64_t t) {
     return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
   };
@@ -211,7 +226,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   // Consumers: warpgroup wg owns query rows [i0 + 64 wg, +64) of a tile; warp w of it +16 w.
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const GemmIssue<T, kHeadDim> gemm{sm, wg};
+  const GemmIssue<T, Tr> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
   int it = 0, q_round = 0;
   for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
@@ -300,8 +315,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads, 1)
   }
 }
 
-// Resident CTAs for the persistent grid: one per multiprocessor of the current device (the
-// kernel's shared memory and 384 threads at 168 registers allow no second).
+// Multiprocessors of the current device (the persistent grid has Tr::kCtasPerSm CTAs on each).
 inline int multiprocessors() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -310,9 +324,8 @@ inline int multiprocessors() {
   return caps.multiprocessors;
 }
 
-template <class T, int kHeadDim, bool kFeatures>
-void launch_forward(const DeviceParams& p, cudaStream_t stream) {
-  using Tr = ForwardTraits<kHeadDim>;
+template <class T, class Tr, bool kFeatures>
+void launch_forward_tiles(const DeviceParams& p, cudaStream_t stream) {
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
@@ -320,9 +333,24 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
-  const std::int64_t grid = std::min<std::int64_t>(num_tiles, multiprocessors());
-  launch_with_smem(&forward_kernel<T, kHeadDim, kFeatures>, "memattn sm90 forward kernel", grid,
+  const std::int64_t grid = std::min<std::int64_t>(
+      num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
+  launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,
                    Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
+}
+
+// Short tiles (ForwardTraits) for decoding (Lq <= 64) and calls with a single key block, at
+// D = 64 only: ptxas compiles the kernel within the launch's 128 registers per thread (two
+// CTAs of 256 threads), which spilled at D = 128 and could not hold D = 256's accumulators.
+inline bool short_tiles(const DeviceParams& p) {
+  return p.Lq <= 64 || p.Lk <= ForwardTraits<64>::kBlockN;
+}
+
+template <class T, int kHeadDim, bool kFeatures>
+void launch_forward(const DeviceParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim == 64)
+    if (short_tiles(p)) return launch_forward_tiles<T, ForwardTraits<64, 1>, kFeatures>(p, stream);
+  launch_forward_tiles<T, ForwardTraits<kHeadDim>, kFeatures>(p, stream);
 }
 
 }  // namespace memattn::cuda::sm90
