@@ -27,16 +27,28 @@ def accumulators(n: int) -> tuple[str, str]:
     return template, operands
 
 
-def ss(ptx: str, n: int) -> str:
+def ss(ptx: str, n: int, transposed: bool = False) -> str:
+    """::ss (A K-major, B K-major: d += A B^T), or with ``transposed`` ::ss_mn (both M/N-major)."""
     template, operands = accumulators(n)
     c = n // 2
-    return f"""  // d (+)= A * B^T, A (64 x 16) and B (N x 16) from shared memory by descriptor.
-  __device__ __forceinline__ static void ss(float (&d)[{n // 8}][4], std::uint64_t a_desc,
-                                            std::uint64_t b_desc, int accumulate) {{
+    if transposed:
+        name, flags = "ss_mn", "1, 1"
+        doc = (
+            "// d (+)= A * B, A (64 x 16) and B (16 x N) from shared memory by descriptor, both\n"
+            "  // M/N-major (transposed: the stored tiles' rows run along K)."
+        )
+    else:
+        name, flags = "ss", "0, 0"
+        doc = "// d (+)= A * B^T, A (64 x 16) and B (N x 16) from shared memory by descriptor."
+    head = f"  __device__ __forceinline__ static void {name}("
+    indent = " " * len(head)
+    return f"""  {doc}
+{head}float (&d)[{n // 8}][4], std::uint64_t a_desc,
+{indent}std::uint64_t b_desc, int accumulate) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{c + 2}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{template}, %{c}, %{c + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+        "{template}, %{c}, %{c + 1}, p, 1, 1, {flags};\\n}}\\n"
         : {operands}
         : "l"(a_desc), "l"(b_desc), "r"(accumulate));
   }}
@@ -44,20 +56,7 @@ def ss(ptx: str, n: int) -> str:
 
 
 def ss_mn(ptx: str, n: int) -> str:
-    template, operands = accumulators(n)
-    c = n // 2
-    return f"""  // d (+)= A * B, A (64 x 16) and B (16 x N) from shared memory by descriptor, both
-  // M/N-major (transposed: the stored tiles' rows run along K).
-  __device__ __forceinline__ static void ss_mn(float (&d)[{n // 8}][4], std::uint64_t a_desc,
-                                               std::uint64_t b_desc, int accumulate) {{
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{c + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-        "{template}, %{c}, %{c + 1}, p, 1, 1, 1, 1;\\n}}\\n"
-        : {operands}
-        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-  }}
-"""
+    return ss(ptx, n, transposed=True)
 
 
 def rs(ptx: str, n: int) -> str:

@@ -123,8 +123,9 @@ struct DkvSmem {
 
 // dq_accum holds dQ / scale as 64 x 64 fp32 tiles, tile ((b Hq + h) ceil(Lq / 64) + i / 64)
 // (D_bucket / 64) + d / 64, each in the order of a warpgroup's wgmma accumulators: float4 n 128 +
-// t holds accumulators [n][0..3] of warpgroup thread t. So every atomic add of a warpgroup is
-// one coalesced 16-byte vector per thread, and dq_from_accum_kernel reads tiles the same way.
+// t holds accumulators [n][0..3] of warpgroup thread t. So a warpgroup stages its part with
+// conflict-free 16-byte stores, one bulk reduction adds the whole staged tile, and
+// dq_from_accum_kernel reads tiles the same way.
 inline constexpr int kDqTileElems = 64 * 64;
 
 template <int kHeadDim>
