@@ -85,6 +85,7 @@ struct DkvTraits : BackwardShape {
       kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  static_assert(kSmemBytes <= kMaxSmemBytes);
 };
 
 template <class Tr>
@@ -356,6 +357,7 @@ struct DqTraits : BackwardShape {
   static constexpr std::uint32_t kBarrierOffset = 2 * kQBytes + 2 * kStages * kKVBytes;
   static constexpr int kBarriers = 2 + 2 * kStages;  // Q/dO full, empty; K/V full, empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;
+  static_assert(kSmemBytes <= kMaxSmemBytes);
 };
 
 template <int kHeadDim>

@@ -57,6 +57,7 @@ struct ForwardTraits {
   static constexpr std::uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
   static constexpr int kBarriers = 2 + 4 * kStages;  // q full/empty, k/v full, k/v empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  static_assert(kSmemBytes * kCtasPerSm <= kMaxSmemBytes);
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
 

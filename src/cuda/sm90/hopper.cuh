@@ -13,8 +13,9 @@
 
 namespace memattn::cuda::sm90 {
 
-inline constexpr int kChunkCols = 64;  // 16-bit columns per 128-byte swizzle chunk
-inline constexpr int kRowBytes = 128;  // bytes per row of one chunk
+inline constexpr int kChunkCols = 64;             // 16-bit columns per 128-byte swizzle chunk
+inline constexpr int kRowBytes = 128;             // bytes per row of one chunk
+inline constexpr int kMaxSmemBytes = 227 * 1024;  // dynamic shared memory a CTA may opt in to
 
 __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
