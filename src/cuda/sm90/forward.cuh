@@ -30,17 +30,20 @@
 
 namespace memattn::cuda::sm90 {
 
-// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns. Two consumer
-// warpgroups at 240 registers hold S, P and O of their 64 rows with no spill for every
-// bucket (three at 160 registers spilled at D = 64 with the overlapped schedule).
-// kConsumers = 1 (short tiles): 64-row tiles, one consumer warpgroup at 232 registers and two
-// CTAs per multiprocessor, for calls whose tiles are short chains (decoding, a single key
-// block), where two independent tiles per multiprocessor overlap better than two warpgroups
-// of one tile, and a 64-row tile wastes half as much on Lq = 1.
-template <int kHeadDim, int kConsumers_ = 2>
+// kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
+// D = 128, 256: two consumer warpgroups at 240 registers hold S, P and O of their 64 rows of a
+// 128-row tile with no spill (three at 160 registers spilled at D = 64 with the overlapped
+// schedule), and take turns on the tensor cores (PingPong).
+// D = 64: 64-row tiles, one consumer warpgroup and two CTAs per multiprocessor: two
+// independent tiles per multiprocessor overlapped better than two warpgroups of one tile on
+// every D = 64 row measured (2-9%, NOTES.md s7), most on short chains (decoding, a single key
+// block), where a 64-row tile also wastes half as much on Lq = 1. Not at D = 128 / 256: two
+// CTAs of 256 threads get 128 registers per thread, which spilled at D = 128 and could not
+// hold D = 256's accumulators.
+template <int kHeadDim>
 struct ForwardTraits {
   static constexpr int kHead = kHeadDim;
-  static constexpr int kConsumers = kConsumers_;  // warpgroups of 64 query rows
+  static constexpr int kConsumers = kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 query rows
   static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
@@ -325,8 +328,9 @@ inline int multiprocessors() {
   return caps.multiprocessors;
 }
 
-template <class T, class Tr, bool kFeatures>
-void launch_forward_tiles(const DeviceParams& p, cudaStream_t stream) {
+template <class T, int kHeadDim, bool kFeatures>
+void launch_forward(const DeviceParams& p, cudaStream_t stream) {
+  using Tr = ForwardTraits<kHeadDim>;
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
@@ -338,20 +342,6 @@ void launch_forward_tiles(const DeviceParams& p, cudaStream_t stream) {
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,
                    Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
-}
-
-// Short tiles (ForwardTraits) for decoding (Lq <= 64) and calls with a single key block, at
-// D = 64 only: ptxas compiles the kernel within the launch's 128 registers per thread (two
-// CTAs of 256 threads), which spilled at D = 128 and could not hold D = 256's accumulators.
-inline bool short_tiles(const DeviceParams& p) {
-  return p.Lq <= 64 || p.Lk <= ForwardTraits<64>::kBlockN;
-}
-
-template <class T, int kHeadDim, bool kFeatures>
-void launch_forward(const DeviceParams& p, cudaStream_t stream) {
-  if constexpr (kHeadDim == 64)
-    if (short_tiles(p)) return launch_forward_tiles<T, ForwardTraits<64, 1>, kFeatures>(p, stream);
-  launch_forward_tiles<T, ForwardTraits<kHeadDim>, kFeatures>(p, stream);
 }
 
 }  // namespace memattn::cuda::sm90
