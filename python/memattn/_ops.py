@@ -240,24 +240,32 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
     return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
+def single_pass_backward(
+    q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
+) -> bool:
+    """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
+    with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
+    GPUs, not for calls it does not serve (attn_mask, dropout, head dims over 128), and not
+    under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run,
+    bit-identical run to run. ``d``, ``dv``: the head dims the kernels see (after any padding).
+    (The core also needs the sm90 kernels built and not disabled; it ignores the scratch
+    otherwise.)"""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and attn_mask is None
+        and dropout_p == 0.0
+        and max(d, dv) <= 128
+        and not torch.are_deterministic_algorithms_enabled()
+        and torch.cuda.get_device_capability(q.device) == (9, 0)
+    )
+
+
 def _grad_q_accum_scratch(
     q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
 ) -> Tensor | None:
-    """fp32 scratch in which the Hopper backward sums dQ over key blocks with atomic adds (one
-    pass instead of two); None keeps the atomic-free two passes: on other GPUs, for calls the
-    single pass does not serve (attn_mask, dropout, head dims over 128), and under
-    ``torch.use_deterministic_algorithms(True)`` (the two passes give bit-identical gradients
-    run to run; the atomics' order changes dQ's last bits). ``d``, ``dv``: the head dims the
-    kernels see (after any padding)."""
-    if (
-        not q.is_cuda
-        or q.dtype not in (torch.float16, torch.bfloat16)
-        or attn_mask is not None
-        or dropout_p > 0.0
-        or max(d, dv) > 128
-        or torch.are_deterministic_algorithms_enabled()
-        or torch.cuda.get_device_capability(q.device) != (9, 0)
-    ):
+    """The single pass's fp32 dQ scratch (``single_pass_backward``), or None: two passes."""
+    if not single_pass_backward(q, d, dv, attn_mask, dropout_p):
         return None
     B, Hq, Lq = q.shape[:3]
     columns = 64 if max(d, dv) <= 64 else 128

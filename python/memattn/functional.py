@@ -171,7 +171,10 @@ def explain(
     ``(backend, [reasons it cannot run])`` for every backend considered, the chosen one
     included (with an empty list), and ``layout_copies``: the inputs copied (or zero-padded in
     the head dim) first because the CUDA kernels need another layout, each with why.
-    ``backward=True`` plans the backward pass. Other keyword arguments of ``attention``
+    ``backward=True`` plans the backward pass; CUDA plans then add ``backward_passes``: 1 for
+    the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run), 2 for
+    the atomic-free passes (other GPUs, masks, dropout, or under
+    ``torch.use_deterministic_algorithms(True)``). Other keyword arguments of ``attention``
     (``return_lse``, ``generator``) are accepted and ignored.
     Raises like ``attention`` for invalid arguments.
     """
@@ -199,6 +202,14 @@ def explain(
         backward=backward,
     )
     plan["layout_copies"] = copies
+    if backward and plan["backend"] == "cuda":
+        d, dv = specs[0][1][-1], specs[2][1][-1]  # None: a symbolic size while tracing
+        single = (
+            plan["kernel"].startswith("cuda/sm90/")
+            and None not in (d, dv)
+            and _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p))
+        )
+        plan["backward_passes"] = 1 if single else 2
     if copies and plan["backend"]:
         plan["reason"] += "; copied first: " + "; ".join(copies)
     return plan

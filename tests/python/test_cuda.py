@@ -1041,7 +1041,8 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
     assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")
     q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
-    assert memattn.explain(q, k, v, backward=True)["kernel"].startswith("cuda/sm80/")
+    plan = memattn.explain(q, k, v, backward=True)
+    assert plan["kernel"].startswith("cuda/sm80/") and plan["backward_passes"] == 2, plan
 
 
 def _lean_backward_cases(dtype):
@@ -1072,12 +1073,16 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     for inputs in _lean_backward_cases(dtype):
         q, v = inputs.q, inputs.v
         assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is not None
+        plan = memattn.explain(q, inputs.k, v, backward=True, **inputs.kwargs)
+        assert plan["backward_passes"] == 1, plan
         check_cuda(inputs)
         grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], device=DEV, dtype=dtype)
         single = grads(inputs, grad_out)
         torch.use_deterministic_algorithms(True)
         try:
             assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is None
+            plan = memattn.explain(q, inputs.k, v, backward=True, **inputs.kwargs)
+            assert plan["backward_passes"] == 2, plan
             check_cuda(inputs)
             two_pass, again = grads(inputs, grad_out), grads(inputs, grad_out)
         finally:
@@ -1088,6 +1093,7 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     q = qkv(B=1, Hq=2, Lq=10, D=64, dtype=dtype, requires_grad=False)[0]
     mask = rand_mask((1, 2, 10, 10), dtype)
     assert _ops._grad_q_accum_scratch(q, 64, 64, mask, 0.0) is None
+    assert memattn.explain(q, q, q, attn_mask=mask, backward=True)["backward_passes"] == 2
     assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.1) is None
     assert _ops._grad_q_accum_scratch(q, 256, 256, None, 0.0) is None
 
