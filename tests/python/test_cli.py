@@ -32,9 +32,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_demo_json_tiny(capsys):
+    # --device cpu: on a GPU machine "auto" picks CUDA, whose SDPA backends differ.
     code, out, _ = run_cli(
-        capsys, "demo", "--json", "--size", "tiny", "--reps", "1", "--no-progress"
-    )
+        capsys, "demo", "--json", "--size", "tiny", "--reps", "1", "--no-progress",
+        "--device", "cpu",
+    )  # fmt: skip
     assert code == 0
     both = json.loads(out)
     model = both["model"]
