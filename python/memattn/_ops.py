@@ -372,12 +372,8 @@ def attention_backward(
     grad_mask = _empty_grad_mask(q, attn_mask, mask_needs_grad)
     tensors = [t.detach() for t in (grad_out, q, k, v, out)]
     grads = [grad_q, grad_k, grad_v]
-    kernel_mask, kernel_grad_mask, scratch, accum_scratch = (
-        _detached(attn_mask),
-        grad_mask,
-        None,
-        None,
-    )
+    kernel_mask, kernel_grad_mask, scratch = _detached(attn_mask), grad_mask, None
+    accum_scratch = None
     if q.is_cuda:
         tensors = [_cuda_ready(t) for t in tensors]
         grads = [

@@ -114,33 +114,32 @@ std::int64_t broadcast_stride(const TensorView& t, int d) {
   return t.sizes[d] == 1 ? 0 : t.strides[d];
 }
 
-// key_range_scratch as the kernels' int [B][2] key ranges (params.h), after checking it.
-int* key_range_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
-  if (t.dtype != DType::f32 || t.device != DeviceType::cuda || t.device_index != a.q.device_index ||
-      t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < 2 * s.B)
-    throw Error(ErrorKind::invalid_value,
-                "key_range_scratch: the CUDA kernels need a contiguous 1-D float32 tensor of at "
-                "least 2*B = " +
-                    std::to_string(2 * s.B) + " elements on q's device (cuda:" +
-                    std::to_string(a.q.device_index) + "), got " + dtype_name(t.dtype) + " " +
-                    t.shape_string() + " on " + device_name(t.device));
-  return static_cast<int*>(t.data);
-}
-
-// grad_q_accum_scratch as the sm90 single pass's dQ sums (params.h), after checking it.
-float* dq_accum_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
-  const std::int64_t needed =
-      s.B * s.Hq * ((s.Lq + 63) / 64) * 64 * sm90_head_dim_bucket(max_head_dim(a));
+// A caller-allocated CUDA scratch after checking it: a contiguous 1-D float32 tensor (4-byte
+// words) on q's device with at least `needed` elements (`needed_what` names the formula).
+void* checked_scratch(const TensorView& t, const char* name, const char* needed_what,
+                      std::int64_t needed, const ForwardArgs& a) {
   if (t.dtype != DType::f32 || t.device != DeviceType::cuda || t.device_index != a.q.device_index ||
       t.rank != 1 || t.strides[0] != 1 || t.sizes[0] < needed)
     throw Error(
         ErrorKind::invalid_value,
-        "grad_q_accum_scratch: the CUDA backward needs a contiguous 1-D float32 tensor of "
-        "at least B*Hq*ceil(Lq/64)*64*" +
-            std::to_string(sm90_head_dim_bucket(max_head_dim(a))) + " = " + std::to_string(needed) +
+        std::string(name) + ": the CUDA kernels need a contiguous 1-D float32 tensor of at least " +
+            needed_what + " = " + std::to_string(needed) +
             " elements on q's device (cuda:" + std::to_string(a.q.device_index) + "), got " +
             dtype_name(t.dtype) + " " + t.shape_string() + " on " + device_name(t.device));
-  return static_cast<float*>(t.data);
+  return t.data;
+}
+
+// key_range_scratch as the kernels' int [B][2] key ranges (params.h).
+int* key_range_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
+  return static_cast<int*>(checked_scratch(t, "key_range_scratch", "2*B", 2 * s.B, a));
+}
+
+// grad_q_accum_scratch as the sm90 single pass's dQ sums (params.h).
+float* dq_accum_words(const TensorView& t, const ForwardArgs& a, const ProblemShape& s) {
+  const int columns = sm90_head_dim_bucket(max_head_dim(a));
+  const std::string what = "B*Hq*ceil(Lq/64)*64*" + std::to_string(columns);
+  return static_cast<float*>(checked_scratch(t, "grad_q_accum_scratch", what.c_str(),
+                                             s.B * s.Hq * ((s.Lq + 63) / 64) * 64 * columns, a));
 }
 
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {

@@ -58,6 +58,24 @@ struct BackwardShape {
 // ------------------------------------------------------------------------------------------
 // dK, dV
 
+// dq_accum (single pass) holds dQ / scale as 64 x 64 fp32 tiles, tile ((b Hq + h) ceil(Lq / 64)
+// + i / 64) (D_bucket / 64) + d / 64, each in the order of a warpgroup's wgmma accumulators:
+// float4 n 128 + t holds accumulators [n][0..3] of warpgroup thread t. So a warpgroup stages its
+// part with conflict-free 16-byte stores, one bulk reduction adds the whole staged tile, and
+// dq_from_accum_kernel reads tiles the same way.
+inline constexpr int kDqTileElems = 64 * 64;
+
+// Tiles of 64 query rows per (b, h) in dq_accum.
+__host__ __device__ __forceinline__ int dq_row_tiles(int Lq) { return (Lq + 63) / 64; }
+
+template <int kHeadDim>
+__device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint64_t bh, int i0,
+                                                int col0) {
+  const std::uint64_t q_tiles = dq_row_tiles(p.Lq);
+  return p.dq_accum +
+         ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
+}
+
 // Queries per pipeline step: as many as S^T, dP^T, both accumulators and both operand copies
 // leave registers for next to the mask/dropout code (the general kernels spilled 656 bytes at
 // D = 64 with 128 queries, 208 bytes at D = 128 with 64).
@@ -75,7 +93,7 @@ struct DkvTraits : BackwardShape {
   // dS^T of a step (kRows keys x kBlockQ queries), double-buffered (single pass only).
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
-  static constexpr std::uint32_t kDqBytes = kFusedDq ? 64 * 64 * 4 : 0;
+  static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | stats[kConsumers]
   // [kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
@@ -121,21 +139,6 @@ struct DkvSmem {
     return bar(1 + Tr::kStages + s);
   }
 };
-
-// dq_accum holds dQ / scale as 64 x 64 fp32 tiles, tile ((b Hq + h) ceil(Lq / 64) + i / 64)
-// (D_bucket / 64) + d / 64, each in the order of a warpgroup's wgmma accumulators: float4 n 128 +
-// t holds accumulators [n][0..3] of warpgroup thread t. So a warpgroup stages its part with
-// conflict-free 16-byte stores, one bulk reduction adds the whole staged tile, and
-// dq_from_accum_kernel reads tiles the same way.
-inline constexpr int kDqTileElems = 64 * 64;
-
-template <int kHeadDim>
-__device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint64_t bh, int i0,
-                                                int col0) {
-  const std::uint64_t q_tiles = (p.Lq + 63) / 64;
-  return p.dq_accum +
-         ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
-}
 
 template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
@@ -296,7 +299,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         const int dq_row0 = i0 + kChunkCols * q_part;
         if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
           bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
-                              sm.dq(wg), kDqTileElems * 4);
+                              sm.dq(wg), Tr::kDqBytes);
           bulk_commit();
         }
       } else {
@@ -321,7 +324,7 @@ template <class T, int kHeadDim>
 __global__ void __launch_bounds__(128)
     dq_from_accum_kernel(const __grid_constant__ DeviceParams p) {
   constexpr int kColParts = kHeadDim / kChunkCols;
-  const int q_tiles = (p.Lq + 63) / 64;
+  const int q_tiles = dq_row_tiles(p.Lq);
   const int col_part = static_cast<int>(blockIdx.x % kColParts);
   const std::int64_t q_tile = blockIdx.x / kColParts;
   const std::int64_t bh = q_tile / q_tiles;
@@ -519,7 +522,7 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows)};
   };
   const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
-  const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * ((p.Lq + 63) / 64);
+  const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
   if constexpr (kFusedDq)
     check_cuda(
         cudaMemsetAsync(p.dq_accum, 0,

@@ -53,19 +53,23 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a
   }
 }
 
+// Descriptor of k-step kk (rows [16 kk, 16 kk + 16): two groups of 8 rows, 2048 bytes) of an
+// operand read M/N-major from a tile of kK rows whose 64-column chunks lie kK rows apart.
+template <int kK>
+__device__ __forceinline__ std::uint64_t mn_major_step(std::uint32_t tile, int kk) {
+  return smem_desc(tile + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
+}
+
 // acc += A B for one warpgroup, issued asynchronously. A (64 x kK): mma.sync A fragments in
 // registers (sm80::c_to_a of a C tile), B (kK x kN): a tile of kK rows of kN columns, read
-// N-major; step kk covers rows [16 kk, 16 kk + 16), two groups of 8 rows (2048 bytes), and the
-// 64-column chunks lie kK rows apart.
+// N-major (mn_major_step).
 template <class T, int kN, int kK>
 __device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4],
                                         const std::uint32_t (&a)[1][kK / 16][4],
                                         std::uint32_t b_tile) {
 #pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    const std::uint64_t b = smem_desc(b_tile + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
-    Wgmma<T, kN>::rs(acc, a[0][kk], b, 1);
-  }
+  for (int kk = 0; kk < kK / 16; ++kk)
+    Wgmma<T, kN>::rs(acc, a[0][kk], mn_major_step<kK>(b_tile, kk), 1);
 }
 
 // acc (=|+=) A B for one warpgroup with both operands transposed in shared memory (rows of the
@@ -75,11 +79,9 @@ template <class T, int kK>
 __device__ __forceinline__ void gemm_ss_mn(float (&acc)[kChunkCols / 8][4], std::uint32_t a_chunk,
                                            std::uint32_t b_chunk) {
 #pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    const std::uint64_t a = smem_desc(a_chunk + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
-    const std::uint64_t b = smem_desc(b_chunk + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
-    Wgmma<T, kChunkCols>::ss_mn(acc, a, b, kk > 0);
-  }
+  for (int kk = 0; kk < kK / 16; ++kk)
+    Wgmma<T, kChunkCols>::ss_mn(acc, mn_major_step<kK>(a_chunk, kk), mn_major_step<kK>(b_chunk, kk),
+                                kk > 0);
 }
 
 // Stores a warp's 16 rows of A fragments (sm80::c_to_a of a C tile of kCols columns) into rows
