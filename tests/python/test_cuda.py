@@ -1045,6 +1045,63 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
     assert plan["kernel"].startswith("cuda/sm80/") and plan["backward_passes"] == 2, plan
 
 
+# Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,
+# rows of whole 16-byte units. Lk = 208 (not a multiple of the 128-key block) and Lq = 70 (not
+# of the query tile) leave partial tiles, read past the mask's end as zeros.
+TILE_LQ, TILE_LK = 70, 208
+TILE_MASK_SHAPES = {
+    "full": (B, H, TILE_LQ, TILE_LK),
+    "11qk": (1, 1, TILE_LQ, TILE_LK),
+    "1hqk": (1, H, TILE_LQ, TILE_LK),
+    "b1qk": (B, 1, TILE_LQ, TILE_LK),
+    "b11k": (B, 1, 1, TILE_LK),  # one row, broadcast along queries
+    "bh1k": (B, H, 1, TILE_LK),
+    "1d": (TILE_LK,),
+}
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", list(TILE_MASK_SHAPES), ids=str)
+def test_hopper_mask_tiles(dtype, D, kind, shape):
+    """Masks read from TMA tiles, each broadcast pattern, with rows the mask empties; causal
+    and key padding on the full masks."""
+    size = TILE_MASK_SHAPES[shape]
+    q, k, v = qkv(B=B, Hq=H, Lq=TILE_LQ, Lk=TILE_LK, D=D, dtype=dtype)
+    if kind == "bool":
+        mask = torch.rand(size) < 0.7
+        if len(size) == 4 and size[2] > 1:
+            mask[..., 3, :] = False  # fully masked rows, also in the second query tile
+            mask[..., 66, :] = False
+        mask = mask.to(DEV)
+    else:
+        mask = rand_mask(size, dtype)
+    check_cuda(Inputs(q, k, v, mask))
+    if shape == "full":
+        kpm = (torch.rand(B, TILE_LK) < 0.2).to(DEV)
+        for alignment in ("top_left", "bottom_right"):
+            kwargs = {"is_causal": True, "causal_alignment": alignment, "key_padding_mask": kpm}
+            check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_mask_tiles_strided_and_per_element_fallback(dtype):
+    """A mask view with aligned row strides (a slice of a wider mask) takes the tiles; masks
+    TMA cannot copy take the per-element reads: rows of 200 bool keys (not 16-byte units), a
+    float32 mask with 16-bit inputs, an unaligned start, and a mask broadcast along keys."""
+    q, k, v = qkv(B=B, Hq=H, Lq=TILE_LQ, Lk=200, D=64, dtype=dtype)
+    wide = torch.rand(B, H, TILE_LQ, 256) < 0.7
+    check_cuda(Inputs(q, k, v, wide[..., :200].to(DEV)))
+    check_cuda(Inputs(q, k, v, bool_mask((B, H, TILE_LQ, 200))))
+    check_cuda(Inputs(q, k, v, rand_mask((B, 1, TILE_LQ, 200), torch.float32)))
+    base = rand_mask((B, H, TILE_LQ, 208), dtype, requires_grad=False)
+    check_cuda(Inputs(q, k, v, base[..., 1:201]))  # rows 16-byte units, start 2 bytes off
+    check_cuda(Inputs(q, k, v, bool_mask((B, H, TILE_LQ, 1))))
+
+
 def _lean_backward_cases(dtype):
     """Calls the single-pass Hopper backward serves (no attn_mask, no dropout): both head-dim
     buckets (D = 96 runs in 128), GQA, causal both ways, key padding, odd lengths."""

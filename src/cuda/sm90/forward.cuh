@@ -25,6 +25,7 @@
 #include "cuda/sm80/softmax.cuh"
 #include "cuda/sm80/warp_gemm.cuh"
 #include "cuda/sm90/hopper.cuh"
+#include "cuda/sm90/mask_tile.cuh"
 #include "cuda/sm90/tensor_map.h"
 #include "cuda/sm90/tiles.cuh"
 
@@ -40,7 +41,10 @@ namespace memattn::cuda::sm90 {
 // block), where a 64-row tile also wastes half as much on Lq = 1. Not at D = 128 / 256: two
 // CTAs of 256 threads get 128 registers per thread, which spilled at D = 128 and could not
 // hold D = 256's accumulators.
-template <int kHeadDim>
+// kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
+// tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
+// per-element path the kernel keeps for other masks spilled 44 bytes.
+template <int kHeadDim, bool kFeatures>
 struct ForwardTraits {
   static constexpr int kHead = kHeadDim;
   static constexpr int kConsumers = kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 query rows
@@ -56,9 +60,15 @@ struct ForwardTraits {
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
-  // Layout: Q | K[kStages] | V[kStages] | mbarriers; every tile 1024-byte aligned.
-  static constexpr std::uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kBarriers = 2 + 4 * kStages;  // q full/empty, k/v full, k/v empty
+  static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
+  static constexpr std::uint32_t kMaskBytes =
+      kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
+  // Layout: Q | K[kStages] | V[kStages] | mask[kStages] | mbarriers; every tile 1024-byte
+  // aligned.
+  static constexpr std::uint32_t kMaskOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr std::uint32_t kBarrierOffset = kMaskOffset + kStages * kMaskBytes;
+  // q full/empty, then per stage k/v/mask full and k/v/mask empty
+  static constexpr int kBarriers = 2 + 6 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSmemBytes * kCtasPerSm <= kMaxSmemBytes);
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
@@ -75,6 +85,9 @@ struct ForwardSmem {
   __device__ __forceinline__ std::uint32_t v(int s) const {
     return base + Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
   }
+  __device__ __forceinline__ std::uint32_t mask(int s) const {
+    return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
+  }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
   }
@@ -87,6 +100,12 @@ struct ForwardSmem {
   }
   __device__ __forceinline__ std::uint32_t v_empty(int s) const {
     return bar(2 + 3 * Tr::kStages + s);
+  }
+  __device__ __forceinline__ std::uint32_t mask_full(int s) const {
+    return bar(2 + 4 * Tr::kStages + s);
+  }
+  __device__ __forceinline__ std::uint32_t mask_empty(int s) const {
+    return bar(2 + 5 * Tr::kStages + s);
   }
 };
 
@@ -174,6 +193,8 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
 // producer loads the next tile's Q and K/V while the consumers finish the current one.
+// kFeatures: the general kernel (masks, dropout); with a tiled mask (maps.mask.rows > 0) the
+// producer also streams the mask values of each K/V block into the stage's mask tile.
 template <class T, class Tr, bool kFeatures>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
@@ -184,6 +205,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const auto tile_at = [&](std::int64_t t) {
     return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
   };
+  const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
+  const auto mask_tile = [&](int s) {
+    return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), 1);
@@ -193,6 +218,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       mbar_init(sm.v_full(s), 1);
       mbar_init(sm.k_empty(s), Tr::kConsumers * 4);
       mbar_init(sm.v_empty(s), Tr::kConsumers * 4);
+      mbar_init(sm.mask_full(s), 1);
+      mbar_init(sm.mask_empty(s), Tr::kConsumers * 4);
     }
     mbar_init_fence();
   }
@@ -205,6 +232,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     prefetch_tensor_map(maps.q);
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
+    if (mask_tiles) prefetch_tensor_map(maps.mask.map);
     int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
     for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
       const Tile tile = tile_at(t);
@@ -218,6 +246,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
           mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
           load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
           ++q_round;
+        }
+        if (mask_tiles) {
+          const MaskTile mt = mask_tile(s);
+          mbar_wait(sm.mask_empty(s), parity_of<Tr>(it) ^ 1);
+          mbar_arrive_expect_tx(sm.mask_full(s), mt.bytes(Tr::kBlockN));
+          mt.load(maps.mask.map, sm.mask_full(s), tile.i0, row, Tr::kBlockN, mask_h(p, tile.h),
+                  mask_b(p, tile.b));
         }
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
@@ -245,12 +280,31 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
     float sc[1][kN][4];              // S of the current block, then its probabilities
     std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
-    // Masks block nb's scores and folds them into the running softmax; rescale is the
-    // factor for acc_o once the previous P V is in.
-    const auto softmax = [&](int nb, float(&rescale)[1][2]) {
+    // Masks block nb (the it-th block of the ring: `use`) and folds it into the running
+    // softmax; rescale is the factor for acc_o once the previous P V is in.
+    const auto softmax = [&](int nb, int use, float(&rescale)[1][2]) {
       const int j0 = nb * Tr::kBlockN;
-      const bool check = sm80::block_needs_check(p, tile.keys, wg_row0, 64, j0, Tr::kBlockN);
-      sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      // With a mask tile, blocks that reach between the first padded and the last unpadded key
+      // (holes in the key padding: rare) still read the mask per element: one loop less.
+      const KeyRange& keys = tile.keys;
+      const bool padding_holes =
+          keys.dense_end < keys.end && j0 + Tr::kBlockN > keys.dense_end && j0 < keys.end;
+      if (mask_tiles) {
+        const int s = stage_of<Tr>(use), tile_row0 = 64 * wg + 16 * warp;
+        mbar_wait(sm.mask_full(s), parity_of<Tr>(use));
+        if (!padding_holes) {
+          if (p.mask_kind == MaskKind::boolean)
+            mask_scores_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+          else
+            mask_scores_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+        } else {
+          sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
+        }
+        release(sm.mask_empty(s), lane);
+      } else {
+        const bool check = sm80::block_needs_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
+        sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      }
       sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
     };
     // Dropout on the probabilities, then P as the A operand of the next P V.
@@ -275,45 +329,45 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       release(sm.k_empty(stage_of<Tr>(it)), lane);
       if (n == 1) release(sm.q_empty(), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
-      softmax(0, rescale);
+      softmax(0, it, rescale);
       to_operand(0);
-    }
-    // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
-    // block nb's softmax while the second product is still on the tensor cores (FA3's
-    // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's
-    // softmax also overlaps the others' products. No branch around the wgmmas in the loop:
-    // ptxas serializes wgmmas on divergent paths.
-    for (int nb = 1; nb < n; ++nb) {
-      const int cur = it + nb;
-      mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
-      mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
-      turn.wait();
-      wgmma_fence();
-      gemm.scores(sc, stage_of<Tr>(cur));
-      gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
-      turn.pass(/*last=*/nb + 1 == n);
-      wgmma_wait<1>();
-      fence_operands(sc[0]);
-      release(sm.k_empty(stage_of<Tr>(cur)), lane);
-      if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
-      float rescale[1][2];
-      softmax(nb, rescale);
-      wgmma_wait<0>();
-      fence_operands(acc_o[0]);
-      release(sm.v_empty(stage_of<Tr>(cur - 1)), lane);
-      sm80::rescale_rows(acc_o, rescale);
-      to_operand(nb);
-    }
-    if (n > 0) {  // the last block's P V
-      const int last = it + n - 1;
-      mbar_wait(sm.v_full(stage_of<Tr>(last)), parity_of<Tr>(last));
-      wgmma_fence();
-      gemm.values(acc_o, pf, stage_of<Tr>(last));
-      wgmma_wait<0>();
-      fence_operands(acc_o[0]);
-      release(sm.v_empty(stage_of<Tr>(last)), lane);
-      it += n;
-      ++q_round;
+      // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
+      // block nb's softmax while the second product is still on the tensor cores (FA3's
+      // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's
+      // softmax also overlaps the others' products. No branch around the wgmmas in the loop:
+      // ptxas serializes wgmmas on divergent paths.
+      for (int nb = 1; nb < n; ++nb) {
+        const int cur = it + nb;
+        mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
+        mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
+        turn.wait();
+        wgmma_fence();
+        gemm.scores(sc, stage_of<Tr>(cur));
+        gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
+        turn.pass(/*last=*/nb + 1 == n);
+        wgmma_wait<1>();
+        fence_operands(sc[0]);
+        release(sm.k_empty(stage_of<Tr>(cur)), lane);
+        if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
+        float rescale[1][2];
+        softmax(nb, cur, rescale);
+        wgmma_wait<0>();
+        fence_operands(acc_o[0]);
+        release(sm.v_empty(stage_of<Tr>(cur - 1)), lane);
+        sm80::rescale_rows(acc_o, rescale);
+        to_operand(nb);
+      }
+      {  // the last block's P V
+        const int last = it + n - 1;
+        mbar_wait(sm.v_full(stage_of<Tr>(last)), parity_of<Tr>(last));
+        wgmma_fence();
+        gemm.values(acc_o, pf, stage_of<Tr>(last));
+        wgmma_wait<0>();
+        fence_operands(acc_o[0]);
+        release(sm.v_empty(stage_of<Tr>(last)), lane);
+        it += n;
+        ++q_round;
+      }
     }
     sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
   }
@@ -330,14 +384,16 @@ inline int multiprocessors() {
 
 template <class T, int kHeadDim, bool kFeatures>
 void launch_forward(const DeviceParams& p, cudaStream_t stream) {
-  using Tr = ForwardTraits<kHeadDim>;
+  using Tr = ForwardTraits<kHeadDim, kFeatures>;
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
-                         make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
-                         make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN)};
+  const ForwardMaps maps{
+      make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
+      make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
+      make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
+      Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM, Tr::kBlockN) : MaskTileMap{}};
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,

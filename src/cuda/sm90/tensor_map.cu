@@ -62,4 +62,36 @@ CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int 
   return map;
 }
 
+MaskTileMap make_mask_map(const DeviceParams& p, int block_rows, int block_cols) {
+  MaskTileMap tiles;
+  const int elem = p.mask_kind == MaskKind::boolean ? 1 : p.mask_kind == MaskKind::additive ? 2 : 0;
+  if (elem == 0 || p.mask_st[3] != 1 || block_cols * elem % kRowBytes != 0 ||
+      reinterpret_cast<std::uintptr_t>(p.mask) % 16 != 0)
+    return tiles;
+  for (int d = 0; d < 3; ++d)
+    if (p.mask_st[d] * elem % 16 != 0) return tiles;
+  // Broadcast dims (stride 0) become size-1 dims read at coordinate 0; their stride is never
+  // stepped along, so any multiple of 16 bytes will do.
+  const auto extent = [&](int d, int size) -> cuuint64_t { return p.mask_st[d] != 0 ? size : 1; };
+  const auto stride_bytes = [&](int d) -> cuuint64_t {
+    return p.mask_st[d] != 0 ? static_cast<cuuint64_t>(p.mask_st[d]) * elem : 16;
+  };
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.Lk), extent(2, p.Lq), extent(1, p.Hq),
+                              extent(0, p.B)};
+  const cuuint64_t byte_strides[3] = {stride_bytes(2), stride_bytes(1), stride_bytes(0)};
+  const int rows = p.mask_st[2] != 0 ? block_rows : 1;
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kRowBytes / elem),
+                             static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &tiles.map, elem == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
+      const_cast<void*>(p.mask), dims, byte_strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  // The checks above are the driver's documented rules; should it refuse anyway, the kernels
+  // read the mask per element (slower, same results).
+  if (r == CUDA_SUCCESS) tiles.rows = rows;
+  return tiles;
+}
+
 }  // namespace memattn::cuda::sm90

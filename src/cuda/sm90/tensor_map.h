@@ -7,9 +7,17 @@
 
 namespace memattn::cuda::sm90 {
 
+// attn_mask as TMA tiles of query rows x key columns (sm90/mask_tile.cuh), or `rows` 0 where
+// the mask cannot be copied by tiles and the kernels read it per element.
+struct MaskTileMap {
+  CUtensorMap map;
+  int rows = 0;  // rows per tile: the kernel's block rows, 1 for a mask broadcast along queries
+};
+
 // The tensor maps of a forward call and of a backward pass, passed to the kernels by value.
 struct ForwardMaps {
   CUtensorMap q, k, v;
+  MaskTileMap mask;
 };
 struct BackwardMaps {
   CUtensorMap q, k, v, grad_out;
@@ -22,5 +30,11 @@ struct BackwardMaps {
 // the driver rejects the map.
 CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int D,
                           const Strides3& strides, int box_rows);
+
+// The mask of DeviceParams `p` as tiles of `block_rows` queries x `block_cols` keys, stored in
+// 128-byte rows with the 128-byte swizzle. Tiles need a bool or q-dtype mask (not float32 with
+// fp16/bf16 inputs) with contiguous keys, a 16-byte aligned start and strides of whole 16-byte
+// units, and block_cols keys filling whole 128-byte rows; any other mask gets rows = 0.
+MaskTileMap make_mask_map(const DeviceParams& p, int block_rows, int block_cols);
 
 }  // namespace memattn::cuda::sm90
