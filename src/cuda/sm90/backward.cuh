@@ -37,6 +37,7 @@
 #include "cuda/sm80/softmax.cuh"
 #include "cuda/sm80/warp_gemm.cuh"
 #include "cuda/sm90/hopper.cuh"
+#include "cuda/sm90/mask_tile.cuh"
 #include "cuda/sm90/tensor_map.h"
 #include "cuda/sm90/tiles.cuh"
 
@@ -94,11 +95,14 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
-  // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | stats[kConsumers]
-  // [kStages][lse2, delta][kBlockQ] | mbarriers.
+  // A step's attn_mask tile, kBlockQ queries x the CTA's keys (general kernels only).
+  static constexpr std::uint32_t kMaskBytes = kFeatures ? MaskTile::capacity<kBlockQ, kRows>() : 0;
+  // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
+  // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
   static constexpr std::uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
-  static constexpr std::uint32_t kStatsOffset = kDqOffset + kConsumers * kDqBytes;
+  static constexpr std::uint32_t kMaskOffset = kDqOffset + kConsumers * kDqBytes;
+  static constexpr std::uint32_t kStatsOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr std::uint32_t kBarrierOffset =
       kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
@@ -123,6 +127,9 @@ struct DkvSmem {
   }
   __device__ __forceinline__ std::uint32_t dq(int wg) const {
     return base() + Tr::kDqOffset + wg * Tr::kDqBytes;
+  }
+  __device__ __forceinline__ std::uint32_t mask(int s) const {
+    return base() + Tr::kMaskOffset + s * Tr::kMaskBytes;
   }
   // Consumer warpgroup wg's copy of the row stats of the step in stage s.
   __device__ __forceinline__ float* lse2(int wg, int s) const {
@@ -160,6 +167,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const KeyRange keys = key_range(p, b);
   const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+  // attn_mask tiles (general kernel, a mask TMA can copy) come with each step's Q and dO.
+  const bool mask_tiles = kFeatures && maps.mask.rows > 0;
+  const auto mask_tile = [&](int s) {
+    return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -177,6 +189,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     if (threadIdx.x == 0) {
       prefetch_tensor_map(maps.q);
       prefetch_tensor_map(maps.grad_out);
+      if (mask_tiles) prefetch_tensor_map(maps.mask.map);
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
@@ -185,7 +198,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
           const int s = stage_of<Tr>(it);
           mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
-          mbar_arrive_expect_tx(sm.step_full(s), 2 * Tr::kQBytes);
+          const MaskTile mt = mask_tile(s);
+          mbar_arrive_expect_tx(sm.step_full(s),
+                                2 * Tr::kQBytes + (mask_tiles ? mt.bytes<Tr::kRows>() : 0));
+          if (mask_tiles)
+            mt.load<Tr::kRows>(maps.mask.map, sm.step_full(s), i0, j0, mask_h(p, h), mask_b(p, b));
           load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), i0, h, b);
           load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
                                               b);
@@ -199,6 +216,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
   const int key_row0 = j0 + 64 * wg + 16 * warp;
   const float unit = sm80::score_unit<kFeatures>(p);
+  const bool padding_holes = reaches_padding_holes(keys, j0, Tr::kRows);
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
@@ -236,9 +254,17 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(st[0]);
       fence_operands(dpt[0]);
 
-      const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
-      sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, ElementMasks<T>{p, b, h, keys}, key_row0,
-                                                     i0, check, lane);
+      const ElementMasks<T> masks{p, b, h, keys};
+      if (mask_tiles && !padding_holes) {
+        if (p.mask_kind == MaskKind::boolean)
+          mask_key_rows_from_tile<true>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0, lane);
+        else
+          mask_key_rows_from_tile<false>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0,
+                                         lane);
+      } else {
+        const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
+        sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
+      }
       // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
       const float* lse2 = sm.lse2(wg, s);
       const float* delta = sm.delta(wg, s);
@@ -349,23 +375,25 @@ __global__ void __launch_bounds__(128)
 // ------------------------------------------------------------------------------------------
 // dQ (+ mask gradient)
 
-template <int kHeadDim>
+template <int kHeadDim, bool kFeatures>
 struct DqTraits : BackwardShape {
   // Keys per step: at D = 128 the S, dP and dQ tiles of 128 keys would not fit in registers.
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : 64;
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr std::uint32_t kQBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
-  // Layout: Q | dO | K[kStages] | V[kStages] | mbarriers.
-  static constexpr std::uint32_t kBarrierOffset = 2 * kQBytes + 2 * kStages * kKVBytes;
+  // A step's attn_mask tile, the CTA's queries x kBlockN keys (general kernels only).
+  static constexpr std::uint32_t kMaskBytes = kFeatures ? MaskTile::capacity<kRows, kBlockN>() : 0;
+  // Layout: Q | dO | K[kStages] | V[kStages] | mask[kStages] | mbarriers.
+  static constexpr std::uint32_t kMaskOffset = 2 * kQBytes + 2 * kStages * kKVBytes;
+  static constexpr std::uint32_t kBarrierOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr int kBarriers = 2 + 2 * kStages;  // Q/dO full, empty; K/V full, empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;
   static_assert(kSmemBytes <= kMaxSmemBytes);
 };
 
-template <int kHeadDim>
+template <class Tr>
 struct DqSmem {
-  using Tr = DqTraits<kHeadDim>;
   std::uint32_t base;  // 1024-byte aligned
   __device__ __forceinline__ std::uint32_t q() const { return base; }
   __device__ __forceinline__ std::uint32_t grad_out() const { return base + Tr::kQBytes; }
@@ -374,6 +402,9 @@ struct DqSmem {
   }
   __device__ __forceinline__ std::uint32_t v(int s) const {
     return base + 2 * Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
+  }
+  __device__ __forceinline__ std::uint32_t mask(int s) const {
+    return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
   }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
@@ -408,10 +439,15 @@ template <class T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dq_kernel(const __grid_constant__ DeviceParams p,
                        const __grid_constant__ BackwardMaps maps, int num_m_blocks) {
-  using Tr = DqTraits<kHeadDim>;
+  using Tr = DqTraits<kHeadDim, kFeatures>;
   constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
   extern __shared__ unsigned char smem_raw[];
-  const DqSmem<kHeadDim> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+  const DqSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+  // attn_mask tiles (general kernel, a mask TMA can copy) come with each step's K and V.
+  const bool mask_tiles = kFeatures && maps.mask.rows > 0;
+  const auto mask_tile = [&](int s) {
+    return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
+  };
 
   // Heavy (late, for causal) query blocks first.
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
@@ -435,6 +471,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     if (threadIdx.x != 0) return;
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
+    if (mask_tiles) prefetch_tensor_map(maps.mask.map);
     int it = 0;  // K/V blocks loaded so far; the ring continues across (b, h) pairs
     for (int pair = 0; pair < rows.pairs(); ++pair) {
       const int b = rows.b(p, pair), h = rows.h(p, pair), hk = h / p.group;
@@ -446,7 +483,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       for (int nb = 0; nb < n; ++nb, ++it) {
         const int s = stage_of<Tr>(it);
         mbar_wait(sm.kv_empty(s), parity_of<Tr>(it) ^ 1);
-        mbar_arrive_expect_tx(sm.kv_full(s), 2 * Tr::kKVBytes);
+        const MaskTile mt = mask_tile(s);
+        mbar_arrive_expect_tx(sm.kv_full(s),
+                              2 * Tr::kKVBytes + (mask_tiles ? mt.bytes<Tr::kBlockN>() : 0));
+        if (mask_tiles)
+          mt.load<Tr::kBlockN>(maps.mask.map, sm.kv_full(s), i0, nb * Tr::kBlockN, mask_h(p, h),
+                               mask_b(p, b));
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.kv_full(s), nb * Tr::kBlockN, hk,
                                             b);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.kv_full(s), nb * Tr::kBlockN, hk,
@@ -484,8 +526,16 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(sc[0]);
       fence_operands(dp[0]);
 
-      const bool check = sm80::block_needs_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
-      sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      if (mask_tiles && !reaches_padding_holes(masks.keys, j0, Tr::kBlockN)) {
+        const int tile_row0 = 64 * wg + 16 * warp;
+        if (p.mask_kind == MaskKind::boolean)
+          mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+        else
+          mask_query_rows_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+      } else {
+        const bool check = sm80::block_needs_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
+        sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+      }
       if constexpr (kFeatures)
         if (p.dropout) sm80::apply_dropout<sm80::Rows::queries>(dp, p, bh, warp_row0, j0, lane);
       sm80::score_grad_of_query_rows(sc, dp, lse2, delta, unit);  // sc now holds dS
@@ -510,7 +560,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   using Kv = DkvTraits<kHeadDim, kFeatures, kFusedDq>;
-  using Dq = DqTraits<kHeadDim>;
+  using Dq = DqTraits<kHeadDim, kFeatures>;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   // Box rows differ between the passes (the dK/dV kernel streams Q/dO in kBlockQ-row blocks and
   // holds 128 keys; the dQ kernel the reverse), so each pass gets its own maps.
@@ -519,7 +569,8 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, q_rows),
         make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, kv_rows),
         make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, kv_rows),
-        make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows)};
+        make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows),
+        kFeatures ? make_mask_map(p, q_rows) : MaskTileMap{}};
   };
   const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);

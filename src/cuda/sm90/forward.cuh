@@ -250,9 +250,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         if (mask_tiles) {
           const MaskTile mt = mask_tile(s);
           mbar_wait(sm.mask_empty(s), parity_of<Tr>(it) ^ 1);
-          mbar_arrive_expect_tx(sm.mask_full(s), mt.bytes(Tr::kBlockN));
-          mt.load(maps.mask.map, sm.mask_full(s), tile.i0, row, Tr::kBlockN, mask_h(p, tile.h),
-                  mask_b(p, tile.b));
+          mbar_arrive_expect_tx(sm.mask_full(s), mt.bytes<Tr::kBlockN>());
+          mt.load<Tr::kBlockN>(maps.mask.map, sm.mask_full(s), tile.i0, row, mask_h(p, tile.h),
+                               mask_b(p, tile.b));
         }
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
@@ -284,19 +284,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // softmax; rescale is the factor for acc_o once the previous P V is in.
     const auto softmax = [&](int nb, int use, float(&rescale)[1][2]) {
       const int j0 = nb * Tr::kBlockN;
-      // With a mask tile, blocks that reach between the first padded and the last unpadded key
-      // (holes in the key padding: rare) still read the mask per element: one loop less.
       const KeyRange& keys = tile.keys;
-      const bool padding_holes =
-          keys.dense_end < keys.end && j0 + Tr::kBlockN > keys.dense_end && j0 < keys.end;
+      const bool padding_holes = reaches_padding_holes(keys, j0, Tr::kBlockN);
       if (mask_tiles) {
         const int s = stage_of<Tr>(use), tile_row0 = 64 * wg + 16 * warp;
         mbar_wait(sm.mask_full(s), parity_of<Tr>(use));
         if (!padding_holes) {
           if (p.mask_kind == MaskKind::boolean)
-            mask_scores_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+            mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0,
+                                            lane);
           else
-            mask_scores_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+            mask_query_rows_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0,
+                                             lane);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
         }
@@ -389,11 +388,10 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const ForwardMaps maps{
-      make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
-      make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
-      make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
-      Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM, Tr::kBlockN) : MaskTileMap{}};
+  const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
+                         make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
+                         make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
+                         Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM) : MaskTileMap{}};
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,

@@ -18,6 +18,11 @@
 
 namespace memattn::cuda::sm90 {
 
+__device__ __forceinline__ std::uint32_t ld_shared_u8(std::uint32_t addr) {
+  std::uint16_t v;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ std::uint32_t ld_shared_u16(std::uint32_t addr) {
   std::uint16_t v;
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
@@ -41,17 +46,22 @@ __device__ __forceinline__ T bit_cast_16(std::uint32_t bits) {
 
 // One stage's mask tile: the values of `rows` query rows (the block's, or the single row of a
 // mask broadcast along queries) x a block's keys. Stored as the other tiles are (top of
-// hopper.cuh): 128-byte rows (128 bool or 64 16-bit keys) in chunks of kRowBytes columns, each
-// chunk 1024-byte aligned, 16-byte unit u of row r at unit u ^ (r % 8).
+// hopper.cuh): chunks of 128-byte rows (128 bool or 64 16-bit keys), each chunk 1024-byte
+// aligned, 16-byte unit u of row r at unit u ^ (r % 8). A block narrower than a chunk (64 bool
+// keys) still gets a whole chunk; the kernels read only its keys.
 struct MaskTile {
   std::uint32_t base;  // 1024-byte aligned
   int rows;            // 1 or the block's rows
   int elem_bytes;      // 1 (bool) or 2 (q's dtype)
 
-  // Room a tile of kRows x kCols 16-bit values needs (the most any mask takes).
+  // Chunks of a block of `cols` keys.
+  __host__ __device__ static constexpr int chunks(int cols, int elem_bytes) {
+    return (cols * elem_bytes + kRowBytes - 1) / kRowBytes;
+  }
+  // Room a tile of kRows x kCols keys needs for any mask (16-bit values take the most).
   template <int kRows, int kCols>
   static constexpr std::uint32_t capacity() {
-    return (kCols * 2 / kRowBytes) * (kRows * kRowBytes > 1024 ? kRows * kRowBytes : 1024);
+    return chunks(kCols, 2) * (kRows * kRowBytes > 1024 ? kRows * kRowBytes : 1024);
   }
 
   __device__ __forceinline__ std::uint32_t chunk_bytes() const {
@@ -59,18 +69,29 @@ struct MaskTile {
   }
   __device__ __forceinline__ int chunk_keys() const { return kRowBytes / elem_bytes; }
 
-  // Bytes one tile of `cols` keys delivers.
-  __device__ __forceinline__ std::uint32_t bytes(int cols) const {
-    return cols * elem_bytes * rows;
+  // Chunks of a block of kCols keys: constants picked by the element size (the producer
+  // thread has few registers to spare).
+  template <int kCols>
+  __device__ __forceinline__ int block_chunks() const {
+    return elem_bytes == 1 ? chunks(kCols, 1) : chunks(kCols, 2);
+  }
+
+  // Bytes one tile of kCols keys delivers (whole chunks; zeros past the mask's end count).
+  template <int kCols>
+  __device__ __forceinline__ std::uint32_t bytes() const {
+    return block_chunks<kCols>() * rows * kRowBytes;
   }
 
   // Copies the mask values of query rows [i0, i0 + rows) (row 0 when broadcast) x keys
-  // [j0, j0 + cols) of mask coordinates (mask_b, mask_h); completion counted on `bar`.
+  // [j0, j0 + kCols) of mask coordinates (mask_b, mask_h); completion counted on `bar`.
+  template <int kCols>
   __device__ __forceinline__ void load(const CUtensorMap& map, std::uint32_t bar, int i0, int j0,
-                                       int cols, int mask_h, int mask_b) const {
-    for (int c = 0; c * chunk_keys() < cols; ++c)
-      tma_load_4d(base + c * chunk_bytes(), map, bar, j0 + c * chunk_keys(), rows == 1 ? 0 : i0,
-                  mask_h, mask_b);
+                                       int mask_h, int mask_b) const {
+#pragma unroll
+    for (int c = 0; c < chunks(kCols, 2); ++c)
+      if (c < block_chunks<kCols>())
+        tma_load_4d(base + c * chunk_bytes(), map, bar, j0 + c * chunk_keys(), rows == 1 ? 0 : i0,
+                    mask_h, mask_b);
   }
 };
 
@@ -82,19 +103,37 @@ __device__ __forceinline__ int mask_h(const DeviceParams& p, int h) {
   return p.mask_st[1] != 0 ? h : 0;
 }
 
-// The general kernels' mask_scores (sm80/scores.cuh) with attn_mask's values from a mask tile:
-// a warp's 16 rows of a C tile of query rows x keys, raw dot products in, scores in log2 units
-// (or -inf) out. tile_row0: the warp's first row within the tile; row0 / col0: global index of
-// its first query and key. The block must not reach between the first padded and the last
-// unpadded key (KeyRange): the batch element's key range bounds the keys.
+// Whether keys [j0, j0 + cols) reach between the first padded and the last unpadded key (holes
+// in the key padding, rare): such blocks read the key padding mask per key, and with it the
+// attn_mask per element (sm80::mask_scores), so the tile loops need only the key range.
+__device__ __forceinline__ bool reaches_padding_holes(const KeyRange& keys, int j0, int cols) {
+  return keys.dense_end < keys.end && j0 + cols > keys.dense_end && j0 < keys.end;
+}
+
+// A raw dot product x as a score in log2 units with the mask value `bits` (a bool byte or a
+// 16-bit value of q's dtype) applied, or -inf where (i, j) is not visible.
+template <bool kBool, class T>
+__device__ __forceinline__ float masked_score(float x, std::uint32_t bits, bool visible,
+                                              float scale_log2) {
+  if constexpr (kBool)
+    return visible && (bits & 0xffu) != 0 ? x * scale_log2 : -INFINITY;
+  else
+    return visible ? x * scale_log2 + to_float(bit_cast_16<T>(bits)) * kLog2e : -INFINITY;
+}
+
+// The general kernels' mask_scores (sm80/scores.cuh) with attn_mask's values from a mask tile,
+// for a warp's 16 rows of a C tile whose rows are queries (forward, dQ): raw dot products in,
+// scores in log2 units (or -inf) out. tile_row0: the warp's first row within the tile; row0 /
+// col0: global index of its first query and key. The block must not reach between the first
+// padded and the last unpadded key (KeyRange): the batch element's key range bounds the keys.
 template <bool kBool, class T, int kN>
-__device__ __forceinline__ void mask_scores_from_tile(float (&acc)[1][kN][4],
-                                                      const ElementMasks<T>& masks,
-                                                      const MaskTile& tile, int tile_row0, int row0,
-                                                      int col0, int lane) {
+__device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4],
+                                                          const ElementMasks<T>& masks,
+                                                          const MaskTile& tile, int tile_row0,
+                                                          int row0, int col0, int lane) {
   const DeviceParams& p = masks.p;
   constexpr std::uint32_t kElem = kBool ? 1 : 2;
-  constexpr int kChunks = kN * 8 * kElem / kRowBytes > 1 ? kN * 8 * kElem / kRowBytes : 1;
+  constexpr int kChunks = MaskTile::chunks(kN * 8, kElem);
   // Per row of the thread (two): keys [0, row_end) pass the bounds and the causal limit. The
   // pair of keys (8n + 2 (lane % 4), +1) of a row lies at byte b = 8n kElem + the lane's byte of
   // its chunk: unit b / 16 ^ (row % 8), byte b % 16. The row's chunk address (bits 4-6 zero:
@@ -128,15 +167,51 @@ __device__ __forceinline__ void mask_scores_from_tile(float (&acc)[1][kN][4],
       for (int e = 0; e < 2; ++e) {
         const int j = col0 + sm80::c_col(n, e, lane);
         float& x = acc[0][n][2 * half + e];
-        if constexpr (kBool) {
-          x = j < row_end[half] && (values >> (8 * e) & 0xffu) != 0 ? x * p.scale_log2 : -INFINITY;
-        } else {
-          const float bias = to_float(bit_cast_16<T>(values >> (16 * e)));
-          x = j < row_end[half] ? x * p.scale_log2 + bias * kLog2e : -INFINITY;
-        }
+        x = masked_score<kBool, T>(x, values >> (8 * kElem * e), j < row_end[half], p.scale_log2);
       }
     }
   }
+}
+
+// mask_query_rows_from_tile for a C tile whose rows are keys (dK/dV: S^T): a warp's 16 keys
+// from tile_key0 within the tile (global key_row0) x the step's queries from col0. A thread's
+// elements (key r, queries c and c + 1) lie in two tile rows; with 128-byte rows and the
+// swizzle depending on the row only through c % 8 = 2 (lane % 4) + {0, 1}, the four addresses
+// of n = 0 serve every n, 8n rows (1024n bytes) further.
+template <bool kBool, class T, int kQ>
+__device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
+                                                        const ElementMasks<T>& masks,
+                                                        const MaskTile& tile, int tile_key0,
+                                                        int key_row0, int col0, int lane) {
+  const DeviceParams& p = masks.p;
+  constexpr std::uint32_t kElem = kBool ? 1 : 2;
+  int query_begin[2];         // queries [query_begin, Lq) see the thread's key of each row half
+  std::uint32_t addr0[2][2];  // [row half][query parity]
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = sm80::c_row(0, 2 * half, lane), j = key_row0 + r;
+    query_begin[half] = j < masks.keys.end ? causal_query_begin(p, j) : p.Lq;
+    const std::uint32_t key_byte = static_cast<std::uint32_t>(tile_key0 + r) * kElem;
+#pragma unroll
+    for (int odd = 0; odd < 2; ++odd) {
+      const std::uint32_t row =
+          tile.rows == 1 ? 0u : 2u * static_cast<std::uint32_t>(lane % 4) + odd;
+      addr0[half][odd] = tile.base + key_byte / kRowBytes * tile.chunk_bytes() + row * kRowBytes +
+                         ((key_byte % kRowBytes) ^ (row % 8u) * 16u);
+    }
+  }
+  const std::uint32_t n_step = tile.rows == 1 ? 0u : 8u * kRowBytes;
+#pragma unroll
+  for (int n = 0; n < kQ; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int half = e / 2, odd = e % 2;
+      const std::uint32_t addr = addr0[half][odd] + n * n_step;
+      const std::uint32_t value = kBool ? ld_shared_u8(addr) : ld_shared_u16(addr);
+      const int i = col0 + sm80::c_col(n, e, lane);
+      float& x = acc[0][n][e];
+      x = masked_score<kBool, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale_log2);
+    }
 }
 
 }  // namespace memattn::cuda::sm90

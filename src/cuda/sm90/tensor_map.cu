@@ -62,11 +62,10 @@ CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int 
   return map;
 }
 
-MaskTileMap make_mask_map(const DeviceParams& p, int block_rows, int block_cols) {
+MaskTileMap make_mask_map(const DeviceParams& p, int block_rows) {
   MaskTileMap tiles;
   const int elem = p.mask_kind == MaskKind::boolean ? 1 : p.mask_kind == MaskKind::additive ? 2 : 0;
-  if (elem == 0 || p.mask_st[3] != 1 || block_cols * elem % kRowBytes != 0 ||
-      reinterpret_cast<std::uintptr_t>(p.mask) % 16 != 0)
+  if (elem == 0 || p.mask_st[3] != 1 || reinterpret_cast<std::uintptr_t>(p.mask) % 16 != 0)
     return tiles;
   for (int d = 0; d < 3; ++d)
     if (p.mask_st[d] * elem % 16 != 0) return tiles;

@@ -21,6 +21,7 @@ struct ForwardMaps {
 };
 struct BackwardMaps {
   CUtensorMap q, k, v, grad_out;
+  MaskTileMap mask;
 };
 
 // A tensor map over a [B, H, L, D] tensor of 16-bit elements (fp16 or bf16; `bf16` picks which)
@@ -31,10 +32,10 @@ struct BackwardMaps {
 CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int D,
                           const Strides3& strides, int box_rows);
 
-// The mask of DeviceParams `p` as tiles of `block_rows` queries x `block_cols` keys, stored in
-// 128-byte rows with the 128-byte swizzle. Tiles need a bool or q-dtype mask (not float32 with
-// fp16/bf16 inputs) with contiguous keys, a 16-byte aligned start and strides of whole 16-byte
-// units, and block_cols keys filling whole 128-byte rows; any other mask gets rows = 0.
-MaskTileMap make_mask_map(const DeviceParams& p, int block_rows, int block_cols);
+// The mask of DeviceParams `p` as tiles of `block_rows` queries x 128-byte boxes of keys (128
+// bool or 64 16-bit values; mask_tile.cuh), with the 128-byte swizzle. Tiles need a bool or
+// q-dtype mask (not float32 with fp16/bf16 inputs) with contiguous keys, a 16-byte aligned
+// start and strides of whole 16-byte units; any other mask gets rows = 0.
+MaskTileMap make_mask_map(const DeviceParams& p, int block_rows);
 
 }  // namespace memattn::cuda::sm90
