@@ -10,8 +10,8 @@ attn_testing.py. Meant to run under the sanitizer, where every kernel launch is 
 (for memcheck set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, so that every tensor is its own
 allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-core kernels) and
 fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
-masks (broadcast, with gradient), key padding (with masks; alone, skipping trailing key blocks;
-a fully padded batch entry), causal in both
+masks (broadcast, with gradient; also masks the Hopper kernels copy by tiles), key padding
+(with masks; alone, skipping trailing key blocks; a fully padded batch entry), causal in both
 alignments (fully masked rows), [B, L, H, D] views, dropout}.
 
 Exit status: 0 all cases match, 1 a case failed (each failure is printed with its traceback),
@@ -129,6 +129,20 @@ def case_float_mask_full_and_row_broadcast(dtype):
     check_against_reference(Inputs(q, k, v, _float_mask((2, 1, 30, 1), dtype)))
 
 
+def case_mask_tiles(dtype):
+    """Masks the Hopper kernels copy by TMA tiles (rows of whole 16-byte units; partial tiles
+    at Lq = 70, Lk = 144): bool, float with gradient broadcast along queries, key padding with
+    a hole (those blocks read the mask per element), both head-dim buckets."""
+    for D in (64, 128):
+        q, k, v = _qkv(dtype, B=2, Hq=2, Lq=70, Lk=144, D=D)
+        kpm = torch.zeros(2, 144, dtype=torch.bool)
+        kpm[0, 20:30] = True
+        kpm[1, 100:] = True
+        kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
+        check_against_reference(Inputs(q, k, v, _bool_mask((2, 2, 70, 144)), kwargs=kwargs))
+        check_against_reference(Inputs(q, k, v, _float_mask((2, 1, 1, 144), dtype)))
+
+
 def case_bshd_views(dtype):
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(DEV, dtype).requires_grad_()
@@ -191,6 +205,7 @@ CASES: list[Callable] = [
     case_key_padding_only_block_skipping,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
+    case_mask_tiles,
     case_bshd_views,
     case_dropout,
 ]

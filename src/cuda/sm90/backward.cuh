@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
   const int key_row0 = j0 + 64 * wg + 16 * warp;
   const float unit = sm80::score_unit<kFeatures>(p);
-  const bool padding_holes = reaches_padding_holes(keys, j0, Tr::kRows);
+  const bool padding_holes = has_padding_holes(keys);
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
@@ -510,6 +510,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     float lse2[2], delta[2];
     sm80::thread_row_stats(p, b, h, warp_row0, lse2, delta, lane);
     const ElementMasks<T> masks{p, b, h};
+    const bool tiles = mask_tiles && !has_padding_holes(masks.keys);
     const int n = visible_key_blocks<Tr::kBlockN>(p, masks.keys, i0 + Tr::kRows - 1);
     float acc_dq[1][kD][4];
     sm80::zero(acc_dq);
@@ -526,7 +527,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(sc[0]);
       fence_operands(dp[0]);
 
-      if (mask_tiles && !reaches_padding_holes(masks.keys, j0, Tr::kBlockN)) {
+      if (tiles) {
         const int tile_row0 = 64 * wg + 16 * warp;
         if (p.mask_kind == MaskKind::boolean)
           mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);

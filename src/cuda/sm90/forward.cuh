@@ -285,11 +285,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     const auto softmax = [&](int nb, int use, float(&rescale)[1][2]) {
       const int j0 = nb * Tr::kBlockN;
       const KeyRange& keys = tile.keys;
-      const bool padding_holes = reaches_padding_holes(keys, j0, Tr::kBlockN);
       if (mask_tiles) {
         const int s = stage_of<Tr>(use), tile_row0 = 64 * wg + 16 * warp;
         mbar_wait(sm.mask_full(s), parity_of<Tr>(use));
-        if (!padding_holes) {
+        if (!has_padding_holes(keys)) {
           if (p.mask_kind == MaskKind::boolean)
             mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0,
                                             lane);

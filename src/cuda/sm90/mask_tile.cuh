@@ -103,11 +103,11 @@ __device__ __forceinline__ int mask_h(const DeviceParams& p, int h) {
   return p.mask_st[1] != 0 ? h : 0;
 }
 
-// Whether keys [j0, j0 + cols) reach between the first padded and the last unpadded key (holes
-// in the key padding, rare): such blocks read the key padding mask per key, and with it the
+// Whether batch element b's key padding has holes: padded keys before its last unpadded key
+// (KeyRange: dense_end < end; rare). Its blocks read the padding per key, and with it the
 // attn_mask per element (sm80::mask_scores), so the tile loops need only the key range.
-__device__ __forceinline__ bool reaches_padding_holes(const KeyRange& keys, int j0, int cols) {
-  return keys.dense_end < keys.end && j0 + cols > keys.dense_end && j0 < keys.end;
+__device__ __forceinline__ bool has_padding_holes(const KeyRange& keys) {
+  return keys.dense_end < keys.end;
 }
 
 // A raw dot product x as a score in log2 units with the mask value `bits` (a bool byte or a
@@ -124,8 +124,8 @@ __device__ __forceinline__ float masked_score(float x, std::uint32_t bits, bool 
 // The general kernels' mask_scores (sm80/scores.cuh) with attn_mask's values from a mask tile,
 // for a warp's 16 rows of a C tile whose rows are queries (forward, dQ): raw dot products in,
 // scores in log2 units (or -inf) out. tile_row0: the warp's first row within the tile; row0 /
-// col0: global index of its first query and key. The block must not reach between the first
-// padded and the last unpadded key (KeyRange): the batch element's key range bounds the keys.
+// col0: global index of its first query and key. The batch element's key padding must have no
+// holes (has_padding_holes): its key range bounds the keys.
 template <bool kBool, class T, int kN>
 __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4],
                                                           const ElementMasks<T>& masks,
