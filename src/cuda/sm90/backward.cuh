@@ -77,13 +77,20 @@ __device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint
          ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
 }
 
+// What the dK/dV kernel does with S^T besides bounds, causality and key padding: nothing (lean
+// calls), attn_mask from mask tiles only (masked calls without dropout whose mask TMA can copy),
+// or anything (the general kernel: masks read either way, dropout).
+enum class DkvMasking : std::uint8_t { lean, tiles, general };
+
 // Queries per pipeline step: as many as S^T, dP^T, both accumulators and both operand copies
-// leave registers for next to the mask/dropout code (the general kernels spilled 656 bytes at
-// D = 64 with 128 queries, 208 bytes at D = 128 with 64).
-template <int kHeadDim, bool kFeatures, bool kFusedDq>
+// leave registers for next to the mask/dropout code (the general kernel spilled 656 bytes at
+// D = 64 with 128 queries, 208 bytes at D = 128 with 64; the mask tile reads fit at full size).
+template <int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 struct DkvTraits : BackwardShape {
-  static_assert(!(kFeatures && kFusedDq), "the single pass serves lean calls only");
-  static constexpr int kBlockQ = (kHeadDim <= 64 ? 128 : 64) / (kFeatures ? 2 : 1);
+  static_assert(kMasking == DkvMasking::lean || !kFusedDq,
+                "the single pass serves lean calls only");
+  static constexpr int kBlockQ =
+      (kHeadDim <= 64 ? 128 : 64) / (kMasking == DkvMasking::general ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
@@ -95,8 +102,9 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
-  // A step's attn_mask tile, kBlockQ queries x the CTA's keys (general kernels only).
-  static constexpr std::uint32_t kMaskBytes = kFeatures ? MaskTile::capacity<kBlockQ, kRows>() : 0;
+  // A step's attn_mask tile, kBlockQ queries x the CTA's keys.
+  static constexpr std::uint32_t kMaskBytes =
+      kMasking != DkvMasking::lean ? MaskTile::capacity<kBlockQ, kRows>() : 0;
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
   // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
@@ -147,11 +155,12 @@ struct DkvSmem {
   }
 };
 
-template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
+template <class T, int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
                          const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
-  using Tr = DkvTraits<kHeadDim, kFeatures, kFusedDq>;
+  using Tr = DkvTraits<kHeadDim, kMasking, kFusedDq>;
+  constexpr bool kFeatures = kMasking == DkvMasking::general;
   constexpr int kQ = Tr::kBlockQ / 8, kD = kHeadDim / 8;
   extern __shared__ unsigned char smem_raw[];
   const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
@@ -167,8 +176,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const KeyRange keys = key_range(p, b);
   const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
-  // attn_mask tiles (general kernel, a mask TMA can copy) come with each step's Q and dO.
-  const bool mask_tiles = kFeatures && maps.mask.rows > 0;
+  // attn_mask tiles (a mask TMA can copy; always in the tiles kernel) come with each step's Q
+  // and dO.
+  const bool mask_tiles = kMasking != DkvMasking::lean && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
   };
@@ -215,8 +225,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
   const int key_row0 = j0 + 64 * wg + 16 * warp;
-  const float unit = sm80::score_unit<kFeatures>(p);
-  const bool padding_holes = has_padding_holes(keys);
+  const float unit = sm80::score_unit<kMasking != DkvMasking::lean>(p);
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
@@ -255,12 +264,17 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(dpt[0]);
 
       const ElementMasks<T> masks{p, b, h, keys};
-      if (mask_tiles && !padding_holes) {
+      const auto mask_from_tile = [&] {
         if (p.mask_kind == MaskKind::boolean)
           mask_key_rows_from_tile<true>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0, lane);
         else
           mask_key_rows_from_tile<false>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0,
                                          lane);
+      };
+      if constexpr (kMasking == DkvMasking::tiles) {
+        mask_from_tile();
+      } else if (mask_tiles) {
+        mask_from_tile();
       } else {
         const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
         sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
@@ -560,7 +574,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
 template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 void launch_backward(const DeviceParams& p, cudaStream_t stream) {
-  using Kv = DkvTraits<kHeadDim, kFeatures, kFusedDq>;
   using Dq = DqTraits<kHeadDim, kFeatures>;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   // Box rows differ between the passes (the dK/dV kernel streams Q/dO in kBlockQ-row blocks and
@@ -573,18 +586,30 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows),
         kFeatures ? make_mask_map(p, q_rows) : MaskTileMap{}};
   };
-  const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
   if constexpr (kFusedDq)
     check_cuda(
         cudaMemsetAsync(p.dq_accum, 0,
                         q_tiles * (kHeadDim / kChunkCols) * kDqTileElems * sizeof(float), stream),
         "cudaMemsetAsync(dq_accum)");
-  launch_with_smem(
-      &backward_dkdv_kernel<T, kHeadDim, kFeatures, kFusedDq>,
-      kFusedDq ? "memattn sm90 backward dK/dV/dQ kernel" : "memattn sm90 backward dK/dV kernel",
-      static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads, Kv::kSmemBytes, stream, p,
-      maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+  const auto launch_dkdv = [&](auto masking) {
+    constexpr DkvMasking kMasking = decltype(masking)::value;
+    using Kv = DkvTraits<kHeadDim, kMasking, kFusedDq>;
+    const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
+    launch_with_smem(
+        &backward_dkdv_kernel<T, kHeadDim, kMasking, kFusedDq>,
+        kFusedDq ? "memattn sm90 backward dK/dV/dQ kernel" : "memattn sm90 backward dK/dV kernel",
+        static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads, Kv::kSmemBytes, stream,
+        p, maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+  };
+  using Tiles = std::integral_constant<DkvMasking, DkvMasking::tiles>;
+  if constexpr (!kFeatures)
+    launch_dkdv(std::integral_constant<DkvMasking, DkvMasking::lean>{});
+  else if (!p.dropout &&
+           make_mask_map(p, DkvTraits<kHeadDim, Tiles::value, false>::kBlockQ).rows > 0)
+    launch_dkdv(Tiles{});  // masked calls the mask tiles serve: the lean kernel's step size
+  else
+    launch_dkdv(std::integral_constant<DkvMasking, DkvMasking::general>{});
   if constexpr (kFusedDq) {
     launch_with_smem(&dq_from_accum_kernel<T, kHeadDim>, "memattn sm90 dQ conversion kernel",
                      q_tiles * (kHeadDim / kChunkCols), 128, 0, stream, p);

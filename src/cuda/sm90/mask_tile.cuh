@@ -177,7 +177,8 @@ __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4]
 // from tile_key0 within the tile (global key_row0) x the step's queries from col0. A thread's
 // elements (key r, queries c and c + 1) lie in two tile rows; with 128-byte rows and the
 // swizzle depending on the row only through c % 8 = 2 (lane % 4) + {0, 1}, the four addresses
-// of n = 0 serve every n, 8n rows (1024n bytes) further.
+// of n = 0 serve every n, 8n rows (1024n bytes) further. A thread's two keys are its rows,
+// so the key padding (holes included) is read once per key, not per element.
 template <bool kBool, class T, int kQ>
 __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
                                                         const ElementMasks<T>& masks,
@@ -190,7 +191,7 @@ __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = sm80::c_row(0, 2 * half, lane), j = key_row0 + r;
-    query_begin[half] = j < masks.keys.end ? causal_query_begin(p, j) : p.Lq;
+    query_begin[half] = masks.key_visible(j) ? causal_query_begin(p, j) : p.Lq;
     const std::uint32_t key_byte = static_cast<std::uint32_t>(tile_key0 + r) * kElem;
 #pragma unroll
     for (int odd = 0; odd < 2; ++odd) {
