@@ -1,0 +1,104 @@
+"""Masked calls next to the unmasked call of the same shape (issue target: within 0.9x), memattn
+and torch's CUDNN backend given the same attn_mask, same inputs, same run. Forward and forward +
+backward (gradients of q, k, v), CUDA events, median of --reps runs after warm-up; prints a
+markdown table. Speed ratio = unmasked time / masked time of the same implementation.
+
+Masks: bool [B, 1, L, L] (90% attend), q-dtype additive [1, H, L, L], and a bool [B, 1, 1, L]
+padding-style mask expanded to [B, 1, L, L] (stride 0 along queries).
+
+    python bench/masked_calls.py [--reps 10] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import memattn
+from memattn.bench import cuda_event_times
+
+SHAPES = ((8, 32, 2048, 64), (8, 16, 2048, 128))
+
+
+def median_ms(fn, reps: int) -> float:
+    return statistics.median(cuda_event_times(fn, warmup=3, reps=reps))
+
+
+def masks(B: int, H: int, L: int, dtype: torch.dtype) -> dict:
+    return {
+        "none": None,
+        "bool [B,1,L,L]": torch.rand(B, 1, L, L, device="cuda") < 0.9,
+        "additive [1,H,L,L]": torch.randn(1, H, L, L, device="cuda", dtype=dtype),
+        "bool [B,1,1,L] expanded": (torch.rand(B, 1, 1, L, device="cuda") < 0.9).expand(B, 1, L, L),
+    }
+
+
+def timed(attend, q, k, v, mask, grad_out):
+    if grad_out is None:
+
+        def forward():
+            with torch.no_grad():
+                attend(q, k, v, mask)
+
+        return forward
+
+    def forward_backward():
+        torch.autograd.grad(attend(q, k, v, mask), (q, k, v), grad_out)
+
+    return forward_backward
+
+
+def memattn_attend(q, k, v, mask):
+    return memattn.attention(q, k, v, attn_mask=mask)
+
+
+def cudnn_attend(q, k, v, mask):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}\n")
+    print(
+        "| B x H x L x D | pass | mask | memattn ms | x unmasked | CUDNN ms | x unmasked "
+        "| CUDNN / memattn time |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for B, H, L, D in SHAPES:
+        q, k, v = (
+            torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True)
+            for _ in range(3)
+        )
+        grad_out = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+        for backward in (False, True):
+            base = {}
+            for name, mask in masks(B, H, L, dtype).items():
+                row = {}
+                for impl, attend in (("memattn", memattn_attend), ("cudnn", cudnn_attend)):
+                    fn = timed(attend, q, k, v, mask, grad_out if backward else None)
+                    try:
+                        row[impl] = median_ms(fn, args.reps)
+                    except RuntimeError:  # a backend that refuses the call
+                        row[impl] = float("nan")
+                    base.setdefault(impl, row[impl])
+                print(
+                    f"| {B}x{H}x{L}x{D} | {'fwd+bwd' if backward else 'fwd'} | {name} "
+                    f"| {row['memattn']:.3f} | {base['memattn'] / row['memattn']:.2f} "
+                    f"| {row['cudnn']:.3f} | {base['cudnn'] / row['cudnn']:.2f} "
+                    f"| {row['cudnn'] / row['memattn']:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
