@@ -1090,6 +1090,20 @@ def test_hopper_mask_tiles(dtype, D, kind, shape):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_hopper_mask_tiles_whole_blocks(dtype, D, kind):
+    """Blocks that bounds and causality leave whole (no per-element compare), with and without
+    causal; a bool mask with scale <= 0 (its raw-score path needs scale > 0, so it takes the
+    per-element reads)."""
+    q, k, v = qkv(B=2, Hq=2, Lq=256, Lk=256, D=D, dtype=dtype)
+    mask = bool_mask((2, 2, 256, 256)) if kind == "bool" else rand_mask((2, 2, 256, 256), dtype)
+    for kwargs in ({}, {"is_causal": True}, {"scale": -0.3}, {"scale": 0.0}):
+        check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_hopper_mask_tiles_strided_and_per_element_fallback(dtype):
     """A mask view with aligned row strides (a slice of a wider mask) takes the tiles; masks
     TMA cannot copy take the per-element reads: rows of 200 bool keys (not 16-byte units), a

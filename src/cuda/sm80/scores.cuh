@@ -96,13 +96,20 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
   }
 }
 
-// Whether a block of queries [i0, i0 + ni) x keys [j0, j0 + nj) needs per-element checks:
-// a partial block, a mask, keys past the batch element's dense prefix (padding or Lk), or the
-// causal diagonal crossing it.
+// Whether a block of queries [i0, i0 + ni) x keys [j0, j0 + nj) has elements that bounds or
+// causality hide: a partial block, keys past the batch element's dense prefix (padding or Lk),
+// or the causal diagonal crossing it.
+__device__ __forceinline__ bool block_needs_bounds_check(const DeviceParams& p,
+                                                         const KeyRange& keys, int i0, int ni,
+                                                         int j0, int nj) {
+  return i0 + ni > p.Lq || j0 + nj > keys.dense_end ||
+         (p.causal && static_cast<std::int64_t>(j0) + nj - 1 > i0 + p.causal_offset);
+}
+
+// Whether a block needs per-element checks: bounds or causality (above), or a mask.
 __device__ __forceinline__ bool block_needs_check(const DeviceParams& p, const KeyRange& keys,
                                                   int i0, int ni, int j0, int nj) {
-  return i0 + ni > p.Lq || j0 + nj > keys.dense_end || p.mask_kind != MaskKind::none ||
-         (p.causal && static_cast<std::int64_t>(j0) + nj - 1 > i0 + p.causal_offset);
+  return block_needs_bounds_check(p, keys, i0, ni, j0, nj) || p.mask_kind != MaskKind::none;
 }
 
 // Multiplies each probability by its dropout factor (keep_scale or 0). Columns come in pairs

@@ -543,10 +543,21 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
       if (tiles) {
         const int tile_row0 = 64 * wg + 16 * warp;
-        if (p.mask_kind == MaskKind::boolean)
-          mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+        const MaskTile mt = mask_tile(s);
+        const bool check =
+            sm80::block_needs_bounds_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
+        if (p.mask_kind == MaskKind::boolean && check)
+          mask_query_rows_from_tile<true, false, true>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                       lane);
+        else if (p.mask_kind == MaskKind::boolean)
+          mask_query_rows_from_tile<true, false, false>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                        lane);
+        else if (check)
+          mask_query_rows_from_tile<false, false, true>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                        lane);
         else
-          mask_query_rows_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0, lane);
+          mask_query_rows_from_tile<false, false, false>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                         lane);
       } else {
         const bool check = sm80::block_needs_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
         sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);

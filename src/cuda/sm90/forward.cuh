@@ -276,7 +276,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     sm80::zero(acc_o);
     float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
     const ElementMasks<T> masks{p, tile.b, tile.h, tile.keys};
-    const float unit = sm80::score_unit<kFeatures>(p);
+    // Mask tiles serve batch elements whose key padding has no holes (mask_tile.cuh). Bool
+    // masks leave the scores raw and the scale to the exponent, as the lean kernels do (one
+    // multiply less per element), which needs scale > 0 (raw maxima); with scale <= 0 they
+    // take the per-element path.
+    const bool bool_mask = p.mask_kind == MaskKind::boolean;
+    const bool from_tiles =
+        mask_tiles && !has_padding_holes(tile.keys) && (!bool_mask || p.scale_log2 > 0.f);
+    const float unit = from_tiles && bool_mask ? p.scale_log2 : sm80::score_unit<kFeatures>(p);
 
     float sc[1][kN][4];              // S of the current block, then its probabilities
     std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
@@ -287,14 +294,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       const KeyRange& keys = tile.keys;
       if (mask_tiles) {
         const int s = stage_of<Tr>(use), tile_row0 = 64 * wg + 16 * warp;
+        const MaskTile mt = mask_tile(s);
         mbar_wait(sm.mask_full(s), parity_of<Tr>(use));
-        if (!has_padding_holes(keys)) {
-          if (p.mask_kind == MaskKind::boolean)
-            mask_query_rows_from_tile<true>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0,
-                                            lane);
+        if (from_tiles) {
+          // Blocks that bounds and causality leave whole skip the per-element compare.
+          const bool check = sm80::block_needs_bounds_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
+          if (bool_mask && check)
+            mask_query_rows_from_tile<true, true, true>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                        lane);
+          else if (bool_mask)
+            mask_query_rows_from_tile<true, true, false>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                         lane);
+          else if (check)
+            mask_query_rows_from_tile<false, false, true>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                          lane);
           else
-            mask_query_rows_from_tile<false>(sc, masks, mask_tile(s), tile_row0, warp_row0, j0,
-                                             lane);
+            mask_query_rows_from_tile<false, false, false>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                           lane);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
         }

@@ -110,23 +110,27 @@ __device__ __forceinline__ bool has_padding_holes(const KeyRange& keys) {
   return keys.dense_end < keys.end;
 }
 
-// A raw dot product x as a score in log2 units with the mask value `bits` (a bool byte or a
-// 16-bit value of q's dtype) applied, or -inf where (i, j) is not visible.
-template <bool kBool, class T>
+// A raw dot product x with the mask value `bits` (a bool byte or a 16-bit value of q's dtype)
+// applied, or -inf where (i, j) is not visible: a score in log2 units, or for kRaw (bool masks
+// only) x itself, the scale left to the softmax's exponent as in the lean kernels.
+template <bool kBool, bool kRaw, class T>
 __device__ __forceinline__ float masked_score(float x, std::uint32_t bits, bool visible,
                                               float scale_log2) {
+  static_assert(kBool || !kRaw, "an additive mask needs scaled scores");
   if constexpr (kBool)
-    return visible && (bits & 0xffu) != 0 ? x * scale_log2 : -INFINITY;
+    return visible && (bits & 0xffu) != 0 ? (kRaw ? x : x * scale_log2) : -INFINITY;
   else
     return visible ? x * scale_log2 + to_float(bit_cast_16<T>(bits)) * kLog2e : -INFINITY;
 }
 
 // The general kernels' mask_scores (sm80/scores.cuh) with attn_mask's values from a mask tile,
 // for a warp's 16 rows of a C tile whose rows are queries (forward, dQ): raw dot products in,
-// scores in log2 units (or -inf) out. tile_row0: the warp's first row within the tile; row0 /
-// col0: global index of its first query and key. The batch element's key padding must have no
-// holes (has_padding_holes): its key range bounds the keys.
-template <bool kBool, class T, int kN>
+// scores (masked_score: log2 units, or raw for kRaw) or -inf out. tile_row0: the warp's first
+// row within the tile; row0 / col0: global index of its first query and key. The batch
+// element's key padding must have no holes (has_padding_holes): its key range bounds the keys.
+// kCheck false promises a block that bounds and causality leave whole
+// (sm80::block_needs_bounds_check): no per-element compare.
+template <bool kBool, bool kRaw, bool kCheck, class T, int kN>
 __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4],
                                                           const ElementMasks<T>& masks,
                                                           const MaskTile& tile, int tile_row0,
@@ -167,7 +171,8 @@ __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4]
       for (int e = 0; e < 2; ++e) {
         const int j = col0 + sm80::c_col(n, e, lane);
         float& x = acc[0][n][2 * half + e];
-        x = masked_score<kBool, T>(x, values >> (8 * kElem * e), j < row_end[half], p.scale_log2);
+        const bool visible = !kCheck || j < row_end[half];
+        x = masked_score<kBool, kRaw, T>(x, values >> (8 * kElem * e), visible, p.scale_log2);
       }
     }
   }
@@ -211,7 +216,7 @@ __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
       const std::uint32_t value = kBool ? ld_shared_u8(addr) : ld_shared_u16(addr);
       const int i = col0 + sm80::c_col(n, e, lane);
       float& x = acc[0][n][e];
-      x = masked_score<kBool, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale_log2);
+      x = masked_score<kBool, false, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale_log2);
     }
 }
 
