@@ -524,6 +524,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     float lse2[2], delta[2];
     sm80::thread_row_stats(p, b, h, warp_row0, lse2, delta, lane);
     const ElementMasks<T> masks{p, b, h};
+    // Mask tiles serve batch elements whose key padding has no holes (mask_tile.cuh).
     const bool tiles = mask_tiles && !has_padding_holes(masks.keys);
     const int n = visible_key_blocks<Tr::kBlockN>(p, masks.keys, i0 + Tr::kRows - 1);
     float acc_dq[1][kD][4];

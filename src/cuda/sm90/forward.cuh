@@ -276,14 +276,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     sm80::zero(acc_o);
     float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
     const ElementMasks<T> masks{p, tile.b, tile.h, tile.keys};
-    // Mask tiles serve batch elements whose key padding has no holes (mask_tile.cuh). Bool
-    // masks leave the scores raw and the scale to the exponent, as the lean kernels do (one
-    // multiply less per element), which needs scale > 0 (raw maxima); with scale <= 0 they
-    // take the per-element path.
-    const bool bool_mask = p.mask_kind == MaskKind::boolean;
-    const bool from_tiles =
-        mask_tiles && !has_padding_holes(tile.keys) && (!bool_mask || p.scale_log2 > 0.f);
-    const float unit = from_tiles && bool_mask ? p.scale_log2 : sm80::score_unit<kFeatures>(p);
+    // Mask tiles serve batch elements whose key padding has no holes, in deferred units
+    // (mask_tile.cuh; bool masks with scale <= 0 take the per-element path).
+    const bool from_tiles = mask_tiles && !has_padding_holes(tile.keys) && defers_units(p);
+    const float unit = from_tiles ? deferred_unit(p) : sm80::score_unit<kFeatures>(p);
 
     float sc[1][kN][4];              // S of the current block, then its probabilities
     std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
@@ -299,6 +295,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         if (from_tiles) {
           // Blocks that bounds and causality leave whole skip the per-element compare.
           const bool check = sm80::block_needs_bounds_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
+          const bool bool_mask = p.mask_kind == MaskKind::boolean;
           if (bool_mask && check)
             mask_query_rows_from_tile<true, true, true>(sc, masks, mt, tile_row0, warp_row0, j0,
                                                         lane);
@@ -306,11 +303,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
             mask_query_rows_from_tile<true, true, false>(sc, masks, mt, tile_row0, warp_row0, j0,
                                                          lane);
           else if (check)
-            mask_query_rows_from_tile<false, false, true>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                          lane);
+            mask_query_rows_from_tile<false, true, true>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                         lane);
           else
-            mask_query_rows_from_tile<false, false, false>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                           lane);
+            mask_query_rows_from_tile<false, true, false>(sc, masks, mt, tile_row0, warp_row0, j0,
+                                                          lane);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
         }

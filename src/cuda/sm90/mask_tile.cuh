@@ -110,27 +110,39 @@ __device__ __forceinline__ bool has_padding_holes(const KeyRange& keys) {
   return keys.dense_end < keys.end;
 }
 
+// Units of tile-masked scores. kDeferred (the forward): bool masks leave the raw
+// dot product x, additive ones give x * scale + bias, and the softmax's exponent multiplies by
+// deferred_unit (as the lean kernels fold the scale into it): one multiply less per element.
+// Otherwise log2 units, x * scale_log2 (+ bias * log2 e). Raw maxima need scale > 0, so bool
+// masks defer only then (defers_units); the kernels send other calls to the per-element path.
+__device__ __forceinline__ float deferred_unit(const DeviceParams& p) {
+  return p.mask_kind == MaskKind::boolean ? p.scale_log2 : kLog2e;
+}
+__device__ __forceinline__ bool defers_units(const DeviceParams& p) {
+  return p.mask_kind != MaskKind::boolean || p.scale_log2 > 0.f;
+}
+
 // A raw dot product x with the mask value `bits` (a bool byte or a 16-bit value of q's dtype)
-// applied, or -inf where (i, j) is not visible: a score in log2 units, or for kRaw (bool masks
-// only) x itself, the scale left to the softmax's exponent as in the lean kernels.
-template <bool kBool, bool kRaw, class T>
+// applied, in the units above, or -inf where (i, j) is not visible.
+template <bool kBool, bool kDeferred, class T>
 __device__ __forceinline__ float masked_score(float x, std::uint32_t bits, bool visible,
-                                              float scale_log2) {
-  static_assert(kBool || !kRaw, "an additive mask needs scaled scores");
+                                              float scale, float scale_log2) {
   if constexpr (kBool)
-    return visible && (bits & 0xffu) != 0 ? (kRaw ? x : x * scale_log2) : -INFINITY;
+    return visible && (bits & 0xffu) != 0 ? (kDeferred ? x : x * scale_log2) : -INFINITY;
+  else if constexpr (kDeferred)
+    return visible ? x * scale + to_float(bit_cast_16<T>(bits)) : -INFINITY;
   else
     return visible ? x * scale_log2 + to_float(bit_cast_16<T>(bits)) * kLog2e : -INFINITY;
 }
 
 // The general kernels' mask_scores (sm80/scores.cuh) with attn_mask's values from a mask tile,
 // for a warp's 16 rows of a C tile whose rows are queries (forward, dQ): raw dot products in,
-// scores (masked_score: log2 units, or raw for kRaw) or -inf out. tile_row0: the warp's first
-// row within the tile; row0 / col0: global index of its first query and key. The batch
-// element's key padding must have no holes (has_padding_holes): its key range bounds the keys.
-// kCheck false promises a block that bounds and causality leave whole
-// (sm80::block_needs_bounds_check): no per-element compare.
-template <bool kBool, bool kRaw, bool kCheck, class T, int kN>
+// scores (masked_score; kDeferred: deferred units) or -inf out. tile_row0: the warp's first row
+// within the tile; row0 / col0: global index of its first query and key. The batch element's key
+// padding must have no holes (has_padding_holes): its key range bounds the keys. kCheck false
+// promises a block that bounds and causality leave whole (sm80::block_needs_bounds_check): no
+// per-element compare.
+template <bool kBool, bool kDeferred, bool kCheck, class T, int kN>
 __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4],
                                                           const ElementMasks<T>& masks,
                                                           const MaskTile& tile, int tile_row0,
@@ -172,7 +184,8 @@ __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4]
         const int j = col0 + sm80::c_col(n, e, lane);
         float& x = acc[0][n][2 * half + e];
         const bool visible = !kCheck || j < row_end[half];
-        x = masked_score<kBool, kRaw, T>(x, values >> (8 * kElem * e), visible, p.scale_log2);
+        x = masked_score<kBool, kDeferred, T>(x, values >> (8 * kElem * e), visible, p.scale,
+                                              p.scale_log2);
       }
     }
   }
@@ -216,7 +229,8 @@ __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
       const std::uint32_t value = kBool ? ld_shared_u8(addr) : ld_shared_u16(addr);
       const int i = col0 + sm80::c_col(n, e, lane);
       float& x = acc[0][n][e];
-      x = masked_score<kBool, false, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale_log2);
+      x = masked_score<kBool, false, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale,
+                                        p.scale_log2);
     }
 }
 
