@@ -265,11 +265,18 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
       const ElementMasks<T> masks{p, b, h, keys};
       const auto mask_from_tile = [&] {
-        if (p.mask_kind == MaskKind::boolean)
-          mask_key_rows_from_tile<true>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0, lane);
+        // Blocks that bounds and causality leave whole skip the per-element compares.
+        const bool check = sm80::block_needs_bounds_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
+        const MaskTile mt = mask_tile(s);
+        const int tile_key0 = key_row0 - j0;
+        if (p.mask_kind == MaskKind::boolean && check)
+          mask_key_rows_from_tile<true, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
+        else if (p.mask_kind == MaskKind::boolean)
+          mask_key_rows_from_tile<true, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
+        else if (check)
+          mask_key_rows_from_tile<false, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
         else
-          mask_key_rows_from_tile<false>(st, masks, mask_tile(s), key_row0 - j0, key_row0, i0,
-                                         lane);
+          mask_key_rows_from_tile<false, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
       };
       if constexpr (kMasking == DkvMasking::tiles) {
         mask_from_tile();

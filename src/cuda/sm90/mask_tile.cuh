@@ -196,8 +196,9 @@ __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4]
 // elements (key r, queries c and c + 1) lie in two tile rows; with 128-byte rows and the
 // swizzle depending on the row only through c % 8 = 2 (lane % 4) + {0, 1}, the four addresses
 // of n = 0 serve every n, 8n rows (1024n bytes) further. A thread's two keys are its rows,
-// so the key padding (holes included) is read once per key, not per element.
-template <bool kBool, class T, int kQ>
+// so the key padding (holes included) is read once per key, not per element. kCheck as for
+// query rows.
+template <bool kBool, bool kCheck, class T, int kQ>
 __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
                                                         const ElementMasks<T>& masks,
                                                         const MaskTile& tile, int tile_key0,
@@ -229,8 +230,8 @@ __device__ __forceinline__ void mask_key_rows_from_tile(float (&acc)[1][kQ][4],
       const std::uint32_t value = kBool ? ld_shared_u8(addr) : ld_shared_u16(addr);
       const int i = col0 + sm80::c_col(n, e, lane);
       float& x = acc[0][n][e];
-      x = masked_score<kBool, false, T>(x, value, i >= query_begin[half] && i < p.Lq, p.scale,
-                                        p.scale_log2);
+      const bool visible = !kCheck || (i >= query_begin[half] && i < p.Lq);
+      x = masked_score<kBool, false, T>(x, value, visible, p.scale, p.scale_log2);
     }
 }
 
