@@ -359,10 +359,16 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   if constexpr (kFusedDq)
     if (wg_thread == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
 
-  sm80::store_rows<T>(static_cast<T*>(p.grad_k) + b * p.grad_k_st.b + hk * p.grad_k_st.h,
-                      p.grad_k_st.l, key_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
-  sm80::store_rows<T>(static_cast<T*>(p.grad_v) + b * p.grad_v_st.b + hk * p.grad_v_st.h,
-                      p.grad_v_st.l, key_row0, p.Lk, 0, p.Dv, acc_dv, 1.f, lane);
+  // The CTA's (b, k/v head) and key rows read again from the block index: held across the
+  // loop, one of them spilled in the D = 64 single pass.
+  const unsigned block = ctaid_x();
+  const std::int64_t out_bhk = block / num_n_blocks;
+  const std::int64_t out_b = out_bhk / p.Hk, out_hk = out_bhk % p.Hk;
+  const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows + 64 * wg + 16 * warp;
+  sm80::store_rows<T>(static_cast<T*>(p.grad_k) + out_b * p.grad_k_st.b + out_hk * p.grad_k_st.h,
+                      p.grad_k_st.l, out_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
+  sm80::store_rows<T>(static_cast<T*>(p.grad_v) + out_b * p.grad_v_st.b + out_hk * p.grad_v_st.h,
+                      p.grad_v_st.l, out_row0, p.Lk, 0, p.Dv, acc_dv, 1.f, lane);
 }
 
 // grad_q = scale * dq_accum (layout: dq_accum_tile), after the single pass: one warpgroup per

@@ -21,6 +21,14 @@ __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// blockIdx.x read anew (volatile: not merged with earlier reads), for values a kernel would
+// otherwise hold in a register across a long loop.
+__device__ __forceinline__ unsigned ctaid_x() {
+  unsigned x;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+  return x;
+}
+
 // ---- mbarriers (shared::cta, 64-bit) ----
 __device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
