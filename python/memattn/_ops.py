@@ -240,22 +240,36 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
     return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
+def _single_pass_mask(mask: Tensor) -> bool:
+    """Whether the Hopper single pass can take this 4-D attn_mask: bool, copied by mask tiles
+    (contiguous keys, a 16-byte aligned start, strides of whole 16-byte units; size-1 dims are
+    broadcast and exempt). The rules of the core's make_mask_map (src/cuda/sm90/tensor_map.cu)
+    for bool masks, stated again here because Python allocates the single pass's scratch."""
+    if mask.dtype != torch.bool or mask.shape[-1] < 2 or mask.stride(-1) != 1:
+        return False
+    if mask.data_ptr() % 16 != 0:
+        return False
+    return all(mask.shape[d] == 1 or mask.stride(d) % 16 == 0 for d in range(3))
+
+
 def single_pass_backward(
     q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
 ) -> bool:
     """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
-    GPUs, not for calls it does not serve (attn_mask, dropout, head dims over 128), and not
-    under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run,
+    GPUs, not for calls it does not serve (dropout, head dims over 128, attn_mask other than a
+    bool mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the 4-D mask), and
+    not under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run,
     bit-identical run to run. ``d``, ``dv``: the head dims the kernels see (after any padding).
     (The core also needs the sm90 kernels built and not disabled; it ignores the scratch
     otherwise.)"""
+    columns = max(d, dv)
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and attn_mask is None
+        and (attn_mask is None or (columns > 64 and _single_pass_mask(attn_mask)))
         and dropout_p == 0.0
-        and max(d, dv) <= 128
+        and columns <= 128
         and not torch.are_deterministic_algorithms_enabled()
         and torch.cuda.get_device_capability(q.device) == (9, 0)
     )

@@ -173,7 +173,8 @@ def explain(
     the head dim) first because the CUDA kernels need another layout, each with why.
     ``backward=True`` plans the backward pass; CUDA plans then add ``backward_passes``: 1 for
     the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run), 2 for
-    the atomic-free passes (other GPUs, masks, dropout, or under
+    the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool mask with
+    16-byte-aligned rows at head dims 65-128, or under
     ``torch.use_deterministic_algorithms(True)``). Other keyword arguments of ``attention``
     (``return_lse``, ``generator``) are accepted and ignored.
     Raises like ``attention`` for invalid arguments.

@@ -1171,6 +1171,53 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     assert _ops._grad_q_accum_scratch(q, 256, 256, None, 0.0) is None
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_backward_single_pass_bool_mask_tiles(dtype):
+    """A bool attn_mask the mask tiles can copy takes the single pass at head dims 65-128
+    (causal, key padding with holes, a row-broadcast mask); it matches float64 and the two
+    passes. Other masked calls keep two passes: D <= 64, unaligned rows, float masks, dropout."""
+    from memattn import _ops
+
+    def passes(q, k, v, mask, **kwargs):
+        plan = memattn.explain(q, k, v, attn_mask=mask, backward=True, **kwargs)
+        return plan["backward_passes"]
+
+    kpm = torch.zeros(2, 208, dtype=torch.bool)
+    kpm[0, 50:60] = True
+    kpm[1, 190:] = True
+    for D, mask_shape, kwargs in (
+        (128, (2, 1, 130, 208), {}),
+        (96, (2, 2, 130, 208), {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
+        (128, (2, 1, 1, 208), {"is_causal": True, "causal_alignment": "bottom_right"}),
+    ):
+        q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=208, D=D, dtype=dtype)
+        mask = bool_mask(mask_shape)
+        inputs = Inputs(q, k, v, mask, kwargs=kwargs)
+        assert passes(q, k, v, mask, **kwargs) == 1
+        check_cuda(inputs)
+        grad_out = torch.randn(q.shape, device=DEV, dtype=dtype)
+        out = memattn.attention(q, k, v, attn_mask=mask, **kwargs)
+        single = torch.autograd.grad(out, (q, k, v), grad_out)
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert passes(q, k, v, mask, **kwargs) == 2
+            out = memattn.attention(q, k, v, attn_mask=mask, **kwargs)
+            two_pass = torch.autograd.grad(out, (q, k, v), grad_out)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for name, a, b in zip("qkv", single, two_pass, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=f"grad {name}")
+    q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=208, D=64, dtype=dtype)
+    assert passes(q, k, v, bool_mask((2, 1, 130, 208))) == 2  # D <= 64
+    q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=200, D=128, dtype=dtype)
+    unaligned = bool_mask((2, 1, 130, 200))  # rows of 200 bytes
+    assert passes(q, k, v, unaligned) == 2
+    check_cuda(Inputs(q, k, v, unaligned))
+    assert passes(q, k, v, rand_mask((2, 1, 130, 200), dtype)) == 2
+    assert not _ops.single_pass_backward(q, 128, 128, bool_mask((2, 1, 130, 208)), 0.1)
+
+
 def test_grad_q_accum_scratch_is_checked():
     """The module checks the single pass's dQ scratch like grad_scratch (on Hopper, the only
     GPU that reads it; elsewhere it is ignored)."""

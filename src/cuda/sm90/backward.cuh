@@ -87,8 +87,8 @@ enum class DkvMasking : std::uint8_t { lean, tiles, general };
 // D = 64 with 128 queries, 208 bytes at D = 128 with 64; the mask tile reads fit at full size).
 template <int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 struct DkvTraits : BackwardShape {
-  static_assert(kMasking == DkvMasking::lean || !kFusedDq,
-                "the single pass serves lean calls only");
+  static_assert(kMasking != DkvMasking::general || !kFusedDq,
+                "the single pass serves lean calls and bool mask tiles only");
   static constexpr int kBlockQ =
       (kHeadDim <= 64 ? 128 : 64) / (kMasking == DkvMasking::general ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
@@ -102,9 +102,11 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
-  // A step's attn_mask tile, kBlockQ queries x the CTA's keys.
-  static constexpr std::uint32_t kMaskBytes =
-      kMasking != DkvMasking::lean ? MaskTile::capacity<kBlockQ, kRows>() : 0;
+  // A step's attn_mask tile, kBlockQ queries x the CTA's keys: any mask, or next to the single
+  // pass's dS^T and dQ buffers only a bool one (16-bit tiles would not fit at D = 128).
+  static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
+                                              : kFusedDq ? MaskTile::capacity<kBlockQ, kRows, 1>()
+                                                         : MaskTile::capacity<kBlockQ, kRows>();
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
   // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
@@ -630,6 +632,8 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   using Tiles = std::integral_constant<DkvMasking, DkvMasking::tiles>;
   if constexpr (!kFeatures)
     launch_dkdv(std::integral_constant<DkvMasking, DkvMasking::lean>{});
+  else if constexpr (kFusedDq)
+    launch_dkdv(Tiles{});  // sm90_backward checked single_pass_serves_mask
   else if (!p.dropout &&
            make_mask_map(p, DkvTraits<kHeadDim, Tiles::value, false>::kBlockQ).rows > 0)
     launch_dkdv(Tiles{});  // masked calls the mask tiles serve: the lean kernel's step size
@@ -650,14 +654,30 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
 }  // namespace memattn::cuda::sm90
 
 namespace memattn::cuda {
+namespace sm90 {
+// Whether the single pass serves a masked call (its dQ scratch given): a bool mask that mask
+// tiles can copy, no dropout, no mask gradient, D = 128 (at D = 64 the tiles do not fit next to
+// its buffers). _ops.single_pass_backward (Python) states the same rules for the scratch.
+template <int kHeadDim>
+bool single_pass_serves_mask(const DeviceParams& p) {
+  return kHeadDim == 128 && p.mask_kind == MaskKind::boolean && !p.dropout &&
+         p.grad_mask == nullptr &&
+         make_mask_map(p, DkvTraits<128, DkvMasking::tiles, true>::kBlockQ).rows > 0;
+}
+}  // namespace sm90
+
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
   launch_backward_delta<T>(p, stream);
-  if (has_features(p))
+  if (has_features(p)) {
+    if constexpr (kHeadDim == 128)
+      if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
+        return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
     sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
-  else if (p.dq_accum != nullptr)
+  } else if (p.dq_accum != nullptr) {
     sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
-  else
+  } else {
     sm90::launch_backward<T, kHeadDim, false, false>(p, stream);
+  }
 }
 }  // namespace memattn::cuda

@@ -58,10 +58,11 @@ struct MaskTile {
   __host__ __device__ static constexpr int chunks(int cols, int elem_bytes) {
     return (cols * elem_bytes + kRowBytes - 1) / kRowBytes;
   }
-  // Room a tile of kRows x kCols keys needs for any mask (16-bit values take the most).
-  template <int kRows, int kCols>
+  // Room a tile of kRows x kCols keys needs for masks of up to kElem bytes per value (2: any
+  // mask).
+  template <int kRows, int kCols, int kElem = 2>
   static constexpr std::uint32_t capacity() {
-    return chunks(kCols, 2) * (kRows * kRowBytes > 1024 ? kRows * kRowBytes : 1024);
+    return chunks(kCols, kElem) * (kRows * kRowBytes > 1024 ? kRows * kRowBytes : 1024);
   }
 
   __device__ __forceinline__ std::uint32_t chunk_bytes() const {
