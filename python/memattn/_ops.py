@@ -275,6 +275,36 @@ def single_pass_backward(
     )
 
 
+def direct_dq_backward(
+    q: Tensor,
+    k: Tensor,
+    d: int,
+    dv: int,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+) -> bool:
+    """Whether the Hopper single pass writes dQ directly, with no scratch and no atomics (so
+    also under ``torch.use_deterministic_algorithms(True)``): lean calls (no attn_mask, no
+    dropout, scale > 0, head dims up to 128) whose keys fit one CTA's block (0 < Lk <= 128)
+    and that skip no query row (no causal limit, no key padding). The core's sm90::direct_dq
+    states the same rules."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and attn_mask is None
+        and key_padding_mask is None
+        and not is_causal
+        and dropout_p == 0.0
+        and (scale is None or scale > 0)
+        and max(d, dv) <= 128
+        and 0 < k.shape[2] <= 128
+        and torch.cuda.get_device_capability(q.device) == (9, 0)
+    )
+
+
 def _grad_q_accum_scratch(
     q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
 ) -> Tensor | None:
@@ -396,9 +426,11 @@ def attention_backward(
         ]
         B, Hq, Lq, _ = q.shape
         scratch = q.new_empty((B * Hq * Lq,), dtype=torch.float32)
-        accum_scratch = _grad_q_accum_scratch(
-            q, tensors[1].shape[-1], tensors[3].shape[-1], attn_mask, dropout_p
+        d, dv = tensors[1].shape[-1], tensors[3].shape[-1]
+        direct = direct_dq_backward(
+            q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale
         )
+        accum_scratch = None if direct else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p)
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(
                 attn_mask, grad_mask, Lq, k.shape[2]

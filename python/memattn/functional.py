@@ -172,7 +172,9 @@ def explain(
     included (with an empty list), and ``layout_copies``: the inputs copied (or zero-padded in
     the head dim) first because the CUDA kernels need another layout, each with why.
     ``backward=True`` plans the backward pass; CUDA plans then add ``backward_passes``: 1 for
-    the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run), 2 for
+    the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run; or, for
+    calls whose keys fit one block of 128 without causal limit or key padding, dQ written
+    directly, deterministic), 2 for
     the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool mask with
     16-byte-aligned rows at head dims 65-128, or under
     ``torch.use_deterministic_algorithms(True)``). Other keyword arguments of ``attention``
@@ -208,7 +210,12 @@ def explain(
         single = (
             plan["kernel"].startswith("cuda/sm90/")
             and None not in (d, dv)
-            and _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p))
+            and (
+                _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p))
+                or _ops.direct_dq_backward(
+                    q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
+                )
+            )
         )
         plan["backward_passes"] = 1 if single else 2
     if copies and plan["backend"]:

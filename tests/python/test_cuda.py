@@ -1218,6 +1218,44 @@ def test_hopper_backward_single_pass_bool_mask_tiles(dtype):
     assert not _ops.single_pass_backward(q, 128, 128, bool_mask((2, 1, 130, 208)), 0.1)
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_backward_direct_dq_for_one_key_block(dtype):
+    """Keys that fit one block (Lk <= 128), no causal limit, no key padding: the single pass
+    writes dQ directly (no scratch, no atomics), so it matches float64, is bit-identical run
+    to run and runs under deterministic mode too. Causal or padded calls keep the scratch."""
+    from memattn import _ops
+
+    for B, Hq, Hk, Lq, Lk, D in (
+        (2, 4, 2, 70, 77, 64),
+        (1, 2, 2, 300, 128, 96),
+        (2, 2, 1, 130, 1, 128),
+    ):
+        q, k, v = qkv(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, dtype=dtype)
+        assert _ops.direct_dq_backward(q, k, D, D, None, None, False, 0.0, None)
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                assert memattn.explain(q, k, v, backward=True)["backward_passes"] == 1
+                check_cuda(Inputs(q, k, v))
+                grad_out = torch.randn(q.shape, device=DEV, dtype=dtype)
+                runs = [
+                    torch.autograd.grad(memattn.attention(q, k, v), (q, k, v), grad_out)
+                    for _ in range(2)
+                ]
+            finally:
+                torch.use_deterministic_algorithms(False)
+            for name, a, b in zip("qkv", *runs, strict=True):
+                assert torch.equal(a, b), f"grad {name}: not bit-identical run to run"
+    q, k, v = qkv(B=1, Hq=2, Lq=70, Lk=77, D=64, dtype=dtype)
+    assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, True, 0.0, None)
+    kpm = torch.zeros(1, 77, dtype=torch.bool, device=DEV)
+    assert not _ops.direct_dq_backward(q, k, 64, 64, None, kpm, False, 0.0, None)
+    assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, False, 0.0, -1.0)
+    q, k, v = qkv(B=1, Hq=2, Lq=70, Lk=129, D=64, dtype=dtype)
+    assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, False, 0.0, None)
+
+
 def test_grad_q_accum_scratch_is_checked():
     """The module checks the single pass's dQ scratch like grad_scratch (on Hopper, the only
     GPU that reads it; elsewhere it is ignored)."""

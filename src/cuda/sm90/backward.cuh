@@ -324,16 +324,25 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         // dQ product of two steps back, which read the buffer about to be overwritten).
         named_barrier_sync(3, 256);
         const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
-        float acc_dq[kChunkCols / 8][4];
+        float acc_dq[1][kChunkCols / 8][4];
         wgmma_fence();
-        gemm_ss_mn<T, Tr::kRows>(acc_dq, sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
+        gemm_ss_mn<T, Tr::kRows>(acc_dq[0], sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
                                  sm.k() + col_part * Tr::kRows * kRowBytes);
         wgmma_commit();
         wgmma_wait<0>();
-        fence_operands(acc_dq);
+        fence_operands(acc_dq[0]);
         fence_operands(acc_dv[0]);
         fence_operands(acc_dk[0]);
         release(sm.step_empty(s), lane);
+        const int dq_row0 = i0 + kChunkCols * q_part;
+        if (p.dq_accum == nullptr) {
+          // One key block (direct_dq_backward): this part is the whole dQ of its rows; written
+          // once, no scratch, no atomics.
+          sm80::store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
+                              p.grad_q_st.l, dq_row0 + 16 * warp, p.Lq, kChunkCols * col_part, p.D,
+                              acc_dq, p.scale, lane);
+          continue;
+        }
         // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
         // previous step's reduction has read the buffer, then one thread hands it to the copy
         // engine.
@@ -342,10 +351,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         named_barrier_sync(4 + wg, 128);
 #pragma unroll
         for (int n = 0; n < kChunkCols / 8; ++n)
-          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[n]);
+          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
         fence_async_shared();
         named_barrier_sync(4 + wg, 128);
-        const int dq_row0 = i0 + kChunkCols * q_part;
         if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
           bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
                               sm.dq(wg), Tr::kDqBytes);
@@ -614,7 +622,10 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         kFeatures ? make_mask_map(p, q_rows) : MaskTileMap{}};
   };
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
-  if constexpr (kFusedDq)
+  // The single pass sums dQ in the zeroed scratch, or without one (direct_dq_backward) writes
+  // grad_q itself.
+  const bool dq_scratch = kFusedDq && p.dq_accum != nullptr;
+  if (dq_scratch)
     check_cuda(
         cudaMemsetAsync(p.dq_accum, 0,
                         q_tiles * (kHeadDim / kChunkCols) * kDqTileElems * sizeof(float), stream),
@@ -640,8 +651,9 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   else
     launch_dkdv(std::integral_constant<DkvMasking, DkvMasking::general>{});
   if constexpr (kFusedDq) {
-    launch_with_smem(&dq_from_accum_kernel<T, kHeadDim>, "memattn sm90 dQ conversion kernel",
-                     q_tiles * (kHeadDim / kChunkCols), 128, 0, stream, p);
+    if (dq_scratch)
+      launch_with_smem(&dq_from_accum_kernel<T, kHeadDim>, "memattn sm90 dQ conversion kernel",
+                       q_tiles * (kHeadDim / kChunkCols), 128, 0, stream, p);
     return;
   }
   const int num_m_blocks = (p.Lq + Dq::kRows - 1) / Dq::kRows;
@@ -655,6 +667,14 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
 
 namespace memattn::cuda {
 namespace sm90 {
+// Whether a lean call's single pass can write dQ directly, without scratch or atomics: every
+// query row gets its dQ from exactly one step of one CTA when the keys fit one CTA's block and
+// no row is skipped (no causal limit, no key padding, Lk > 0). Deterministic, so it runs under
+// torch.use_deterministic_algorithms too. _ops.direct_dq_backward (Python) states the same rules.
+inline bool direct_dq(const DeviceParams& p) {
+  return p.Lk > 0 && p.Lk <= BackwardShape::kRows && !p.causal && p.key_padding == nullptr;
+}
+
 // Whether the single pass serves a masked call (its dQ scratch given): a bool mask that mask
 // tiles can copy, no dropout, no mask gradient, D = 128 (at D = 64 the tiles do not fit next to
 // its buffers). _ops.single_pass_backward (Python) states the same rules for the scratch.
@@ -674,7 +694,7 @@ void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
       if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
         return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
     sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
-  } else if (p.dq_accum != nullptr) {
+  } else if (p.dq_accum != nullptr || sm90::direct_dq(p)) {
     sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
   } else {
     sm90::launch_backward<T, kHeadDim, false, false>(p, stream);
