@@ -253,12 +253,18 @@ def _single_pass_mask(mask: Tensor) -> bool:
 
 
 def single_pass_backward(
-    q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
+    q: Tensor,
+    d: int,
+    dv: int,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None = None,
 ) -> bool:
     """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
-    GPUs, not for calls it does not serve (dropout, head dims over 128, attn_mask other than a
-    bool mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the 4-D mask), and
+    GPUs, not for calls it does not serve (dropout, scale <= 0, head dims over 128, attn_mask
+    other than a bool mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the
+    4-D mask), and
     not under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run,
     bit-identical run to run. ``d``, ``dv``: the head dims the kernels see (after any padding).
     (The core also needs the sm90 kernels built and not disabled; it ignores the scratch
@@ -269,6 +275,7 @@ def single_pass_backward(
         and q.dtype in (torch.float16, torch.bfloat16)
         and (attn_mask is None or (columns > 64 and _single_pass_mask(attn_mask)))
         and dropout_p == 0.0
+        and (scale is None or scale > 0)
         and columns <= 128
         and not torch.are_deterministic_algorithms_enabled()
         and torch.cuda.get_device_capability(q.device) == (9, 0)
@@ -306,10 +313,15 @@ def direct_dq_backward(
 
 
 def _grad_q_accum_scratch(
-    q: Tensor, d: int, dv: int, attn_mask: Tensor | None, dropout_p: float
+    q: Tensor,
+    d: int,
+    dv: int,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None = None,
 ) -> Tensor | None:
     """The single pass's fp32 dQ scratch (``single_pass_backward``), or None: two passes."""
-    if not single_pass_backward(q, d, dv, attn_mask, dropout_p):
+    if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale):
         return None
     B, Hq, Lq = q.shape[:3]
     columns = 64 if max(d, dv) <= 64 else 128
@@ -430,7 +442,9 @@ def attention_backward(
         direct = direct_dq_backward(
             q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale
         )
-        accum_scratch = None if direct else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p)
+        accum_scratch = (
+            None if direct else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p, scale)
+        )
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(
                 attn_mask, grad_mask, Lq, k.shape[2]

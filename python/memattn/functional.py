@@ -211,7 +211,7 @@ def explain(
             plan["kernel"].startswith("cuda/sm90/")
             and None not in (d, dv)
             and (
-                _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p))
+                _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p), scale)
                 or _ops.direct_dq_backward(
                     q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
                 )
