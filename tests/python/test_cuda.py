@@ -1169,6 +1169,9 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     assert memattn.explain(q, q, q, attn_mask=mask, backward=True)["backward_passes"] == 2
     assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.1) is None
     assert _ops._grad_q_accum_scratch(q, 256, 256, None, 0.0) is None
+    # scale <= 0 runs the general kernels' two passes
+    assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.0, -0.5) is None
+    assert memattn.explain(q, q, q, scale=-0.5, backward=True)["backward_passes"] == 2
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
