@@ -271,6 +271,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         const bool check = sm80::block_needs_bounds_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
         const MaskTile mt = mask_tile(s);
         const int tile_key0 = key_row0 - j0;
+        // Spelled out rather than through with_tile_flags (mask_tile.cuh, as the forward does):
+        // with the helper here and in the dQ kernel ptxas allocated registers differently and
+        // the D = 64 dQ kernel spilled 8 bytes; spelled out, the machine code is what was
+        // measured on the GPU.
         if (p.mask_kind == MaskKind::boolean && check)
           mask_key_rows_from_tile<true, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
         else if (p.mask_kind == MaskKind::boolean)
@@ -570,6 +574,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         const MaskTile mt = mask_tile(s);
         const bool check =
             sm80::block_needs_bounds_check(p, masks.keys, i0, Tr::kRows, j0, Tr::kBlockN);
+        // Spelled out, as in the dK/dV kernel (there: why).
         if (p.mask_kind == MaskKind::boolean && check)
           mask_query_rows_from_tile<true, false, true>(sc, masks, mt, tile_row0, warp_row0, j0,
                                                        lane);

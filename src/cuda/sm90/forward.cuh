@@ -295,19 +295,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         if (from_tiles) {
           // Blocks that bounds and causality leave whole skip the per-element compare.
           const bool check = sm80::block_needs_bounds_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
-          const bool bool_mask = p.mask_kind == MaskKind::boolean;
-          if (bool_mask && check)
-            mask_query_rows_from_tile<true, true, true>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                        lane);
-          else if (bool_mask)
-            mask_query_rows_from_tile<true, true, false>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                         lane);
-          else if (check)
-            mask_query_rows_from_tile<false, true, true>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                         lane);
-          else
-            mask_query_rows_from_tile<false, true, false>(sc, masks, mt, tile_row0, warp_row0, j0,
-                                                          lane);
+          with_tile_flags(p.mask_kind == MaskKind::boolean, check, [&](auto is_bool, auto checked) {
+            mask_query_rows_from_tile<is_bool.value, true, checked.value>(sc, masks, mt, tile_row0,
+                                                                          warp_row0, j0, lane);
+          });
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
         }

@@ -111,6 +111,21 @@ __device__ __forceinline__ bool has_padding_holes(const KeyRange& keys) {
   return keys.dense_end < keys.end;
 }
 
+// Calls f(kBool, kCheck) with the mask kind (bool or not) and whether the block needs the
+// per-element checks as std::bool_constant flags: the tile loops are instantiated per
+// combination, so no per-element branch picks among them.
+template <class F>
+__device__ __forceinline__ void with_tile_flags(bool is_bool, bool check, F&& f) {
+  if (is_bool && check)
+    f(std::true_type{}, std::true_type{});
+  else if (is_bool)
+    f(std::true_type{}, std::false_type{});
+  else if (check)
+    f(std::false_type{}, std::true_type{});
+  else
+    f(std::false_type{}, std::false_type{});
+}
+
 // Units of tile-masked scores. kDeferred (the forward): bool masks leave the raw
 // dot product x, additive ones give x * scale + bias, and the softmax's exponent multiplies by
 // deferred_unit (as the lean kernels fold the scale into it): one multiply less per element.
