@@ -252,6 +252,21 @@ def _single_pass_mask(mask: Tensor) -> bool:
     return all(mask.shape[d] == 1 or mask.stride(d) % 16 == 0 for d in range(3))
 
 
+def _hopper_lean_backward(
+    q: Tensor, d: int, dv: int, dropout_p: float, scale: float | None
+) -> bool:
+    """What both Hopper single-pass variants need: fp16/bf16 on compute capability 9.0, no
+    dropout, scale > 0 (else the core runs the general two passes), head dims up to 128."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and dropout_p == 0.0
+        and (scale is None or scale > 0)
+        and max(d, dv) <= 128
+        and torch.cuda.get_device_capability(q.device) == (9, 0)
+    )
+
+
 def single_pass_backward(
     q: Tensor,
     d: int,
@@ -264,21 +279,14 @@ def single_pass_backward(
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
     GPUs, not for calls it does not serve (dropout, scale <= 0, head dims over 128, attn_mask
     other than a bool mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the
-    4-D mask), and
-    not under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run,
-    bit-identical run to run. ``d``, ``dv``: the head dims the kernels see (after any padding).
-    (The core also needs the sm90 kernels built and not disabled; it ignores the scratch
-    otherwise.)"""
-    columns = max(d, dv)
+    4-D mask), and not under ``torch.use_deterministic_algorithms(True)``: then the
+    atomic-free two passes run, bit-identical run to run. ``d``, ``dv``: the head dims the
+    kernels see (after any padding). (The core also needs the sm90 kernels built and not
+    disabled; it ignores the scratch otherwise.)"""
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and (attn_mask is None or (columns > 64 and _single_pass_mask(attn_mask)))
-        and dropout_p == 0.0
-        and (scale is None or scale > 0)
-        and columns <= 128
+        _hopper_lean_backward(q, d, dv, dropout_p, scale)
+        and (attn_mask is None or (max(d, dv) > 64 and _single_pass_mask(attn_mask)))
         and not torch.are_deterministic_algorithms_enabled()
-        and torch.cuda.get_device_capability(q.device) == (9, 0)
     )
 
 
@@ -299,16 +307,11 @@ def direct_dq_backward(
     and that skip no query row (no causal limit, no key padding). The core's sm90::direct_dq
     states the same rules."""
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
+        _hopper_lean_backward(q, d, dv, dropout_p, scale)
         and attn_mask is None
         and key_padding_mask is None
         and not is_causal
-        and dropout_p == 0.0
-        and (scale is None or scale > 0)
-        and max(d, dv) <= 128
         and 0 < k.shape[2] <= 128
-        and torch.cuda.get_device_capability(q.device) == (9, 0)
     )
 
 
