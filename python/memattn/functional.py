@@ -1,8 +1,9 @@
 """``memattn.attention``: memory-efficient scaled dot-product attention for PyTorch tensors.
 
 This module checks the Python side of a call (argument types, mask rank, dropout seed) and
-hands it to the custom op ``memattn::attention_forward`` (``memattn._ops``), which is
-differentiable and works under torch.compile.
+hands it to ``memattn._ops.attention``: the custom op ``memattn::attention_forward``, which is
+differentiable and works under torch.compile, or in plain eager calls the same computation
+without the op's dispatch overhead.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def attention(
     seed = None
     if dropout_p > 0.0:
         seed = _draw_seed(generator)
-    out, lse = torch.ops.memattn.attention_forward(
+    out, lse = _ops.attention(
         q,
         k,
         v,

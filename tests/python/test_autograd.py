@@ -3,6 +3,8 @@
 - gradcheck (float64 finite differences) for q, k, v and a float mask, with causal and padding.
 - torch.library.opcheck on both ops (schema, fake tensor, autograd registration, AOT dispatch).
 - torch.compile(fullgraph=True) of forward + backward matches eager; errors still surface.
+- Eager calls run the op's implementation through an autograd.Function (no op dispatch); calls
+  under tracing and dispatch modes, and on meta tensors, see the op.
 """
 
 from __future__ import annotations
@@ -233,3 +235,63 @@ def test_tensor_spec():
     t = torch.empty(2, 3, 4, 5).transpose(1, 2)
     assert _ops.tensor_spec(t) == ("float32", (2, 4, 3, 5), (60, 5, 20, 1), "cpu")
     assert _ops.tensor_spec(torch.empty(3, dtype=torch.bool, device="meta"))[3] == "cpu"
+
+
+# ---- eager path and op path -----------------------------------------------------------------
+
+
+def test_eager_calls_take_the_autograd_function_and_match_the_op():
+    """Same forward, gradients and saved tensors as the op, bit for bit, masks and dropout
+    included; double backward still raises the backward op's error (test above)."""
+    args = _forward_args(dropout=True)
+    q, k, v, mask = args[:4]
+    out_e, lse_e = memattn._ops.attention(*args)
+    assert type(out_e.grad_fn).__name__ == "_EagerAttentionBackward"
+    out_o, lse_o = torch.ops.memattn.attention_forward(*args)
+    assert "attention_forward" in type(out_o.grad_fn).__name__
+    assert torch.equal(out_e, out_o) and torch.equal(lse_e, lse_o)
+    assert not lse_e.requires_grad
+    g = torch.randn_like(out_e)
+    grads_e = torch.autograd.grad(out_e, (q, k, v, mask), g)
+    grads_o = torch.autograd.grad(out_o, (q, k, v, mask), g)
+    for a, b in zip(grads_e, grads_o, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_with_an_undefined_output_gradient():
+    """A consumer whose backward returns no gradient for out: the inputs get none either."""
+
+    class DropsGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    q, k, v = make_qkv(requires_grad=True)
+    out = memattn.attention(q, k, v)
+    loss = DropsGradient.apply(out).sum() + (q * 0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    assert torch.equal(grads[0], torch.zeros_like(q))  # from (q * 0) only
+    assert grads[1] is None and grads[2] is None
+
+
+def test_traced_and_meta_calls_see_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(requires_grad=False)
+
+    def fn(q, k, v):
+        return memattn.attention(q, k, v, is_causal=True)
+
+    for mode in ("real", "fake"):
+        graph = make_fx(fn, tracing_mode=mode)(q, k, v)
+        assert "memattn.attention_forward" in graph.code, mode
+    with FakeTensorMode() as fake:
+        out = fn(fake.from_tensor(q), fake.from_tensor(k), fake.from_tensor(v))
+    assert out.shape == q.shape
+    out = fn(q.to("meta"), k.to("meta"), v.to("meta"))
+    assert out.device.type == "meta" and out.shape == q.shape
