@@ -63,6 +63,25 @@ __device__ __forceinline__ void mask_elements(float (&acc)[kM][kN][4], const Ele
       }
 }
 
+// -inf in the columns at or past `end` (relative to the tile's first column): one compare per
+// column, not per element. Serves tiles whose only hidden elements are keys past the range's
+// end (a partial last key block, e.g. Lk = 77), where the per-element loop cost a short-key
+// forward as much as its softmax (NOTES.md, "Short key ranges").
+template <int kM, int kN>
+__device__ __forceinline__ void mask_key_columns(float (&acc)[kM][kN][4], int end, int lane) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const bool hidden = c_col(n, c, lane) >= end;
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        acc[m][n][c] = hidden ? -INFINITY : acc[m][n][c];
+        acc[m][n][c + 2] = hidden ? -INFINITY : acc[m][n][c + 2];
+      }
+    }
+}
+
 // Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
 // score_unit for the units). row0/col0: global index of the tile's first row/column. `check`
 // false promises that every element is attendable and unmasked (block interior). kMasks false
@@ -89,8 +108,11 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
     mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
   } else {
     const KeyRange& keys = masks.keys;
+    const DeviceParams& p = masks.p;
     if (keys.dense_end < keys.end && col0 + 8 * kN > keys.dense_end && col0 < keys.end)
       mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
+    else if (row0 + 16 * kM <= p.Lq && causal_allows(p, row0, col0 + 8 * kN - 1))
+      mask_key_columns(acc, keys.end - col0, lane);  // rows and causality hide nothing here
     else
       mask_elements<kRows, kMasks, false>(acc, masks, row0, col0, lane);
   }

@@ -63,21 +63,13 @@ struct ForwardTraits {
   static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
-  // Layout: Q[kQStages] | K[kStages] | V[kStages] | mask[kStages] | mbarriers; every tile
-  // 1024-byte aligned. Two Q buffers where they fit: the producer then loads the next tile's Q
-  // while the consumers still read this one's, which short key ranges (one or two key blocks
-  // per tile) need to keep enough Q reads in flight (NOTES.md, "Short key ranges").
-  static constexpr int smem_bytes(int q_stages) {
-    const int barriers = 2 * q_stages + 6 * kStages;  // per Q buffer full/empty, per K/V stage
-    return q_stages * kQBytes + 2 * kStages * kKVBytes + kStages * kMaskBytes + 8 * barriers +
-           1024;  // + alignment slack
-  }
-  static constexpr int kQStages = smem_bytes(2) * kCtasPerSm <= kMaxSmemBytes ? 2 : 1;
-  static constexpr std::uint32_t kMaskOffset = kQStages * kQBytes + 2 * kStages * kKVBytes;
+  // Layout: Q | K[kStages] | V[kStages] | mask[kStages] | mbarriers; every tile 1024-byte
+  // aligned.
+  static constexpr std::uint32_t kMaskOffset = kQBytes + 2 * kStages * kKVBytes;
   static constexpr std::uint32_t kBarrierOffset = kMaskOffset + kStages * kMaskBytes;
-  // per Q buffer full/empty, then per stage k/v/mask full and k/v/mask empty
-  static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
-  static constexpr int kSmemBytes = smem_bytes(kQStages);
+  // q full/empty, then per stage k/v/mask full and k/v/mask empty
+  static constexpr int kBarriers = 2 + 6 * kStages;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSmemBytes * kCtasPerSm <= kMaxSmemBytes);
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
@@ -86,12 +78,12 @@ struct ForwardTraits {
 template <class Tr>
 struct ForwardSmem {
   std::uint32_t base;
-  __device__ __forceinline__ std::uint32_t q(int qs) const { return base + qs * Tr::kQBytes; }
+  __device__ __forceinline__ std::uint32_t q() const { return base; }
   __device__ __forceinline__ std::uint32_t k(int s) const {
-    return base + Tr::kQStages * Tr::kQBytes + s * Tr::kKVBytes;
+    return base + Tr::kQBytes + s * Tr::kKVBytes;
   }
   __device__ __forceinline__ std::uint32_t v(int s) const {
-    return base + Tr::kQStages * Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
+    return base + Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
   }
   __device__ __forceinline__ std::uint32_t mask(int s) const {
     return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
@@ -99,24 +91,21 @@ struct ForwardSmem {
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
   }
-  static constexpr int kKV = 2 * Tr::kQStages;  // first K/V barrier
-  __device__ __forceinline__ std::uint32_t q_full(int qs) const { return bar(qs); }
-  __device__ __forceinline__ std::uint32_t q_empty(int qs) const { return bar(Tr::kQStages + qs); }
-  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(kKV + s); }
-  __device__ __forceinline__ std::uint32_t v_full(int s) const {
-    return bar(kKV + Tr::kStages + s);
-  }
+  __device__ __forceinline__ std::uint32_t q_full() const { return bar(0); }
+  __device__ __forceinline__ std::uint32_t q_empty() const { return bar(1); }
+  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(2 + s); }
+  __device__ __forceinline__ std::uint32_t v_full(int s) const { return bar(2 + Tr::kStages + s); }
   __device__ __forceinline__ std::uint32_t k_empty(int s) const {
-    return bar(kKV + 2 * Tr::kStages + s);
+    return bar(2 + 2 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t v_empty(int s) const {
-    return bar(kKV + 3 * Tr::kStages + s);
+    return bar(2 + 3 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t mask_full(int s) const {
-    return bar(kKV + 4 * Tr::kStages + s);
+    return bar(2 + 4 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t mask_empty(int s) const {
-    return bar(kKV + 5 * Tr::kStages + s);
+    return bar(2 + 5 * Tr::kStages + s);
   }
 };
 
@@ -129,9 +118,9 @@ struct GemmIssue {
   ForwardSmem<Tr> sm;
   int wg;
 
-  // S = Q K^T with Q buffer qs and K stage s.
-  __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int qs, int s) const {
-    gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kBlockM>(sc[0], sm.q(qs), 64 * wg, sm.k(s), false);
+  // S = Q K^T over stage s.
+  __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int s) const {
+    gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kBlockM>(sc[0], sm.q(), 64 * wg, sm.k(s), false);
     wgmma_commit();
   }
 
@@ -202,9 +191,8 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 }
 
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
-// phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
-// buffers (tile counter `q_round`), so the producer loads the next tiles' Q and K/V while the
-// consumers finish the current one.
+// phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
+// producer loads the next tile's Q and K/V while the consumers finish the current one.
 // kFeatures: the general kernel (masks, dropout); with a tiled mask (maps.mask.rows > 0) the
 // producer also streams the mask values of each K/V block into the stage's mask tile.
 template <class T, class Tr, bool kFeatures>
@@ -223,10 +211,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   };
 
   if (threadIdx.x == 0) {
-    for (int qs = 0; qs < Tr::kQStages; ++qs) {
-      mbar_init(sm.q_full(qs), 1);
-      mbar_init(sm.q_empty(qs), Tr::kConsumers * 4);  // one arrival per consumer warp
-    }
+    mbar_init(sm.q_full(), 1);
+    mbar_init(sm.q_empty(), Tr::kConsumers * 4);  // one arrival per consumer warp
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
@@ -256,11 +242,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
-          const int qs = ring_buffer<Tr::kQStages>(q_round);
-          mbar_wait(sm.q_empty(qs), ring_parity<Tr::kQStages>(q_round) ^ 1);
-          mbar_arrive_expect_tx(sm.q_full(qs), Tr::kQBytes);
-          load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(qs), maps.q, sm.q_full(qs), tile.i0, tile.h,
-                                              tile.b);
+          mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
+          mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
+          load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
           ++q_round;
         }
         if (mask_tiles) {
@@ -335,18 +319,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     };
 
     if (n > 0) {  // block 0: S(0) alone
-      const int qs = ring_buffer<Tr::kQStages>(q_round);
-      mbar_wait(sm.q_full(qs), ring_parity<Tr::kQStages>(q_round));
+      mbar_wait(sm.q_full(), q_round & 1);
       turn.start();
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
       wgmma_fence();
-      gemm.scores(sc, qs, stage_of<Tr>(it));
+      gemm.scores(sc, stage_of<Tr>(it));
       turn.pass(/*last=*/n == 1);
       wgmma_wait<0>();
       fence_operands(sc[0]);
       release(sm.k_empty(stage_of<Tr>(it)), lane);
-      if (n == 1) release(sm.q_empty(qs), lane);
+      if (n == 1) release(sm.q_empty(), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
       softmax(0, it, rescale);
       to_operand(0);
@@ -361,13 +344,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
         turn.wait();
         wgmma_fence();
-        gemm.scores(sc, qs, stage_of<Tr>(cur));
+        gemm.scores(sc, stage_of<Tr>(cur));
         gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
         turn.pass(/*last=*/nb + 1 == n);
         wgmma_wait<1>();
         fence_operands(sc[0]);
         release(sm.k_empty(stage_of<Tr>(cur)), lane);
-        if (nb + 1 == n) release(sm.q_empty(qs), lane);  // the tile's last read of Q is done
+        if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
         float rescale[1][2];
         softmax(nb, cur, rescale);
         wgmma_wait<0>();

@@ -9,24 +9,15 @@
 
 namespace memattn::cuda::sm90 {
 
-// The it-th use of a ring of kBuffers buffers: its buffer, and the parity of the phase in which
-// the buffer's "full" barrier completes (its "empty" barrier: parity ^ 1).
-template <int kBuffers>
-__device__ __forceinline__ int ring_buffer(int it) {
-  return it % kBuffers;
-}
-template <int kBuffers>
-__device__ __forceinline__ std::uint32_t ring_parity(int it) {
-  return static_cast<std::uint32_t>((it / kBuffers) & 1);
-}
-// The same for the K/V ring of Tr::kStages stages.
+// The it-th use of a ring of Tr::kStages buffers: its stage, and the parity of the phase in
+// which the stage's "full" barrier completes (its "empty" barrier: parity ^ 1).
 template <class Tr>
 __device__ __forceinline__ int stage_of(int it) {
-  return ring_buffer<Tr::kStages>(it);
+  return it % Tr::kStages;
 }
 template <class Tr>
 __device__ __forceinline__ std::uint32_t parity_of(int it) {
-  return ring_parity<Tr::kStages>(it);
+  return static_cast<std::uint32_t>((it / Tr::kStages) & 1);
 }
 
 // One TMA copy per 64-column chunk of a tile of kRows rows starting at row `row` of (head,
