@@ -225,6 +225,35 @@ def test_causal(dtype, alignment, Lq, Lk):
     check_cuda(Inputs(q, k, v, kwargs=kwargs))
 
 
+@pytest.mark.parametrize("kernel", ["sm90", "sm80"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize(
+    ("Lq", "Lk", "causal"),
+    [
+        (256, 77, None),  # partial last key block: hidden key columns only
+        (200, 77, None),  # and a partial last query block: the general loop
+        (256, 256, "top_left"),  # diagonal blocks: causal limit only
+        (256, 300, "bottom_right"),  # limit shifted by Lk - Lq = 44
+        (300, 256, "bottom_right"),  # shifted by -44: leading queries see no key
+        (130, 257, "top_left"),  # diagonal and key end in one block: the general loop
+    ],
+)
+def test_block_boundaries_cheap_and_general_masking(kernel, D, Lq, Lk, causal, monkeypatch):
+    """Blocks that only the key range's end or only the causal limit cut take one compare per
+    element (sm80/scores.cuh: mask_key_end, mask_causal_diagonal), others the general loop;
+    trailing key padding (no holes) takes the cheap cases too. Forward and backward against
+    float64 on both tensor-core kernel families."""
+    if kernel == "sm90" and not _is_hopper():
+        pytest.skip("the sm90 kernels run on compute capability 9.0")
+    monkeypatch.setenv("MEMATTN_DISABLE_SM90", "0" if kernel == "sm90" else "1")
+    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=Lq, Lk=Lk, D=D, dtype=torch.bfloat16)
+    kwargs = {"is_causal": True, "causal_alignment": causal} if causal else {}
+    check_cuda(Inputs(q, k, v, kwargs=kwargs))
+    kpm = torch.zeros(2, Lk, dtype=torch.bool)
+    kpm[1, Lk - 40 :] = True  # batch 1 ends 40 keys early
+    check_cuda(Inputs(q, k, v, kwargs=kwargs | {"key_padding_mask": kpm.to(DEV)}))
+
+
 def test_causal_bottom_right_decode_row_sees_every_key():
     q, k, v = qkv(Lq=1, Lk=500, D=64, dtype=torch.bfloat16, requires_grad=False)
     causal = memattn.attention(q, k, v, is_causal=True, causal_alignment="bottom_right")

@@ -63,23 +63,51 @@ __device__ __forceinline__ void mask_elements(float (&acc)[kM][kN][4], const Ele
       }
 }
 
-// -inf in the columns at or past `end` (relative to the tile's first column): one compare per
-// column, not per element. Serves tiles whose only hidden elements are keys past the range's
-// end (a partial last key block, e.g. Lk = 77), where the per-element loop cost a short-key
-// forward as much as its softmax (NOTES.md, "Short key ranges").
-template <int kM, int kN>
-__device__ __forceinline__ void mask_key_columns(float (&acc)[kM][kN][4], int end, int lane) {
+// Key and query offsets of element e of C tile (m, n) from the warp tile's first key / query.
+template <Rows kRows>
+__device__ __forceinline__ int key_offset(int m, int n, int e, int lane) {
+  return kRows == Rows::queries ? c_col(n, e, lane) : c_row(m, e, lane);
+}
+template <Rows kRows>
+__device__ __forceinline__ int query_offset(int m, int n, int e, int lane) {
+  return kRows == Rows::queries ? c_row(m, e, lane) : c_col(n, e, lane);
+}
+
+// The two cheap cases of a warp tile whose queries all exist and whose keys need no padding
+// read, each one compare per element against a per-thread value instead of mask_elements'
+// bounds, causality and range tests (a short-key forward spent as long on those as on its
+// softmax: NOTES.md, "Short key ranges"):
+// - mask_key_end: causality hides nothing; keys at offsets >= `end` (past the range's end,
+//   e.g. the partial last block of Lk = 77) are hidden.
+// - mask_causal_diagonal: every key is in range; key offset - query offset > `limit` (the
+//   causal limit, relative to the tile's first query and key) is hidden. Tiles with query rows
+//   only (forward, dQ): in the dK/dV kernels it spilled 4 bytes at D = 128.
+template <Rows kRows, int kM, int kN>
+__device__ __forceinline__ void mask_key_end(float (&acc)[kM][kN][4], int end, int lane) {
 #pragma unroll
-  for (int n = 0; n < kN; ++n)
+  for (int m = 0; m < kM; ++m)
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const bool hidden = c_col(n, c, lane) >= end;
+    for (int n = 0; n < kN; ++n)
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        acc[m][n][c] = hidden ? -INFINITY : acc[m][n][c];
-        acc[m][n][c + 2] = hidden ? -INFINITY : acc[m][n][c + 2];
-      }
-    }
+      for (int e = 0; e < 4; ++e)
+        if (key_offset<kRows>(m, n, e, lane) >= end) acc[m][n][e] = -INFINITY;
+}
+// The causal limit of a tile of ni queries from i0 and nj keys from j0, relative to them, kept
+// in int range: below -ni every key is hidden, above nj none.
+__device__ __forceinline__ int causal_limit(const DeviceParams& p, int i0, int j0, int ni, int nj) {
+  const std::int64_t limit = i0 + p.causal_offset - j0;
+  return static_cast<int>(limit < -ni ? -ni - 1 : limit > nj ? nj + 1 : limit);
+}
+template <Rows kRows, int kM, int kN>
+__device__ __forceinline__ void mask_causal_diagonal(float (&acc)[kM][kN][4], int limit, int lane) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (key_offset<kRows>(m, n, e, lane) - query_offset<kRows>(m, n, e, lane) > limit)
+          acc[m][n][e] = -INFINITY;
 }
 
 // Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
@@ -100,21 +128,31 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
           for (int e = 0; e < 4; ++e) acc[m][n][e] *= masks.p.scale_log2;
     return;
   }
-  // The lean forward and dQ kernels read the padding mask per key only in tiles whose keys reach
-  // between the first padded and the last unpadded key (holes in the padding; a warp-uniform
-  // branch). The general kernels read masks per element anyway, and in the lean dK/dV kernels a
-  // second copy of the loop spilled: one loop there.
-  if constexpr (kMasks || kRows == Rows::keys) {
+  // The lean kernels read the padding mask per key only in tiles whose keys reach between the
+  // first padded and the last unpadded key (holes in the padding). The general kernels read
+  // masks per element anyway, and in the lean dK/dV kernels a second copy of the general loop
+  // spilled: one general loop there.
+  if constexpr (kMasks) {
     mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
   } else {
     const KeyRange& keys = masks.keys;
     const DeviceParams& p = masks.p;
-    if (keys.dense_end < keys.end && col0 + 8 * kN > keys.dense_end && col0 < keys.end)
-      mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
-    else if (row0 + 16 * kM <= p.Lq && causal_allows(p, row0, col0 + 8 * kN - 1))
-      mask_key_columns(acc, keys.end - col0, lane);  // rows and causality hide nothing here
-    else
+    constexpr bool kQueryRows = kRows == Rows::queries;
+    const int i0 = kQueryRows ? row0 : col0, j0 = kQueryRows ? col0 : row0;
+    const int ni = kQueryRows ? 16 * kM : 8 * kN, nj = kQueryRows ? 8 * kN : 16 * kM;
+    // Warp-uniform: keys between the first padded and the last unpadded key need their
+    // padding read (holes). Tiles with every query row and no holes take one of the cheap
+    // cases; the others (a missing query row, both bounds at once) the general loop.
+    const bool holes = keys.dense_end < keys.end && j0 + nj > keys.dense_end && j0 < keys.end;
+    const bool cheap = i0 + ni <= p.Lq && !holes;
+    if (cheap && causal_allows(p, i0, j0 + nj - 1))
+      mask_key_end<kRows>(acc, keys.end - j0, lane);
+    else if (kQueryRows && cheap && j0 + nj <= keys.dense_end)
+      mask_causal_diagonal<kRows>(acc, causal_limit(p, i0, j0, ni, nj), lane);
+    else if (kQueryRows && !holes)
       mask_elements<kRows, kMasks, false>(acc, masks, row0, col0, lane);
+    else
+      mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
   }
 }
 
