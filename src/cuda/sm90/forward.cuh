@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "cuda/common/check.h"
@@ -28,6 +29,7 @@
 #include "cuda/sm90/mask_tile.cuh"
 #include "cuda/sm90/tensor_map.h"
 #include "cuda/sm90/tiles.cuh"
+#include "memattn/error.h"
 
 namespace memattn::cuda::sm90 {
 
@@ -53,6 +55,11 @@ struct ForwardTraits {
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
+  // Tile coordinates (Tile::at) in 32-bit arithmetic, a few instructions per division where
+  // 64-bit ones call a division routine every tile, which calls with one key block per tile
+  // feel (NOTES.md, "Short key ranges"); launch_forward checks that the tiles fit. Not in the
+  // general D = 128 kernel: there it changed register allocation and spilled 16 bytes.
+  using TileIndex = std::conditional_t<kFeatures && kHeadDim == 128, std::int64_t, std::uint32_t>;
   // Register budget per CTA: 128 * producer + 128 * kConsumers * consumer <= 65536 /
   // kCtasPerSm (setmaxnreg only moves registers within the CTA's launch allocation).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 1 ? 232 : 240;
@@ -164,14 +171,16 @@ struct Tile {
   int b, h, hk, i0, num_n_blocks;
   std::int64_t bh;
   KeyRange keys;
-  template <int kBlockM, int kBlockN>
-  __device__ __forceinline__ static Tile at(const DeviceParams& p, std::int64_t t,
-                                            int num_m_blocks) {
+  // Index: the type of the tile arithmetic (ForwardTraits::TileIndex).
+  template <int kBlockM, int kBlockN, class Index>
+  __device__ __forceinline__ static Tile at(const DeviceParams& p, Index t, int num_m_blocks) {
     Tile tile;
-    const int m_block = num_m_blocks - 1 - static_cast<int>(t % num_m_blocks);
-    tile.bh = t / num_m_blocks;
-    tile.b = static_cast<int>(tile.bh / p.Hq);
-    tile.h = static_cast<int>(tile.bh % p.Hq);
+    const auto m_blocks = static_cast<Index>(num_m_blocks);
+    const Index bh = t / m_blocks, heads = static_cast<Index>(p.Hq);
+    const int m_block = num_m_blocks - 1 - static_cast<int>(t - bh * m_blocks);
+    tile.bh = static_cast<std::int64_t>(bh);
+    tile.b = static_cast<int>(bh / heads);
+    tile.h = static_cast<int>(bh - static_cast<Index>(tile.b) * heads);
     tile.hk = tile.h / p.group;
     tile.i0 = m_block * kBlockM;
     tile.keys = key_range(p, tile.b);
@@ -203,7 +212,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   extern __shared__ unsigned char smem_raw[];
   const ForwardSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
   const auto tile_at = [&](std::int64_t t) {
-    return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, t, num_m_blocks);
+    return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, static_cast<typename Tr::TileIndex>(t),
+                                              num_m_blocks);
   };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
@@ -390,6 +400,12 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
+  // Tile::at's 32-bit arithmetic (TileIndex); 2^32 tiles of 64 query rows would not fit a
+  // GPU's memory.
+  if (num_tiles > 0xffffffffLL)
+    throw Error(ErrorKind::not_implemented,
+                "memattn sm90 forward: B * Hq * ceil(Lq / " + std::to_string(Tr::kBlockM) +
+                    ") = " + std::to_string(num_tiles) + " query tiles, more than 2^32");
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
