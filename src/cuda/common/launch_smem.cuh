@@ -14,7 +14,7 @@ namespace memattn::cuda {
 // Opts `kernel` in to `smem_bytes` of dynamic shared memory on the current device. The
 // attribute lasts as long as the device's context, so it is set once per (kernel, device,
 // size): cudaFuncSetAttribute costs ~3-4 us of host time per call on an H100 host, more than a
-// small call's kernel (NOTES.md, "Host overhead").
+// small call's kernel (sm90/NOTES.md, h1).
 void allow_dynamic_smem(const void* kernel, int smem_bytes, const char* name);
 
 template <class Kernel, class... Args>

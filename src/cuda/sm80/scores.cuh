@@ -76,7 +76,7 @@ __device__ __forceinline__ int query_offset(int m, int n, int e, int lane) {
 // The two cheap cases of a warp tile whose queries all exist and whose keys need no padding
 // read, each one compare per element against a per-thread value instead of mask_elements'
 // bounds, causality and range tests (a short-key forward spent as long on those as on its
-// softmax: NOTES.md, "Short key ranges"):
+// softmax: sm90/NOTES.md, "Short key ranges"):
 // - mask_key_end: causality hides nothing; keys at offsets >= `end` (past the range's end,
 //   e.g. the partial last block of Lk = 77) are hidden.
 // - mask_causal_diagonal: every key is in range; key offset - query offset > `limit` (the
