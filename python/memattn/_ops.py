@@ -69,12 +69,11 @@ def tensor_spec(t: Tensor) -> tuple[str, tuple[int | None, ...], tuple[int | Non
     device = t.device.type
     if device == "meta":
         device = "cpu"
-    return (
-        str(t.dtype).removeprefix("torch."),
-        tuple(_concrete(s) for s in t.shape),
-        tuple(_concrete(s) for s in t.stride()),
-        device,
-    )
+    shape, strides = tuple(t.shape), t.stride()
+    if not all(type(n) is int for n in (*shape, *strides)):  # symbolic sizes while tracing
+        shape = tuple(_concrete(n) for n in shape)
+        strides = tuple(_concrete(n) for n in strides)
+    return (str(t.dtype).removeprefix("torch."), shape, tuple(strides), device)
 
 
 def _optional_spec(t: Tensor | None):
