@@ -93,6 +93,34 @@ def _validate(q, k, v, attn_mask, key_padding_mask, is_causal, causal_alignment,
     )
 
 
+_EXPORTED_DTYPES = frozenset(
+    (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
+)
+
+
+def core_validates(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+) -> bool:
+    """Whether a call may skip ``_validate`` and leave validation to the core (the extension
+    validates every call before it touches memory, with the same messages): plain strided
+    tensors of the ranks the output allocation reads (4-D q, k, v and attn_mask, 2-D
+    key_padding_mask) in dtypes the DLPack export takes, so that nothing before the core's
+    check can fail with another error. Anything else is validated in Python first."""
+    for t, rank in ((q, 4), (k, 4), (v, 4), (attn_mask, 4), (key_padding_mask, 2)):
+        if t is not None and (
+            type(t) is not Tensor
+            or t.dim() != rank
+            or t.dtype not in _EXPORTED_DTYPES
+            or t.layout != torch.strided
+        ):
+            return False
+    return True
+
+
 def _is_bshd(q: Tensor) -> bool:
     """True when q is a [B, H, L, D] view of contiguous [B, L, H, D] memory (nn.MHA's layout)."""
     return not q.is_contiguous() and q.transpose(1, 2).is_contiguous()

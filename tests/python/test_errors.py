@@ -326,6 +326,63 @@ def test_causal_alignment_value(alignment):
         memattn.attention(q, k, v, is_causal=True, causal_alignment=alignment)
 
 
+def _bad_calls():
+    q, k, v = qkv()
+    q3, k3, v3 = qkv(Hq=3, Hk=2)
+    return {
+        "v length": ((q, k, v[:, :, :3]), {}),
+        "heads": ((q3, k3, v3), {}),
+        "k dtype": ((q, k.double(), v), {}),
+        "q bool": ((q.bool(), k, v), {}),
+        "head dim": ((q[..., :0], k[..., :0], v), {}),
+        "mask shape": ((q, k, v), {"attn_mask": torch.zeros(1, 1, 5, 6, dtype=torch.bool)}),
+        "padding shape": ((q, k, v), {"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}),
+        "padding dtype": ((q, k, v), {"key_padding_mask": torch.zeros(2, 7)}),
+        "alignment": ((q, k, v), {"is_causal": True, "causal_alignment": "left"}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_core_validation_matches_python_validation(case):
+    """Eager calls without dropout whose tensors the core takes as they are skip Python's
+    check (functional.py: _ops.core_validates); the core raises the same error Python's check
+    gives: same type, same message."""
+    from memattn import _ops
+
+    (q, k, v), kwargs = _bad_calls()[case]
+    mask, kpm = kwargs.get("attn_mask"), kwargs.get("key_padding_mask")
+    assert _ops.core_validates(q, k, v, mask, kpm)
+    with pytest.raises((TypeError, ValueError)) as from_python:
+        _ops._validate(
+            q,
+            k,
+            v,
+            mask,
+            kpm,
+            kwargs.get("is_causal", False),
+            kwargs.get("causal_alignment", "top_left"),
+            0.0,
+            None,
+        )
+    with pytest.raises(from_python.type) as from_core:
+        memattn.attention(q, k, v, **kwargs)
+    assert str(from_core.value) == str(from_python.value)
+
+
+def test_python_validates_what_the_core_cannot_take():
+    """Tensors of another rank, dtype or layout are validated in Python before anything is
+    allocated or exported."""
+    from memattn import _ops
+
+    q, k, v = qkv()
+    assert not _ops.core_validates(q[0], k, v, None, None)
+    assert not _ops.core_validates(q.long(), k, v, None, None)
+    assert not _ops.core_validates(q, k, v, None, torch.zeros(2, 7, dtype=torch.int8))
+    assert not _ops.core_validates(q.to_sparse(), k, v, None, None)
+    with pytest.raises(ValueError, match=r"^q: "):
+        memattn.attention(q[0], k, v)
+
+
 def test_errors_raise_before_drawing_a_seed():
     """Validation runs before the dropout seed is drawn: a bad call leaves the RNG alone."""
     q, k, v = qkv()
