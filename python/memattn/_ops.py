@@ -411,7 +411,12 @@ def _forward_impl(
     dropout_seed: Tensor | None,
     scale: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """The forward's work, shared by the custom op and the eager autograd.Function."""
+    """Runs the core's forward into freshly allocated ``out`` and ``lse`` (see module doc): the
+    custom op ``memattn::attention_forward`` and the eager ``_EagerAttention`` both run it.
+
+    ``attn_mask`` is already 4-D here; ``dropout_seed`` is an int64 CPU tensor of one element
+    (or None without dropout) keying the Philox stream.
+    """
     out = _empty_out(q, v)
     lse = _empty_lse(q)
     kq, kk, kv, kout = q.detach(), k.detach(), v.detach(), out
@@ -455,7 +460,12 @@ def _backward_impl(
     scale: float | None,
     attn_mask_needs_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward's work, shared by the custom op and the eager autograd.Function."""
+    """Gradients of the forward: ``(grad_q, grad_k, grad_v, grad_attn_mask)``; the custom op
+    ``memattn::attention_backward`` and the eager ``_EagerAttention`` both run it.
+
+    grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` has the 4-D mask's shape,
+    in float32 (float64 for float64 q), when ``attn_mask_needs_grad``, else it is empty.
+    """
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
@@ -507,36 +517,11 @@ def _backward_impl(
     return _into(grad_q, grads[0]), _into(grad_k, grads[1]), _into(grad_v, grads[2]), grad_mask
 
 
-@torch.library.custom_op("memattn::attention_forward", mutates_args=())
-def attention_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    causal_alignment: str,
-    dropout_p: float,
-    dropout_seed: Tensor | None,
-    scale: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Runs the core's forward into freshly allocated ``out`` and ``lse`` (see module doc).
-
-    ``attn_mask`` is already 4-D here; ``dropout_seed`` is an int64 CPU tensor of one element
-    (or None without dropout) keying the Philox stream.
-    """
-    return _forward_impl(
-        q,
-        k,
-        v,
-        attn_mask,
-        key_padding_mask,
-        is_causal,
-        causal_alignment,
-        dropout_p,
-        dropout_seed,
-        scale,
-    )
+# The ops run the implementations above; torch.library reads their schemas from the
+# annotations and leaves the functions themselves as they are (the eager path calls them).
+attention_forward = torch.library.custom_op("memattn::attention_forward", mutates_args=())(
+    _forward_impl
+)
 
 
 @attention_forward.register_fake
@@ -557,44 +542,9 @@ def _attention_forward_fake(
     return _empty_out(q, v), _empty_lse(q)
 
 
-@torch.library.custom_op("memattn::attention_backward", mutates_args=())
-def attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    causal_alignment: str,
-    dropout_p: float,
-    dropout_seed: Tensor | None,
-    scale: float | None,
-    attn_mask_needs_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the forward op: ``(grad_q, grad_k, grad_v, grad_attn_mask)``.
-
-    grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` has the 4-D mask's shape,
-    in float32 (float64 for float64 q), when ``attn_mask_needs_grad``, else it is empty.
-    """
-    return _backward_impl(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        attn_mask,
-        key_padding_mask,
-        is_causal,
-        causal_alignment,
-        dropout_p,
-        dropout_seed,
-        scale,
-        attn_mask_needs_grad,
-    )
+attention_backward = torch.library.custom_op("memattn::attention_backward", mutates_args=())(
+    _backward_impl
+)
 
 
 @attention_backward.register_fake
@@ -695,31 +645,7 @@ class _EagerAttention(torch.autograd.Function):
     # forward(ctx, ...) rather than a setup_context staticmethod: with one, Function.apply binds
     # its arguments through inspect.signature on every call (~20 us).
     @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        attn_mask,
-        key_padding_mask,
-        is_causal,
-        causal_alignment,
-        dropout_p,
-        seed,
-        scale,
-    ):
-        inputs = (
-            q,
-            k,
-            v,
-            attn_mask,
-            key_padding_mask,
-            is_causal,
-            causal_alignment,
-            dropout_p,
-            seed,
-            scale,
-        )
+    def forward(ctx, *inputs):  # the forward op's arguments, in its order
         output = _forward_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)
