@@ -73,6 +73,18 @@ __device__ __forceinline__ int query_offset(int m, int n, int e, int lane) {
   return kRows == Rows::queries ? c_row(m, e, lane) : c_col(n, e, lane);
 }
 
+// -inf in every element of a warp's tile for which hidden(m, n, e) holds.
+template <int kM, int kN, class Hidden>
+__device__ __forceinline__ void hide_elements(float (&acc)[kM][kN][4], Hidden hidden) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (hidden(m, n, e)) acc[m][n][e] = -INFINITY;
+}
+
 // The two cheap cases of a warp tile whose queries all exist and whose keys need no padding
 // read, each one compare per element against a per-thread value instead of mask_elements'
 // bounds, causality and range tests (a short-key forward spent as long on those as on its
@@ -84,13 +96,7 @@ __device__ __forceinline__ int query_offset(int m, int n, int e, int lane) {
 //   only (forward, dQ): in the dK/dV kernels it spilled 4 bytes at D = 128.
 template <Rows kRows, int kM, int kN>
 __device__ __forceinline__ void mask_key_end(float (&acc)[kM][kN][4], int end, int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (key_offset<kRows>(m, n, e, lane) >= end) acc[m][n][e] = -INFINITY;
+  hide_elements(acc, [&](int m, int n, int e) { return key_offset<kRows>(m, n, e, lane) >= end; });
 }
 // The causal limit of a tile of ni queries from i0 and nj keys from j0, relative to them, kept
 // in int range: below -ni every key is hidden, above nj none.
@@ -100,14 +106,9 @@ __device__ __forceinline__ int causal_limit(const DeviceParams& p, int i0, int j
 }
 template <Rows kRows, int kM, int kN>
 __device__ __forceinline__ void mask_causal_diagonal(float (&acc)[kM][kN][4], int limit, int lane) {
-#pragma unroll
-  for (int m = 0; m < kM; ++m)
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (key_offset<kRows>(m, n, e, lane) - query_offset<kRows>(m, n, e, lane) > limit)
-          acc[m][n][e] = -INFINITY;
+  hide_elements(acc, [&](int m, int n, int e) {
+    return key_offset<kRows>(m, n, e, lane) - query_offset<kRows>(m, n, e, lane) > limit;
+  });
 }
 
 // Masks a warp's tile of dot products in place (-inf where (i, j) may not attend; see
