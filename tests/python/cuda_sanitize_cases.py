@@ -112,6 +112,13 @@ def case_key_padding_only_block_skipping(dtype):
     check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
 
 
+def case_many_tiles_per_cta(dtype):
+    """More query tiles than the Hopper forward's persistent grid has CTAs (240 at D = 128), so
+    each CTA reuses its output staging tile (ForwardTraits::kStageOut); a partial last tile."""
+    q, k, v = _qkv(dtype, B=2, Hq=40, Lq=300, Lk=130, D=128)
+    check_against_reference(Inputs(q, k, v))
+
+
 def case_float_mask_grad_causal_padding(dtype):
     q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=45, Lk=77, D=64)
     mask = _float_mask((1, 4, 45, 77), dtype)
@@ -203,6 +210,7 @@ CASES: list[Callable] = [
     case_causal_bottom_right_lq_lt_lk,
     case_bool_mask_broadcast_and_padding,
     case_key_padding_only_block_skipping,
+    case_many_tiles_per_cta,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,

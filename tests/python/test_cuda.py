@@ -1076,6 +1076,27 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
     assert plan["kernel"].startswith("cuda/sm80/") and plan["backward_passes"] == 2, plan
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("D", "Dv"), [(128, 128), (100, 100), (128, 64)], ids=str)
+def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
+    """The sm90 forward at D = 128 writes each tile's output through a shared-memory staging
+    tile and TMA stores (ForwardTraits::kStageOut): more tiles than CTAs, so every CTA reuses
+    its staging tile; a partial last query tile (rows past Lq are not written); value head dims
+    whose last 64-column chunk is partial or absent; a fully padded batch entry (tiles no key is
+    visible to: zeros, lse -inf). Outputs start from a poisoned allocator cache."""
+    q, k, v = qkv(B=3, Hq=48, Lq=300, Lk=200, D=D, Dv=Dv, dtype=dtype)
+    check_cuda(Inputs(q, k, v), backward=False)
+    kpm = torch.zeros(3, 200, dtype=torch.bool)
+    kpm[1] = True
+    kpm[2, 150:] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
+    )
+    assert torch.all(out[1] == 0)
+    assert torch.all(lse[1] == -math.inf)
+
+
 # Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,
 # rows of whole 16-byte units. Lk = 208 (not a multiple of the 128-key block) and Lq = 70 (not
 # of the query tile) leave partial tiles, read past the mask's end as zeros.

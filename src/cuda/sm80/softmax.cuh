@@ -55,8 +55,23 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[kM][kD][4],
       for (int e = 0; e < 4; ++e) acc[m][d][e] *= rescale[m][e >> 1];
 }
 
-// out = acc / sum (0 for fully masked rows) and lse = ln(sum) + max (-inf there) for the
-// warp's rows starting at query row0 of (b, h).
+// A row's sum from the partial sums of the four lanes that hold it.
+__device__ __forceinline__ float quad_sum(float partial) {
+  partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+  return partial + __shfl_xor_sync(0xffffffffu, partial, 2);
+}
+// The output's scale 1 / sum, 0 for a fully masked row (sum 0).
+__device__ __forceinline__ float out_scale(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
+// lse = ln(sum) + max (max in score units), -inf for a fully masked row.
+__device__ __forceinline__ float row_lse(float sum, float max, float unit) {
+  return sum > 0.f ? (max * unit + log2f(sum)) * kLn2 : -INFINITY;
+}
+__device__ __forceinline__ float& lse_at(const DeviceParams& p, int b, int h, int i) {
+  return p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l];
+}
+
+// out = acc / sum (0 for fully masked rows) and lse for the warp's rows starting at query row0
+// of (b, h).
 template <class T, int kM, int kD>
 __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int h, int row0,
                                               const float (&acc)[kM][kD][4],
@@ -67,12 +82,10 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = row_sum[m][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(row_sum[m][r]);
       const int i = row0 + c_row(m, 2 * r, lane);
       if (i >= p.Lq) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float inv = out_scale(sum);
       T* out_row = out + i * p.out_st.l;
 #pragma unroll
       for (int d = 0; d < kD; ++d) {
@@ -81,9 +94,25 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
           *reinterpret_cast<std::uint32_t*>(out_row + col) =
               pack2<T>(acc[m][d][2 * r] * inv, acc[m][d][2 * r + 1] * inv);
       }
-      if ((lane & 3) == 0)
-        p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l] =
-            sum > 0.f ? (row_max[m][r] * unit + log2f(sum)) * kLn2 : -INFINITY;
+      if ((lane & 3) == 0) lse_at(p, b, h, i) = row_lse(sum, row_max[m][r], unit);
+    }
+}
+
+// store_out_lse's lse, with the output's scale 1 / sum per thread row returned in inv, for
+// kernels that write the output themselves.
+template <int kM>
+__device__ __forceinline__ void store_lse(const DeviceParams& p, int b, int h, int row0,
+                                          const float (&row_max)[kM][2],
+                                          const float (&row_sum)[kM][2], float unit, int lane,
+                                          float (&inv)[kM][2]) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(row_sum[m][r]);
+      inv[m][r] = out_scale(sum);
+      const int i = row0 + c_row(m, 2 * r, lane);
+      if (i < p.Lq && (lane & 3) == 0) lse_at(p, b, h, i) = row_lse(sum, row_max[m][r], unit);
     }
 }
 

@@ -70,10 +70,17 @@ struct ForwardTraits {
   static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
-  // Layout: Q | K[kStages] | V[kStages] | mask[kStages] | mbarriers; every tile 1024-byte
-  // aligned.
+  // The output staged in shared memory and stored by TMA (forward_kernel's store_output): at
+  // D = 128 without mask tiles. Not at D = 256 (a 64 KB tile does not fit), nor next to mask
+  // tiles; not at D = 64, whose second CTA per multiprocessor hides the epilogue's stores
+  // (NOTES.md, "Output by TMA stores").
+  static constexpr bool kStageOut = kHeadDim == 128 && !kMaskTiles;
+  static constexpr std::uint32_t kOutBytes = kStageOut ? kBlockM * kHeadDim * 2 : 0;
+  // Layout: Q | K[kStages] | V[kStages] | mask[kStages] | out | mbarriers; every tile
+  // 1024-byte aligned.
   static constexpr std::uint32_t kMaskOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr std::uint32_t kBarrierOffset = kMaskOffset + kStages * kMaskBytes;
+  static constexpr std::uint32_t kOutOffset = kMaskOffset + kStages * kMaskBytes;
+  static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
   // q full/empty, then per stage k/v/mask full and k/v/mask empty
   static constexpr int kBarriers = 2 + 6 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
@@ -94,6 +101,10 @@ struct ForwardSmem {
   }
   __device__ __forceinline__ std::uint32_t mask(int s) const {
     return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
+  }
+  // Consumer warpgroup wg's 64 rows of the staged output (64-column chunks of 64 rows).
+  __device__ __forceinline__ std::uint32_t out(int wg) const {
+    return base + Tr::kOutOffset + wg * 64 * Tr::kHead * 2;
   }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
@@ -277,6 +288,38 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const GemmIssue<T, Tr> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
+  // kStageOut: thread 0 of each warpgroup issues its TMA stores of the output.
+  const bool out_issuer = Tr::kStageOut && threadIdx.x % 128 == 0;
+  // A tile's output (O / row sum) and lse. kStageOut: the warpgroup writes its 64 rows of O to
+  // its staging tile (the swizzled layout TMA reads) and one thread stores them with TMA, so
+  // the warps issue a few shared-memory stores where the 4-byte global stores of the other
+  // path cost the D = 128 forward 2-17% (NOTES.md, "Output by TMA stores"). Rows past Lq and
+  // columns past Dv are not written (the tensor map's bounds).
+  const auto store_output = [&](const Tile& tile, int warp_row0, float(&acc_o)[1][kD][4],
+                                const float(&row_max)[1][2], const float(&row_sum)[1][2],
+                                float unit) {
+    if constexpr (Tr::kStageOut) {
+      float inv[1][2];
+      sm80::store_lse(p, tile.b, tile.h, warp_row0, row_max, row_sum, unit, lane, inv);
+      sm80::rescale_rows(acc_o, inv);
+      std::uint32_t of[1][kD / 2][4];
+      sm80::c_to_a<T>(of, acc_o);
+      const int barrier = 1 + Tr::kConsumers + wg;  // after PingPong's
+      if (out_issuer) bulk_wait_read<0>();          // the previous tile's stores read it
+      named_barrier_sync(barrier, 128);
+      store_a_fragments<64, Tr::kHead>(sm.out(wg), 16 * warp, of, lane);
+      fence_async_shared();
+      named_barrier_sync(barrier, 128);
+      if (out_issuer) {
+        for (int c = 0; c < Tr::kChunks && c * kChunkCols < p.Dv; ++c)
+          tma_store_4d(maps.out, sm.out(wg) + c * 64 * kRowBytes, c * kChunkCols, tile.i0 + 64 * wg,
+                       tile.h, tile.b);
+        bulk_commit();
+      }
+    } else {
+      sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+    }
+  };
   int it = 0, q_round = 0;
   for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
     const Tile tile = tile_at(t);
@@ -381,8 +424,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         ++q_round;
       }
     }
-    sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+    store_output(tile, warp_row0, acc_o, row_max, row_sum, unit);
   }
+  if (out_issuer) bulk_wait<0>();  // the staging tiles stay until the stores are done
 }
 
 // Multiprocessors of the current device (the persistent grid has Tr::kCtasPerSm CTAs on each).
@@ -410,7 +454,10 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
-                         Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM) : MaskTileMap{}};
+                         Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM) : MaskTileMap{},
+                         Tr::kStageOut
+                             ? make_tile_map(p.out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.out_st, 64)
+                             : CUtensorMap{}};
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,

@@ -70,6 +70,18 @@ __device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const CUtensorMap
       "l"(reinterpret_cast<std::uint64_t>(&map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
+// Copies a shared-memory box to coordinates (c0, c1, c2, c3) of a 4-D tensor map; elements
+// past the tensor's dims are not written. Tracked in the issuing thread's bulk group
+// (bulk_commit, bulk_wait_read); the source must be visible to the async proxy
+// (fence_async_shared).
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap& map, std::uint32_t src, int c0,
+                                             int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<std::uint64_t>(&map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(&map))
                : "memory");

@@ -15,9 +15,11 @@ struct MaskTileMap {
 };
 
 // The tensor maps of a forward call and of a backward pass, passed to the kernels by value.
+// ForwardMaps::out: only for kernels that store the output by TMA (ForwardTraits::kStageOut).
 struct ForwardMaps {
   CUtensorMap q, k, v;
   MaskTileMap mask;
+  CUtensorMap out;
 };
 struct BackwardMaps {
   CUtensorMap q, k, v, grad_out;
