@@ -373,16 +373,47 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   if constexpr (kFusedDq)
     if (wg_thread == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
 
-  // The CTA's (b, k/v head) and key rows read again from the block index: held across the
-  // loop, one of them spilled in the D = 64 single pass.
-  const unsigned block = ctaid_x();
-  const std::int64_t out_bhk = block / num_n_blocks;
-  const std::int64_t out_b = out_bhk / p.Hk, out_hk = out_bhk % p.Hk;
-  const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows + 64 * wg + 16 * warp;
-  sm80::store_rows<T>(static_cast<T*>(p.grad_k) + out_b * p.grad_k_st.b + out_hk * p.grad_k_st.h,
-                      p.grad_k_st.l, out_row0, p.Lk, 0, p.D, acc_dk, p.scale, lane);
-  sm80::store_rows<T>(static_cast<T*>(p.grad_v) + out_b * p.grad_v_st.b + out_hk * p.grad_v_st.h,
-                      p.grad_v_st.l, out_row0, p.Lk, 0, p.Dv, acc_dv, 1.f, lane);
+  // dK and dV go out through shared memory, as the forward's output does (NOTES.md, "Output by
+  // TMA stores"): each warpgroup writes its 64 keys' rows as 16-bit values into the K and V
+  // tiles, which no product reads once its own last step is done (and, in the single pass,
+  // the other warpgroup's: its dQ product reads all of K), and one of its threads stores them
+  // with TMA. Rows past Lk and columns past D / Dv are not written (the tensor maps' bounds).
+  if constexpr (kFusedDq) named_barrier_sync(3, 256);
+  const auto stage = [&](std::uint32_t tile, float(&acc)[1][kD][4], float mul) {
+#pragma unroll
+    for (int d = 0; d < kD; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][d][e] *= mul;
+    std::uint32_t rows[1][kD / 2][4];
+    sm80::c_to_a<T>(rows, acc);
+    store_a_fragments<Tr::kRows, kHeadDim>(tile, 64 * wg + 16 * warp, rows, lane);
+  };
+  stage(sm.k(), acc_dk, p.scale);
+  stage(sm.v(), acc_dv, 1.f);
+  fence_async_shared();
+  named_barrier_sync(1 + wg, 128);
+  if (wg_thread == 0) {
+    // The CTA's (b, k/v head) and key rows read again from the block index: held across the
+    // loop, one of them spilled in the D = 64 single pass.
+    const unsigned block = ctaid_x();
+    const int out_bhk = static_cast<int>(block / num_n_blocks);
+    const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows + 64 * wg;
+    const std::uint32_t wg_rows = 64 * wg * kRowBytes;  // this warpgroup's rows in a chunk
+    for (int c = 0; c < Tr::kChunks; ++c) {
+      const std::uint32_t chunk = c * Tr::kRows * kRowBytes + wg_rows;
+      if (c * kChunkCols < p.D)
+        tma_store_4d(maps.grad_k, sm.k() + chunk, c * kChunkCols, out_row0, out_bhk % p.Hk,
+                     out_bhk / p.Hk);
+      if (c * kChunkCols < p.Dv)
+        tma_store_4d(maps.grad_v, sm.v() + chunk, c * kChunkCols, out_row0, out_bhk % p.Hk,
+                     out_bhk / p.Hk);
+    }
+    bulk_commit();
+    // The tiles stay until the stores have read them; the writes complete before the grid
+    // does, so the CTA need not wait for them (its successor on the multiprocessor starts
+    // sooner).
+    bulk_wait_read<0>();
+  }
 }
 
 // grad_q = scale * dq_accum (layout: dq_accum_tile), after the single pass: one warpgroup per
@@ -624,13 +655,18 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   // Box rows differ between the passes (the dK/dV kernel streams Q/dO in kBlockQ-row blocks and
   // holds 128 keys; the dQ kernel the reverse), so each pass gets its own maps.
-  const auto maps = [&](int q_rows, int kv_rows) {
+  // outputs: the dK/dV kernel's maps of grad_k and grad_v.
+  const auto maps = [&](int q_rows, int kv_rows, bool outputs) {
     return BackwardMaps{
         make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, q_rows),
         make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, kv_rows),
         make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, kv_rows),
         make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, q_rows),
-        kFeatures ? make_mask_map(p, q_rows) : MaskTileMap{}};
+        kFeatures ? make_mask_map(p, q_rows) : MaskTileMap{},
+        outputs ? make_tile_map(p.grad_k, kBf16, p.B, p.Hk, p.Lk, p.D, p.grad_k_st, 64)
+                : CUtensorMap{},
+        outputs ? make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, 64)
+                : CUtensorMap{}};
   };
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
   // The single pass sums dQ in the zeroed scratch, or without one (direct_dq_backward) writes
@@ -649,7 +685,7 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         &backward_dkdv_kernel<T, kHeadDim, kMasking, kFusedDq>,
         kFusedDq ? "memattn sm90 backward dK/dV/dQ kernel" : "memattn sm90 backward dK/dV kernel",
         static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads, Kv::kSmemBytes, stream,
-        p, maps(Kv::kBlockQ, Kv::kRows), num_n_blocks);
+        p, maps(Kv::kBlockQ, Kv::kRows, true), num_n_blocks);
   };
   using Tiles = std::integral_constant<DkvMasking, DkvMasking::tiles>;
   if constexpr (!kFeatures)
@@ -671,7 +707,7 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   launch_with_smem(
       &backward_dq_kernel<T, kHeadDim, kFeatures>, "memattn sm90 backward dQ kernel",
       static_cast<std::int64_t>(num_m_blocks) * p.grad_mask_b_outer * p.grad_mask_h_outer,
-      Dq::kThreads, Dq::kSmemBytes, stream, p, maps(Dq::kRows, Dq::kBlockN), num_m_blocks);
+      Dq::kThreads, Dq::kSmemBytes, stream, p, maps(Dq::kRows, Dq::kBlockN, false), num_m_blocks);
 }
 
 }  // namespace memattn::cuda::sm90

@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     store_output(tile, warp_row0, acc_o, row_max, row_sum, unit);
   }
-  if (out_issuer) bulk_wait<0>();  // the staging tiles stay until the stores are done
+  if (out_issuer) bulk_wait_read<0>();  // the staging tiles stay until the stores read them
 }
 
 // Multiprocessors of the current device (the persistent grid has Tr::kCtasPerSm CTAs on each).

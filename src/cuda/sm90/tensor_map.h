@@ -21,9 +21,12 @@ struct ForwardMaps {
   MaskTileMap mask;
   CUtensorMap out;
 };
+// BackwardMaps::grad_k, grad_v: 64-row boxes for the dK/dV kernel's output stores (empty in
+// the dQ kernel's maps).
 struct BackwardMaps {
   CUtensorMap q, k, v, grad_out;
   MaskTileMap mask;
+  CUtensorMap grad_k, grad_v;
 };
 
 // A tensor map over a [B, H, L, D] tensor of 16-bit elements (fp16 or bf16; `bf16` picks which)
