@@ -76,13 +76,19 @@ struct ForwardTraits {
   // (NOTES.md, "Output by TMA stores").
   static constexpr bool kStageOut = kHeadDim == 128 && !kMaskTiles;
   static constexpr std::uint32_t kOutBytes = kStageOut ? kBlockM * kHeadDim * 2 : 0;
-  // Layout: Q | K[kStages] | V[kStages] | mask[kStages] | out | mbarriers; every tile
+  // Q buffers: with two, the producer loads the next tile's Q while the consumers still read
+  // this one's, so a tile's first product need not wait for its Q. Where the output is staged
+  // (it fits there: 224 KB); not at D = 64, which more shared memory per CTA has made slower
+  // every time (NOTES.md, s7, s13, s14).
+  static constexpr int kQStages = kStageOut ? 2 : 1;
+  // Layout: Q[kQStages] | K[kStages] | V[kStages] | mask[kStages] | out | mbarriers; every tile
   // 1024-byte aligned.
-  static constexpr std::uint32_t kMaskOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr std::uint32_t kKVOffset = kQStages * kQBytes;
+  static constexpr std::uint32_t kMaskOffset = kKVOffset + 2 * kStages * kKVBytes;
   static constexpr std::uint32_t kOutOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
-  // q full/empty, then per stage k/v/mask full and k/v/mask empty
-  static constexpr int kBarriers = 2 + 6 * kStages;
+  // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
+  static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSmemBytes * kCtasPerSm <= kMaxSmemBytes);
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
@@ -92,12 +98,12 @@ struct ForwardTraits {
 template <class Tr>
 struct ForwardSmem {
   std::uint32_t base;
-  __device__ __forceinline__ std::uint32_t q() const { return base; }
+  __device__ __forceinline__ std::uint32_t q(int qs) const { return base + qs * Tr::kQBytes; }
   __device__ __forceinline__ std::uint32_t k(int s) const {
-    return base + Tr::kQBytes + s * Tr::kKVBytes;
+    return base + Tr::kKVOffset + s * Tr::kKVBytes;
   }
   __device__ __forceinline__ std::uint32_t v(int s) const {
-    return base + Tr::kQBytes + (Tr::kStages + s) * Tr::kKVBytes;
+    return base + Tr::kKVOffset + (Tr::kStages + s) * Tr::kKVBytes;
   }
   __device__ __forceinline__ std::uint32_t mask(int s) const {
     return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
@@ -109,21 +115,24 @@ struct ForwardSmem {
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
   }
-  __device__ __forceinline__ std::uint32_t q_full() const { return bar(0); }
-  __device__ __forceinline__ std::uint32_t q_empty() const { return bar(1); }
-  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(2 + s); }
-  __device__ __forceinline__ std::uint32_t v_full(int s) const { return bar(2 + Tr::kStages + s); }
+  static constexpr int kKV = 2 * Tr::kQStages;  // the first K/V barrier
+  __device__ __forceinline__ std::uint32_t q_full(int qs) const { return bar(qs); }
+  __device__ __forceinline__ std::uint32_t q_empty(int qs) const { return bar(Tr::kQStages + qs); }
+  __device__ __forceinline__ std::uint32_t k_full(int s) const { return bar(kKV + s); }
+  __device__ __forceinline__ std::uint32_t v_full(int s) const {
+    return bar(kKV + Tr::kStages + s);
+  }
   __device__ __forceinline__ std::uint32_t k_empty(int s) const {
-    return bar(2 + 2 * Tr::kStages + s);
+    return bar(kKV + 2 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t v_empty(int s) const {
-    return bar(2 + 3 * Tr::kStages + s);
+    return bar(kKV + 3 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t mask_full(int s) const {
-    return bar(2 + 4 * Tr::kStages + s);
+    return bar(kKV + 4 * Tr::kStages + s);
   }
   __device__ __forceinline__ std::uint32_t mask_empty(int s) const {
-    return bar(2 + 5 * Tr::kStages + s);
+    return bar(kKV + 5 * Tr::kStages + s);
   }
 };
 
@@ -136,9 +145,9 @@ struct GemmIssue {
   ForwardSmem<Tr> sm;
   int wg;
 
-  // S = Q K^T over stage s.
-  __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int s) const {
-    gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kBlockM>(sc[0], sm.q(), 64 * wg, sm.k(s), false);
+  // S = Q K^T with Q buffer qs and K stage s.
+  __device__ __forceinline__ void scores(float (&sc)[1][kN][4], int qs, int s) const {
+    gemm_ss<T, Tr::kBlockN, kHeadDim, Tr::kBlockM>(sc[0], sm.q(qs), 64 * wg, sm.k(s), false);
     wgmma_commit();
   }
 
@@ -211,8 +220,9 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 }
 
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
-// phase continue across tiles (block counter `it`), and Q has its own full/empty pair, so the
-// producer loads the next tile's Q and K/V while the consumers finish the current one.
+// phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
+// buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
+// consumers finish the current one.
 // kFeatures: the general kernel (masks, dropout); with a tiled mask (maps.mask.rows > 0) the
 // producer also streams the mask values of each K/V block into the stage's mask tile.
 template <class T, class Tr, bool kFeatures>
@@ -232,8 +242,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   };
 
   if (threadIdx.x == 0) {
-    mbar_init(sm.q_full(), 1);
-    mbar_init(sm.q_empty(), Tr::kConsumers * 4);  // one arrival per consumer warp
+    for (int qs = 0; qs < Tr::kQStages; ++qs) {
+      mbar_init(sm.q_full(qs), 1);
+      mbar_init(sm.q_empty(qs), Tr::kConsumers * 4);  // one arrival per consumer warp
+    }
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(sm.k_full(s), 1);
       mbar_init(sm.v_full(s), 1);
@@ -263,9 +275,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
-          mbar_wait(sm.q_empty(), (q_round & 1) ^ 1);
-          mbar_arrive_expect_tx(sm.q_full(), Tr::kQBytes);
-          load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(), maps.q, sm.q_full(), tile.i0, tile.h, tile.b);
+          const int qs = ring_stage<Tr::kQStages>(q_round);
+          mbar_wait(sm.q_empty(qs), ring_parity<Tr::kQStages>(q_round) ^ 1);
+          mbar_arrive_expect_tx(sm.q_full(qs), Tr::kQBytes);
+          load_tile<Tr::kChunks, Tr::kBlockM>(sm.q(qs), maps.q, sm.q_full(qs), tile.i0, tile.h,
+                                              tile.b);
           ++q_round;
         }
         if (mask_tiles) {
@@ -371,18 +385,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       sm80::c_to_a<T>(pf, sc);
     };
 
-    if (n > 0) {  // block 0: S(0) alone
-      mbar_wait(sm.q_full(), q_round & 1);
+    const int qs = ring_stage<Tr::kQStages>(q_round);  // the tile's Q buffer
+    if (n > 0) {                                       // block 0: S(0) alone
+      mbar_wait(sm.q_full(qs), ring_parity<Tr::kQStages>(q_round));
       turn.start();
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
       wgmma_fence();
-      gemm.scores(sc, stage_of<Tr>(it));
+      gemm.scores(sc, qs, stage_of<Tr>(it));
       turn.pass(/*last=*/n == 1);
       wgmma_wait<0>();
       fence_operands(sc[0]);
       release(sm.k_empty(stage_of<Tr>(it)), lane);
-      if (n == 1) release(sm.q_empty(), lane);
+      if (n == 1) release(sm.q_empty(qs), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
       softmax(0, it, rescale);
       to_operand(0);
@@ -397,13 +412,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
         turn.wait();
         wgmma_fence();
-        gemm.scores(sc, stage_of<Tr>(cur));
+        gemm.scores(sc, qs, stage_of<Tr>(cur));
         gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
         turn.pass(/*last=*/nb + 1 == n);
         wgmma_wait<1>();
         fence_operands(sc[0]);
         release(sm.k_empty(stage_of<Tr>(cur)), lane);
-        if (nb + 1 == n) release(sm.q_empty(), lane);  // the tile's last read of Q is done
+        if (nb + 1 == n) release(sm.q_empty(qs), lane);  // the tile's last read of Q is done
         float rescale[1][2];
         softmax(nb, cur, rescale);
         wgmma_wait<0>();

@@ -9,15 +9,24 @@
 
 namespace memattn::cuda::sm90 {
 
-// The it-th use of a ring of Tr::kStages buffers: its stage, and the parity of the phase in
-// which the stage's "full" barrier completes (its "empty" barrier: parity ^ 1).
+// The it-th use of a ring of kStages buffers (stage_of, parity_of: Tr::kStages): its stage, and
+// the parity of the phase in which the stage's "full" barrier completes (its "empty" barrier:
+// parity ^ 1).
+template <int kStages>
+__device__ __forceinline__ int ring_stage(int it) {
+  return it % kStages;
+}
+template <int kStages>
+__device__ __forceinline__ std::uint32_t ring_parity(int it) {
+  return static_cast<std::uint32_t>((it / kStages) & 1);
+}
 template <class Tr>
 __device__ __forceinline__ int stage_of(int it) {
-  return it % Tr::kStages;
+  return ring_stage<Tr::kStages>(it);
 }
 template <class Tr>
 __device__ __forceinline__ std::uint32_t parity_of(int it) {
-  return static_cast<std::uint32_t>((it / Tr::kStages) & 1);
+  return ring_parity<Tr::kStages>(it);
 }
 
 // One TMA copy per 64-column chunk of a tile of kRows rows starting at row `row` of (head,
