@@ -1081,8 +1081,8 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
 @pytest.mark.parametrize(("D", "Dv"), [(128, 128), (100, 100), (128, 64)], ids=str)
 def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
     """The sm90 forward at D = 128 writes each tile's output through a shared-memory staging
-    tile and TMA stores (ForwardTraits::kStageOut): more tiles than CTAs, so every CTA reuses
-    its staging tile; a partial last query tile (rows past Lq are not written); value head dims
+    tile and TMA stores (ForwardTraits::kStageOut) and alternates two Q buffers: more tiles than
+    CTAs, so every CTA reuses its staging tile and both Q buffers; a partial last query tile (rows past Lq are not written); value head dims
     whose last 64-column chunk is partial or absent; a fully padded batch entry (tiles no key is
     visible to: zeros, lse -inf). Outputs start from a poisoned allocator cache."""
     q, k, v = qkv(B=3, Hq=48, Lq=300, Lk=200, D=D, Dv=Dv, dtype=dtype)
