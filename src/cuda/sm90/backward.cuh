@@ -398,16 +398,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     const unsigned block = ctaid_x();
     const int out_bhk = static_cast<int>(block / num_n_blocks);
     const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows + 64 * wg;
-    const std::uint32_t wg_rows = 64 * wg * kRowBytes;  // this warpgroup's rows in a chunk
-    for (int c = 0; c < Tr::kChunks; ++c) {
-      const std::uint32_t chunk = c * Tr::kRows * kRowBytes + wg_rows;
-      if (c * kChunkCols < p.D)
-        tma_store_4d(maps.grad_k, sm.k() + chunk, c * kChunkCols, out_row0, out_bhk % p.Hk,
-                     out_bhk / p.Hk);
-      if (c * kChunkCols < p.Dv)
-        tma_store_4d(maps.grad_v, sm.v() + chunk, c * kChunkCols, out_row0, out_bhk % p.Hk,
-                     out_bhk / p.Hk);
-    }
+    const int out_hk = out_bhk % p.Hk, out_b = out_bhk / p.Hk;
+    store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 64 * wg, p.D, out_row0, out_hk,
+                                            out_b);
+    store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 64 * wg, p.Dv, out_row0, out_hk,
+                                            out_b);
     bulk_commit();
     // The tiles stay until the stores have read them; the writes complete before the grid
     // does, so the CTA need not wait for them (its successor on the multiprocessor starts

@@ -325,9 +325,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       fence_async_shared();
       named_barrier_sync(barrier, 128);
       if (out_issuer) {
-        for (int c = 0; c < Tr::kChunks && c * kChunkCols < p.Dv; ++c)
-          tma_store_4d(maps.out, sm.out(wg) + c * 64 * kRowBytes, c * kChunkCols, tile.i0 + 64 * wg,
-                       tile.h, tile.b);
+        store_tile_rows<Tr::kChunks, 64>(maps.out, sm.out(wg), 0, p.Dv, tile.i0 + 64 * wg, tile.h,
+                                         tile.b);
         bulk_commit();
       }
     } else {

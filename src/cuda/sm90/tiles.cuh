@@ -39,6 +39,20 @@ __device__ __forceinline__ void load_tile(std::uint32_t dst, const CUtensorMap& 
     tma_load_4d(dst + c * kRows * kRowBytes, map, bar, c * kChunkCols, row, head, batch);
 }
 
+// load_tile's reverse for the 64 rows of a swizzled tile (64-column chunks of kTileRows rows)
+// that start at tile row `tile_row0` (a multiple of 8): one TMA store per chunk to row `row` of
+// (head, batch), chunks up to `cols` columns; tracked in the caller's bulk group (bulk_commit).
+// The rows must be visible to the async proxy (fence_async_shared).
+template <int kChunks, int kTileRows>
+__device__ __forceinline__ void store_tile_rows(const CUtensorMap& map, std::uint32_t tile,
+                                                int tile_row0, int cols, int row, int head,
+                                                int batch) {
+#pragma unroll
+  for (int c = 0; c < kChunks && c * kChunkCols < cols; ++c)
+    tma_store_4d(map, tile + (c * kTileRows + tile_row0) * kRowBytes, c * kChunkCols, row, head,
+                 batch);
+}
+
 // A consumer warp is done reading a buffer (its wgmma waited): one arrival per warp.
 __device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
   __syncwarp();
