@@ -1078,13 +1078,18 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("D", "Dv"), [(128, 128), (100, 100), (128, 64)], ids=str)
+@pytest.mark.parametrize(
+    ("D", "Dv"), [(128, 128), (100, 100), (128, 64), (256, 256), (256, 160)], ids=str
+)
 def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
-    """The sm90 forward at D = 128 writes each tile's output through a shared-memory staging
-    tile and TMA stores (ForwardTraits::kStageOut) and alternates two Q buffers: more tiles than
-    CTAs, so every CTA reuses its staging tile and both Q buffers; a partial last query tile (rows past Lq are not written); value head dims
-    whose last 64-column chunk is partial or absent; a fully padded batch entry (tiles no key is
-    visible to: zeros, lse -inf). Outputs start from a poisoned allocator cache."""
+    """The sm90 forward at D = 128 and 256 writes each tile's output through shared memory and
+    TMA stores (ForwardTraits::kOut): the lean D = 128 kernel through a staging tile of its own
+    next to two Q buffers, D = 256 and the masked (general) D = 128 kernel through each
+    warpgroup's half of the tile's Q buffer. More tiles than CTAs, so every CTA reuses its
+    staging rows and Q buffers; a partial last query tile (rows past Lq are not written); value
+    head dims whose last 64-column chunk is partial or absent; a fully padded batch entry (tiles
+    no key is visible to, written from registers: zeros, lse -inf); a bool mask (the general
+    kernel). Outputs start from a poisoned allocator cache."""
     q, k, v = qkv(B=3, Hq=48, Lq=300, Lk=200, D=D, Dv=Dv, dtype=dtype)
     check_cuda(Inputs(q, k, v), backward=False)
     kpm = torch.zeros(3, 200, dtype=torch.bool)
@@ -1095,6 +1100,9 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
     )
     assert torch.all(out[1] == 0)
     assert torch.all(lse[1] == -math.inf)
+    mask = torch.rand(300, 200) < 0.7
+    mask[7] = False  # a fully masked row
+    check_cuda(Inputs(q, k, v, mask.to(DEV)), backward=False)
 
 
 # Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,

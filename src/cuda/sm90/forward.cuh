@@ -33,6 +33,9 @@
 
 namespace memattn::cuda::sm90 {
 
+// Where the forward stages a tile's output for TMA stores (ForwardTraits::kOut).
+enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
+
 // kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
 // D = 128, 256: two consumer warpgroups at 240 registers hold S, P and O of their 64 rows of a
 // 128-row tile with no spill (three at 160 registers spilled at D = 64 with the overlapped
@@ -70,11 +73,15 @@ struct ForwardTraits {
   static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
-  // The output staged in shared memory and stored by TMA (forward_kernel's store_output): at
-  // D = 128 without mask tiles. Not at D = 256 (a 64 KB tile does not fit), nor next to mask
-  // tiles; not at D = 64, whose second CTA per multiprocessor hides the epilogue's stores
-  // (NOTES.md, "Output by TMA stores").
-  static constexpr bool kStageOut = kHeadDim == 128 && !kMaskTiles;
+  // Where a tile's output waits for its TMA stores (forward_kernel's store_output; NOTES.md,
+  // "Output by TMA stores"): a tile of its own at D = 128 without mask tiles; the warpgroup's
+  // half of the tile's Q buffer where that does not fit (D = 256: a 64 KB tile; D = 128 next to
+  // mask tiles), which holds the Q buffer until the stores have read it; nowhere at D = 64,
+  // whose second CTA per multiprocessor hides the epilogue's stores from registers.
+  static constexpr OutStaging kOut = kHeadDim == 64                   ? OutStaging::registers
+                                     : kHeadDim == 128 && !kMaskTiles ? OutStaging::own_tile
+                                                                      : OutStaging::q_half;
+  static constexpr bool kStageOut = kOut == OutStaging::own_tile;
   static constexpr std::uint32_t kOutBytes = kStageOut ? kBlockM * kHeadDim * 2 : 0;
   // Q buffers: with two, the producer loads the next tile's Q while the consumers still read
   // this one's, so a tile's first product need not wait for its Q. Where the output is staged
@@ -302,36 +309,47 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const GemmIssue<T, Tr> gemm{sm, wg};
   const PingPong<Tr::kConsumers> turn{wg};
-  // kStageOut: thread 0 of each warpgroup issues its TMA stores of the output.
-  const bool out_issuer = Tr::kStageOut && threadIdx.x % 128 == 0;
-  // A tile's output (O / row sum) and lse. kStageOut: the warpgroup writes its 64 rows of O to
-  // its staging tile (the swizzled layout TMA reads) and one thread stores them with TMA, so
-  // the warps issue a few shared-memory stores where the 4-byte global stores of the other
-  // path cost the D = 128 forward 2-17% (NOTES.md, "Output by TMA stores"). Rows past Lq and
-  // columns past Dv are not written (the tensor map's bounds).
-  const auto store_output = [&](const Tile& tile, int warp_row0, float(&acc_o)[1][kD][4],
+  constexpr bool kQHalf = Tr::kOut == OutStaging::q_half;
+  // Staged output: thread 0 of each warpgroup issues its TMA stores.
+  const bool out_issuer = Tr::kOut != OutStaging::registers && threadIdx.x % 128 == 0;
+  // A tile's output (O / row sum) and lse. Staged (Tr::kOut): the warpgroup writes its 64 rows
+  // of O to shared memory in the swizzled layout TMA reads and one thread stores them with
+  // TMA, so the warps issue a few shared-memory stores where the 4-byte global stores from
+  // registers cost the D = 128 forward 2-17% (NOTES.md, "Output by TMA stores"). Rows past Lq
+  // and columns past Dv are not written (the tensor map's bounds). q_half: the rows go to the
+  // warpgroup's half of the tile's Q buffer qs, which only this warpgroup's products read, and
+  // the warpgroup releases the buffer once the stores have read it; tiles with no key block
+  // (no Q loaded) take the register path.
+  const auto store_output = [&](const Tile& tile, int warp_row0, int qs, float(&acc_o)[1][kD][4],
                                 const float(&row_max)[1][2], const float(&row_sum)[1][2],
                                 float unit) {
-    if constexpr (Tr::kStageOut) {
-      float inv[1][2];
-      sm80::store_lse(p, tile.b, tile.h, warp_row0, row_max, row_sum, unit, lane, inv);
-      sm80::rescale_rows(acc_o, inv);
-      std::uint32_t of[1][kD / 2][4];
-      sm80::c_to_a<T>(of, acc_o);
-      const int barrier = 1 + Tr::kConsumers + wg;  // after PingPong's
-      if (out_issuer) bulk_wait_read<0>();          // the previous tile's stores read it
-      named_barrier_sync(barrier, 128);
-      store_a_fragments<64, Tr::kHead>(sm.out(wg), 16 * warp, of, lane);
-      fence_async_shared();
-      named_barrier_sync(barrier, 128);
-      if (out_issuer) {
-        store_tile_rows<Tr::kChunks, 64>(maps.out, sm.out(wg), 0, p.Dv, tile.i0 + 64 * wg, tile.h,
-                                         tile.b);
-        bulk_commit();
-      }
-    } else {
+    if (Tr::kOut == OutStaging::registers || (kQHalf && tile.num_n_blocks == 0)) {
       sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+      return;
     }
+    float inv[1][2];
+    sm80::store_lse(p, tile.b, tile.h, warp_row0, row_max, row_sum, unit, lane, inv);
+    sm80::rescale_rows(acc_o, inv);
+    std::uint32_t of[1][kD / 2][4];
+    sm80::c_to_a<T>(of, acc_o);
+    // The staging rows: 64-column chunks of kRows rows, this warpgroup's from row `row0`.
+    constexpr int kRows = kQHalf ? Tr::kBlockM : 64;
+    const std::uint32_t staging = kQHalf ? sm.q(qs) : sm.out(wg);
+    const int row0 = kQHalf ? 64 * wg : 0;
+    const int barrier = 1 + Tr::kConsumers + wg;  // after PingPong's
+    // own_tile: the previous tile's stores read it (q_half: this Q buffer was refilled since)
+    if (!kQHalf && out_issuer) bulk_wait_read<0>();
+    named_barrier_sync(barrier, 128);
+    store_a_fragments<kRows, Tr::kHead>(staging, row0 + 16 * warp, of, lane);
+    fence_async_shared();
+    named_barrier_sync(barrier, 128);
+    if (out_issuer) {
+      store_tile_rows<Tr::kChunks, kRows>(maps.out, staging, row0, p.Dv, tile.i0 + 64 * wg,
+                                          tile.h, tile.b);
+      bulk_commit();
+      if constexpr (kQHalf) bulk_wait_read<0>();
+    }
+    if constexpr (kQHalf) release(sm.q_empty(qs), lane);  // warp 0's arrival after the wait
   };
   int it = 0, q_round = 0;
   for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
@@ -396,7 +414,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       wgmma_wait<0>();
       fence_operands(sc[0]);
       release(sm.k_empty(stage_of<Tr>(it)), lane);
-      if (n == 1) release(sm.q_empty(qs), lane);
+      if (n == 1 && !kQHalf) release(sm.q_empty(qs), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
       softmax(0, it, rescale);
       to_operand(0);
@@ -417,7 +435,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         wgmma_wait<1>();
         fence_operands(sc[0]);
         release(sm.k_empty(stage_of<Tr>(cur)), lane);
-        if (nb + 1 == n) release(sm.q_empty(qs), lane);  // the tile's last read of Q is done
+        // The tile's last read of Q is done (q_half: the output's stores still use the buffer).
+        if (nb + 1 == n && !kQHalf) release(sm.q_empty(qs), lane);
         float rescale[1][2];
         softmax(nb, cur, rescale);
         wgmma_wait<0>();
@@ -438,7 +457,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         ++q_round;
       }
     }
-    store_output(tile, warp_row0, acc_o, row_max, row_sum, unit);
+    store_output(tile, warp_row0, qs, acc_o, row_max, row_sum, unit);
   }
   if (out_issuer) bulk_wait_read<0>();  // the staging tiles stay until the stores read them
 }
@@ -469,7 +488,7 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
                          Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM) : MaskTileMap{},
-                         Tr::kStageOut
+                         Tr::kOut != OutStaging::registers
                              ? make_tile_map(p.out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.out_st, 64)
                              : CUtensorMap{}};
   const std::int64_t grid = std::min<std::int64_t>(
