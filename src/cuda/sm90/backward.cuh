@@ -256,14 +256,20 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                                      (last_block ? i_begin : i0 + Tr::kBlockQ) + wg_thread);
       mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
+      // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
+      // tensor cores (not in the two passes' kernel: at D = 64 next to mask tiles the split
+      // spilled 72 bytes).
+      constexpr bool kOverlapP = kFusedDq;
       float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
       wgmma_fence();
       gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
+      wgmma_commit();
       gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
       wgmma_commit();
-      wgmma_wait<0>();
+      constexpr int kPendingDp = kOverlapP ? 1 : 0;
+      wgmma_wait<kPendingDp>();
       fence_operands(st[0]);
-      fence_operands(dpt[0]);
+      if constexpr (!kOverlapP) fence_operands(dpt[0]);
 
       const ElementMasks<T> masks{p, b, h, keys};
       const auto mask_from_tile = [&] {
@@ -292,15 +298,24 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
         sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
       }
-      // P^T, dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
+      // P^T, then dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
       const float* lse2 = sm.lse2(wg, s);
       const float* delta = sm.delta(wg, s);
+      if constexpr (kOverlapP) {
+#pragma unroll
+        for (int n = 0; n < kQ; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[0][n][e] = fast_exp2(st[0][n][e] * unit - lse2[sm80::c_col(n, e, lane)]);
+        wgmma_wait<0>();
+        fence_operands(dpt[0]);
+      }
 #pragma unroll
       for (int n = 0; n < kQ; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = sm80::c_col(n, e, lane);
-          const float prob = fast_exp2(st[0][n][e] * unit - lse2[col]);
+          const float prob = kOverlapP ? st[0][n][e] : fast_exp2(st[0][n][e] * unit - lse2[col]);
           float keep = 1.f;
           if constexpr (kFeatures)
             if (p.dropout)
@@ -320,12 +335,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
       wgmma_fence();
       gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
-      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
       wgmma_commit();
       if constexpr (kFusedDq) {
         // dQ = dS K sums over all 128 keys, half of them from the other warpgroup's dS^T: wait
         // for both halves (the same barrier tells a warpgroup that the other one finished its
-        // dQ product of two steps back, which read the buffer about to be overwritten).
+        // dQ product of two steps back, which read the buffer about to be overwritten). dK's
+        // product goes last, so the dQ part is written out while it runs (FA3's order).
         named_barrier_sync(3, 256);
         const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
         float acc_dq[1][kChunkCols / 8][4];
@@ -333,11 +348,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         gemm_ss_mn<T, Tr::kRows>(acc_dq[0], sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
                                  sm.k() + col_part * Tr::kRows * kRowBytes);
         wgmma_commit();
-        wgmma_wait<0>();
+        gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+        wgmma_commit();
+        wgmma_wait<1>();
         fence_operands(acc_dq[0]);
         fence_operands(acc_dv[0]);
-        fence_operands(acc_dk[0]);
-        release(sm.step_empty(s), lane);
         const int dq_row0 = i0 + kChunkCols * q_part;
         if (p.dq_accum == nullptr) {
           // One key block (direct_dq_backward): this part is the whole dQ of its rows; written
@@ -345,30 +360,32 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           sm80::store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
                               p.grad_q_st.l, dq_row0 + 16 * warp, p.Lq, kChunkCols * col_part, p.D,
                               acc_dq, p.scale, lane);
-          continue;
-        }
-        // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
-        // previous step's reduction has read the buffer, then one thread hands it to the copy
-        // engine.
-        const bool leader = wg_thread == 0;
-        if (leader) bulk_wait_read<0>();
-        named_barrier_sync(4 + wg, 128);
+        } else {
+          // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
+          // previous step's reduction has read the buffer, then one thread hands it to the copy
+          // engine.
+          const bool leader = wg_thread == 0;
+          if (leader) bulk_wait_read<0>();
+          named_barrier_sync(4 + wg, 128);
 #pragma unroll
-        for (int n = 0; n < kChunkCols / 8; ++n)
-          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
-        fence_async_shared();
-        named_barrier_sync(4 + wg, 128);
-        if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
-          bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
-                              sm.dq(wg), Tr::kDqBytes);
-          bulk_commit();
+          for (int n = 0; n < kChunkCols / 8; ++n)
+            st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
+          fence_async_shared();
+          named_barrier_sync(4 + wg, 128);
+          if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
+            bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
+                                sm.dq(wg), Tr::kDqBytes);
+            bulk_commit();
+          }
         }
       } else {
-        wgmma_wait<0>();
-        fence_operands(acc_dv[0]);
-        fence_operands(acc_dk[0]);
-        release(sm.step_empty(s), lane);
+        gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+        wgmma_commit();
       }
+      wgmma_wait<0>();
+      fence_operands(acc_dv[0]);
+      fence_operands(acc_dk[0]);
+      release(sm.step_empty(s), lane);
     }
   if constexpr (kFusedDq)
     if (wg_thread == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
