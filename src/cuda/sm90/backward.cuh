@@ -14,7 +14,8 @@
 //     dV += (P o Z)^T dO and dK += dS^T Q (wgmma RS: P and dS straight from registers); in the
 //     single pass, dS^T also goes to shared memory and each warpgroup computes a 64 x 64 part of
 //     the block's dQ = dS K (wgmma SS, both operands transposed), stages it in shared memory
-//     and one of its threads adds it to dq_accum with one bulk reduction. (Per-thread vector
+//     and a dQ writer warp of the producer warpgroup adds it to dq_accum with one bulk
+//     reduction. (Per-thread vector
 //     atomics instead made the kernel 1.3x slower: the L2's atomic units were the bottleneck.)
 //   dQ kernel: one CTA per 128 queries of one (b, h), or of every (b, h) that a broadcast mask's
 //     gradient sums (the CTA walks them, as in sm80); Q and dO are loaded once per (b, h), K/V
@@ -102,6 +103,9 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
+  // Named barriers of the staged dQ parts (write_dq_parts): consumer warpgroup g's part is
+  // full (kDqFull + g) or free (kDqEmpty + g); after the stats' 1 + g and the pair's 3.
+  static constexpr int kDqFull = 4, kDqEmpty = kDqFull + kConsumers, kDqSync = 128 + 32;
   // A step's attn_mask tile, kBlockQ queries x the CTA's keys: any mask, or next to the single
   // pass's dS^T and dQ buffers only a bool one (16-bit tiles would not fit at D = 128).
   static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
@@ -196,7 +200,40 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-  if (warp_group == 0) {  // producer: one thread issues every copy
+  // Single pass with dq_accum: warp 1 of the producer warpgroup hands each consumer
+  // warpgroup's staged dQ part of every step to the copy engine (one bulk reduction) and frees
+  // the staging buffer once the copy has read it, so the consumers neither wait for the copy
+  // nor issue it (FA3's dQ writer). Named barriers DqFull / DqEmpty + g (consumer warpgroup g's
+  // 128 threads and this warp) hand the buffer back and forth; every wait meets one arrival.
+  const auto write_dq_parts = [&] {
+    for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+#pragma unroll 1
+    for (int h = h_begin; h < h_end; ++h) {
+      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+#pragma unroll 1
+      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) {
+        const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+        for (int g = 0; g < Tr::kConsumers; ++g) {
+          named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
+          const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
+          if (lane == 0) {
+            if (row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
+              bulk_reduce_add_f32(
+                  dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
+                  Tr::kDqBytes);
+              bulk_commit();
+            }
+            bulk_wait_read<0>();
+          }
+          __syncwarp();
+          if (!last) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+        }
+      }
+    }
+    if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
+  };
+
+  if (warp_group == 0) {  // producer: one thread issues every copy; the dQ writer
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x == 0) {
       prefetch_tensor_map(maps.q);
@@ -205,8 +242,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
-      int it = 0;
+      int it = 0;  // not unrolled: next to the dQ writer's branch it spilled at 24 registers
+#pragma unroll 1
       for (int h = h_begin; h < h_end; ++h)
+#pragma unroll 1
         for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
           const int s = stage_of<Tr>(it);
           mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
@@ -219,6 +258,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
                                               b);
         }
+    } else if (kFusedDq && threadIdx.x / 32 == 1 && p.dq_accum != nullptr) {
+      write_dq_parts();
     }
     return;
   }
@@ -362,21 +403,13 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                               acc_dq, p.scale, lane);
         } else {
           // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
-          // previous step's reduction has read the buffer, then one thread hands it to the copy
-          // engine.
-          const bool leader = wg_thread == 0;
-          if (leader) bulk_wait_read<0>();
-          named_barrier_sync(4 + wg, 128);
+          // writer warp has handed the previous one to the copy engine.
+          named_barrier_sync(Tr::kDqEmpty + wg, Tr::kDqSync);
 #pragma unroll
           for (int n = 0; n < kChunkCols / 8; ++n)
             st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
           fence_async_shared();
-          named_barrier_sync(4 + wg, 128);
-          if (leader && dq_row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
-            bulk_reduce_add_f32(dq_accum_tile<kHeadDim>(p, bh, dq_row0, kChunkCols * col_part),
-                                sm.dq(wg), Tr::kDqBytes);
-            bulk_commit();
-          }
+          named_barrier_arrive(Tr::kDqFull + wg, Tr::kDqSync);
         }
       } else {
         gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
@@ -387,8 +420,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(acc_dk[0]);
       release(sm.step_empty(s), lane);
     }
-  if constexpr (kFusedDq)
-    if (wg_thread == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
 
   // dK and dV go out through shared memory, as the forward's output does (NOTES.md, "Output by
   // TMA stores"): each warpgroup writes its 64 keys' rows as 16-bit values into the K and V
@@ -556,7 +587,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-  if (warp_group == 0) {  // producer: one thread issues every copy
+
+  if (warp_group == 0) {  // producer: one thread issues every copy; the dQ writer
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
     prefetch_tensor_map(maps.k);
