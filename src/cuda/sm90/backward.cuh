@@ -213,21 +213,26 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 #pragma unroll 1
       for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) {
         const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+        // Both parts in flight before either buffer is freed (one bulk group per part).
+#pragma unroll
         for (int g = 0; g < Tr::kConsumers; ++g) {
           named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
           const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
           if (lane == 0) {
-            if (row0 < p.Lq) {  // dq_accum has ceil(Lq / 64) tiles of rows
+            if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
               bulk_reduce_add_f32(
                   dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
                   Tr::kDqBytes);
-              bulk_commit();
-            }
-            bulk_wait_read<0>();
+            bulk_commit();
           }
-          __syncwarp();
-          if (!last) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
         }
+        static_assert(Tr::kConsumers == 2);
+        if (lane == 0) bulk_wait_read<1>();  // part 0 read
+        __syncwarp();
+        if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
+        if (lane == 0) bulk_wait_read<0>();  // part 1 read
+        __syncwarp();
+        if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
       }
     }
     if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
