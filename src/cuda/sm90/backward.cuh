@@ -206,36 +206,38 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // nor issue it (FA3's dQ writer). Named barriers DqFull / DqEmpty + g (consumer warpgroup g's
   // 128 threads and this warp) hand the buffer back and forth; every wait meets one arrival.
   const auto write_dq_parts = [&] {
-    for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+    if constexpr (kFusedDq) {  // (the two passes' kernels have no dQ parts: kQParts = 0 there)
+      for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
 #pragma unroll 1
-    for (int h = h_begin; h < h_end; ++h) {
-      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      for (int h = h_begin; h < h_end; ++h) {
+        const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
 #pragma unroll 1
-      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) {
-        const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
-        // Both parts in flight before either buffer is freed (one bulk group per part).
+        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) {
+          const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+          // Both parts in flight before either buffer is freed (one bulk group per part).
 #pragma unroll
-        for (int g = 0; g < Tr::kConsumers; ++g) {
-          named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
-          const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
-          if (lane == 0) {
-            if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
-              bulk_reduce_add_f32(
-                  dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
-                  Tr::kDqBytes);
-            bulk_commit();
+          for (int g = 0; g < Tr::kConsumers; ++g) {
+            named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
+            const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
+            if (lane == 0) {
+              if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
+                bulk_reduce_add_f32(
+                    dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
+                    Tr::kDqBytes);
+              bulk_commit();
+            }
           }
+          static_assert(Tr::kConsumers == 2);
+          if (lane == 0) bulk_wait_read<1>();  // part 0 read
+          __syncwarp();
+          if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
+          if (lane == 0) bulk_wait_read<0>();  // part 1 read
+          __syncwarp();
+          if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
         }
-        static_assert(Tr::kConsumers == 2);
-        if (lane == 0) bulk_wait_read<1>();  // part 0 read
-        __syncwarp();
-        if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
-        if (lane == 0) bulk_wait_read<0>();  // part 1 read
-        __syncwarp();
-        if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
       }
+      if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
-    if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
   };
 
   if (warp_group == 0) {  // producer: one thread issues every copy; the dQ writer
