@@ -344,8 +344,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     fence_async_shared();
     named_barrier_sync(barrier, 128);
     if (out_issuer) {
-      store_tile_rows<Tr::kChunks, kRows>(maps.out, staging, row0, p.Dv, tile.i0 + 64 * wg,
-                                          tile.h, tile.b);
+      store_tile_rows<Tr::kChunks, kRows>(maps.out, staging, row0, p.Dv, tile.i0 + 64 * wg, tile.h,
+                                          tile.b);
       bulk_commit();
       if constexpr (kQHalf) bulk_wait_read<0>();
     }
