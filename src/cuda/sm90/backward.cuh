@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     }
   };
 
-  if (warp_group == 0) {  // producer: one thread issues every copy; the dQ writer
+  if (warp_group == 0) {  // producer: one thread issues every copy; warp 1: the dQ writer
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x == 0) {
       prefetch_tensor_map(maps.q);
@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
 
-  if (warp_group == 0) {  // producer: one thread issues every copy; the dQ writer
+  if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
     prefetch_tensor_map(maps.k);
