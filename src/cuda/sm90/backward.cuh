@@ -15,8 +15,8 @@
 //     single pass, dS^T also goes to shared memory and each warpgroup computes a 64 x 64 part of
 //     the block's dQ = dS K (wgmma SS, both operands transposed), stages it in shared memory
 //     and a dQ writer warp of the producer warpgroup adds it to dq_accum with one bulk
-//     reduction. (Per-thread vector
-//     atomics instead made the kernel 1.3x slower: the L2's atomic units were the bottleneck.)
+//     reduction. (Per-thread vector atomics instead made the kernel 1.3x slower: the L2's
+//     atomic units were the bottleneck.)
 //   dQ kernel: one CTA per 128 queries of one (b, h), or of every (b, h) that a broadcast mask's
 //     gradient sums (the CTA walks them, as in sm80); Q and dO are loaded once per (b, h), K/V
 //     blocks stream in. S = Q K^T and dP = dO V^T (SS), dS, dQ += dS K (RS); also writes the
@@ -594,7 +594,6 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-
   if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;

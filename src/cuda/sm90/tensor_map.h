@@ -15,7 +15,8 @@ struct MaskTileMap {
 };
 
 // The tensor maps of a forward call and of a backward pass, passed to the kernels by value.
-// ForwardMaps::out: only for kernels that store the output by TMA (ForwardTraits::kStageOut).
+// ForwardMaps::out: only for kernels that stage their output for TMA stores (ForwardTraits::kOut
+// other than registers; empty otherwise).
 struct ForwardMaps {
   CUtensorMap q, k, v;
   MaskTileMap mask;
