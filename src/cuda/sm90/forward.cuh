@@ -168,9 +168,15 @@ struct GemmIssue {
 
 // Turn-taking of the consumer warpgroups when issuing products (FA3's ping-pong): named
 // barrier 1 + g is warpgroup g's turn, and g passes it to g + 1 (the last to 0) after issuing.
-// The last warpgroup lets warpgroup 0 go first and does not pass after its last block, so
-// every barrier sees as many arrivals as waits (all run the same number of blocks).
-template <int kConsumers>
+// The last warpgroup lets warpgroup 0 go first (start) and does not pass after its last block,
+// so every barrier sees as many arrivals as waits (all run the same blocks).
+// kAcrossTiles: the turns run on across tiles, as in FA3: warpgroup 0 may issue the next tile's
+// first product as soon as the last warpgroup has issued its last one, while that one still
+// finishes its softmax and output; start() runs once per CTA, the last pass skipped is the
+// CTA's last block's, and where the CTA's last tile has no block, finish() takes the arrival no
+// block waited for. Otherwise start() runs at each tile's first block and the last pass of each
+// tile is skipped.
+template <int kConsumers, bool kAcrossTiles>
 struct PingPong {
   static_assert(kConsumers > 1);
   int wg;
@@ -178,17 +184,32 @@ struct PingPong {
   __device__ __forceinline__ void start() const {
     if (wg == kConsumers - 1) named_barrier_arrive(1, kThreads);
   }
+  __device__ __forceinline__ void start_cta() const {
+    if constexpr (kAcrossTiles) start();
+  }
+  __device__ __forceinline__ void start_tile() const {
+    if constexpr (!kAcrossTiles) start();
+  }
   __device__ __forceinline__ void wait() const { named_barrier_sync(1 + wg, kThreads); }
-  __device__ __forceinline__ void pass(bool last) const {
-    if (!(last && wg == kConsumers - 1)) named_barrier_arrive(1 + (wg + 1) % kConsumers, kThreads);
+  // last: the tile's last block; final_tile: the CTA's last tile.
+  __device__ __forceinline__ void pass(bool last, bool final_tile) const {
+    if (!(last && (final_tile || !kAcrossTiles) && wg == kConsumers - 1))
+      named_barrier_arrive(1 + (wg + 1) % kConsumers, kThreads);
+  }
+  // balanced: the CTA's last tile had blocks (so its last pass was skipped).
+  __device__ __forceinline__ void finish(bool balanced) const {
+    if constexpr (kAcrossTiles)
+      if (!balanced && wg == 0) wait();
   }
 };
-template <>
-struct PingPong<1> {  // a single consumer warpgroup has no one to take turns with
+template <bool kAcrossTiles>
+struct PingPong<1, kAcrossTiles> {  // a single consumer warpgroup has no one to take turns with
   int wg;
-  __device__ __forceinline__ void start() const {}
+  __device__ __forceinline__ void start_cta() const {}
+  __device__ __forceinline__ void start_tile() const {}
   __device__ __forceinline__ void wait() const {}
-  __device__ __forceinline__ void pass(bool) const {}
+  __device__ __forceinline__ void pass(bool, bool) const {}
+  __device__ __forceinline__ void finish(bool) const {}
 };
 
 // Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
@@ -308,7 +329,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const GemmIssue<T, Tr> gemm{sm, wg};
-  const PingPong<Tr::kConsumers> turn{wg};
+  // Turns across tiles where the next tile's Q has a buffer of its own: with one, its load
+  // waits for this tile's last output stores anyway, and running the turns on measured 3-5%
+  // slower at D = 256 (NOTES.md, o5).
+  const PingPong<Tr::kConsumers, (Tr::kQStages > 1)> turn{wg};
   constexpr bool kQHalf = Tr::kOut == OutStaging::q_half;
   // Staged output: thread 0 of each warpgroup issues its TMA stores.
   const bool out_issuer = Tr::kOut != OutStaging::registers && threadIdx.x % 128 == 0;
@@ -352,9 +376,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     if constexpr (kQHalf) release(sm.q_empty(qs), lane);  // warp 0's arrival after the wait
   };
   int it = 0, q_round = 0;
+  bool turns_balanced = false;  // PingPong::finish
+  turn.start_cta();
   for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
     const Tile tile = tile_at(t);
     const int n = tile.num_n_blocks;
+    const bool final_tile = snake_tile(round + 1) >= num_tiles;  // the CTA's last
+    turns_balanced = n > 0;
     const int wg_row0 = tile.i0 + 64 * wg, warp_row0 = wg_row0 + 16 * warp;
     float acc_o[1][kD][4];
     sm80::zero(acc_o);
@@ -405,12 +433,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     const int qs = ring_stage<Tr::kQStages>(q_round);  // the tile's Q buffer
     if (n > 0) {                                       // block 0: S(0) alone
       mbar_wait(sm.q_full(qs), ring_parity<Tr::kQStages>(q_round));
-      turn.start();
+      turn.start_tile();
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
       wgmma_fence();
       gemm.scores(sc, qs, stage_of<Tr>(it));
-      turn.pass(/*last=*/n == 1);
+      turn.pass(/*last=*/n == 1, final_tile);
       wgmma_wait<0>();
       fence_operands(sc[0]);
       release(sm.k_empty(stage_of<Tr>(it)), lane);
@@ -431,7 +459,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         wgmma_fence();
         gemm.scores(sc, qs, stage_of<Tr>(cur));
         gemm.values(acc_o, pf, stage_of<Tr>(cur - 1));
-        turn.pass(/*last=*/nb + 1 == n);
+        turn.pass(/*last=*/nb + 1 == n, final_tile);
         wgmma_wait<1>();
         fence_operands(sc[0]);
         release(sm.k_empty(stage_of<Tr>(cur)), lane);
@@ -459,6 +487,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     store_output(tile, warp_row0, qs, acc_o, row_max, row_sum, unit);
   }
+  turn.finish(turns_balanced);
   if (out_issuer) bulk_wait_read<0>();  // the staging tiles stay until the stores read them
 }
 
