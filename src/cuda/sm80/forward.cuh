@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     }
 
     float rescale[kM][2];
-    softmax_update(s, row_max, row_sum, rescale, unit);
+    softmax_update<false>(s, row_max, row_sum, rescale, unit);
     rescale_rows(acc_o, rescale);
     if constexpr (kFeatures)
       if (p.dropout) apply_dropout<Rows::queries>(s, p, bh, i0 + warp_row0, j0, lane);

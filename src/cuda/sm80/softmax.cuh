@@ -12,10 +12,18 @@
 
 namespace memattn::cuda::sm80 {
 
-// Folds one block of masked scores s (in score_unit units) into the running row maxima and
-// sums, turns s into exp2(s * unit - max) and returns in `rescale` the factor the output
-// accumulator's rows must be multiplied by (rescale_rows).
-template <int kM, int kN>
+// kLazyRescale (FlashAttention-4's conditional rescaling): a row's reference maximum moves only
+// where a block's maximum exceeds it by more than kRescaleThreshold (log2 units), so the
+// probabilities reach at most 2^8, which fp16/bf16 P and the fp32 sums hold as precisely as
+// values up to 1; most blocks after the first keep the reference, and the output rows' rescale
+// factor is then exactly 1 (warp_needs_rescale lets whole warps skip rescale_rows). out / sum
+// and lse = reference + log2(sum) are exact for any reference.
+inline constexpr float kRescaleThreshold = 8.f;
+
+// Folds one block of masked scores s (in score_unit units, unit > 0) into the running row
+// maxima (kLazyRescale: reference maxima) and sums, turns s into exp2(s * unit - max) and returns
+// in `rescale` the factor the output accumulator's rows must be multiplied by (rescale_rows).
+template <bool kLazyRescale, int kM, int kN>
 __device__ __forceinline__ void softmax_update(float (&s)[kM][kN][4], float (&row_max)[kM][2],
                                                float (&row_sum)[kM][2], float (&rescale)[kM][2],
                                                float unit) {
@@ -28,10 +36,22 @@ __device__ __forceinline__ void softmax_update(float (&s)[kM][kN][4], float (&ro
       for (int n = 0; n < kN; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // All keys masked so far: shift by 0 so exp2(-inf - shift) = 0, never NaN.
-      const float shift = mx == -INFINITY ? 0.f : mx * unit;
-      rescale[m][r] = fast_exp2(row_max[m][r] * unit - shift);
-      row_max[m][r] = mx;
+      float shift;
+      if constexpr (kLazyRescale) {
+        // NaN (false) while every key so far is masked: mx = row_max = -inf.
+        if ((mx - row_max[m][r]) * unit > kRescaleThreshold) {
+          rescale[m][r] = fast_exp2((row_max[m][r] - mx) * unit);  // 0 from a -inf reference
+          row_max[m][r] = mx;
+        } else {
+          rescale[m][r] = 1.f;
+        }
+        // All keys masked so far: shift by 0 so exp2(-inf - shift) = 0, never NaN.
+        shift = row_max[m][r] == -INFINITY ? 0.f : row_max[m][r] * unit;
+      } else {
+        shift = mx == -INFINITY ? 0.f : mx * unit;  // as above
+        rescale[m][r] = fast_exp2(row_max[m][r] * unit - shift);
+        row_max[m][r] = mx;
+      }
       float sum = row_sum[m][r] * rescale[m][r];
 #pragma unroll
       for (int n = 0; n < kN; ++n)
@@ -42,6 +62,16 @@ __device__ __forceinline__ void softmax_update(float (&s)[kM][kN][4], float (&ro
         }
       row_sum[m][r] = sum;
     }
+}
+
+// Whether any row of the warp's accumulators needs rescaling (softmax_update's factors not all
+// 1): a warp-uniform test, so warps whose references all stayed skip rescale_rows.
+template <int kM>
+__device__ __forceinline__ bool warp_needs_rescale(const float (&rescale)[kM][2]) {
+  bool any = false;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) any = any || rescale[m][0] != 1.f || rescale[m][1] != 1.f;
+  return __any_sync(0xffffffffu, any);
 }
 
 template <int kM, int kD>

@@ -71,6 +71,10 @@ struct ForwardTraits {
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
+  // Conditional rescaling of the output (sm80::softmax_update) where it is widest: at D = 256 a
+  // rescale is 128 multiplies per thread and block. Measured (NOTES.md, o6): D = 256 5% faster,
+  // D = 128 unchanged, D = 64 3-6% slower.
+  static constexpr bool kLazyRescale = kHeadDim == 256;
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
   // Where a tile's output waits for its TMA stores (forward_kernel's store_output; NOTES.md,
@@ -419,7 +423,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         const bool check = sm80::block_needs_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
         sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
       }
-      sm80::softmax_update(sc, row_max, row_sum, rescale, unit);
+      sm80::softmax_update<Tr::kLazyRescale>(sc, row_max, row_sum, rescale, unit);
     };
     // Dropout on the probabilities, then P as the A operand of the next P V.
     const auto to_operand = [&](int nb) {
@@ -470,7 +474,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         wgmma_wait<0>();
         fence_operands(acc_o[0]);
         release(sm.v_empty(stage_of<Tr>(cur - 1)), lane);
-        sm80::rescale_rows(acc_o, rescale);
+        if (!Tr::kLazyRescale || sm80::warp_needs_rescale(rescale))
+          sm80::rescale_rows(acc_o, rescale);
         to_operand(nb);
       }
       {  // the last block's P V
