@@ -580,6 +580,29 @@ def test_large_magnitude(dtype):
     check_cuda(Inputs(q, k, v, kwargs={"is_causal": True}))
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("rise", [3.0, 7.9, 8.1, 40.0])
+def test_row_maximum_rising_across_key_blocks(dtype, D, rise):
+    """Scores that rise by ``rise`` (log2 units) every 64 keys: the forwards' reference row
+    maximum (at D = 256 it moves only past a jump of 8, sm80/softmax.cuh) must give the exact
+    out and lse whether a block raises it or not, causal or not."""
+    gen = torch.Generator().manual_seed(int(rise * 10) + D)
+    B, H, L = 1, 2, 600
+    u = torch.randn(D, dtype=torch.float64, generator=gen)
+    u /= u.norm()
+    steps = torch.arange(L, dtype=torch.float64) // 64  # 0, 0, ..., 1, 1, ...
+    # q . k * D^-0.5 * log2(e) = rise * step (+ noise), with q = sqrt(D) u
+    q = math.sqrt(D) * u + 0.1 * torch.randn(B, H, L, D, dtype=torch.float64, generator=gen)
+    k = (rise / math.log2(math.e)) * steps[:, None] * u + 0.1 * torch.randn(
+        B, H, L, D, dtype=torch.float64, generator=gen
+    )
+    v = torch.randn(B, H, L, D, dtype=torch.float64, generator=gen)
+    q, k, v = (t.to(DEV, dtype).requires_grad_() for t in (q, k, v))
+    for causal in (False, True):
+        check_cuda(Inputs(q, k, v, kwargs={"is_causal": causal}), backward=D <= 128)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale", [0.5, 1e-3, 3.0])
 def test_scale(dtype, scale):
