@@ -5,7 +5,10 @@ Protocol
   threads (``torch.get_num_threads()``; memattn follows it too), one after the other per case.
 - Timing: warm-up calls, then the median of several timed calls. CPU: ``time.perf_counter``,
   the implementations interleaved call by call (see ``time_interleaved``).
-  CUDA: ``triton.testing.do_bench`` (median, L2 flushed) when Triton is there, else CUDA events.
+  CUDA: ``triton.testing.do_bench`` (median, L2 flushed) when Triton is there, else CUDA events;
+  ``rounds`` rounds per case, each timing every implementation once in an order rotated every
+  round, and the case's time is the median over the rounds (``time_rounds``), so that a drift
+  of the GPU's clocks during a case does not favour whichever implementation ran first.
 - FLOPs: forward ``4 * Hq * D * (allowed (query, key) pairs, summed over the batch)``; without
   causal that is ``B * Lq * Lk`` pairs; causal counts the pairs the alignment allows (``Lq*Lk/2``
   only when ``Lq == Lk``, roughly); padded keys are not counted. Forward + backward is 3.5x the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -343,6 +347,16 @@ def cuda_event_times(fn: Callable[[], Any], *, warmup: int, reps: int) -> list[f
     return times
 
 
+def cuda_time_once(fn: Callable[[], Any], *, warmup: int, reps: int) -> float:
+    """One CUDA timing of fn in milliseconds: ``triton.testing.do_bench``'s median (25 ms of
+    warm-up, 100 ms of calls, L2 flushed) when Triton is there, else the median of `reps` calls
+    timed with CUDA events after `warmup` calls."""
+    do_bench = _triton_do_bench()
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return statistics.median(cuda_event_times(fn, warmup=warmup, reps=reps))
+
+
 def time_call(
     fn: Callable[[], Any],
     *,
@@ -351,13 +365,11 @@ def time_call(
     reps: int,
     max_seconds: float,
 ) -> list[float]:
-    """Milliseconds of each timed call of fn (after warm-up). Fewer reps (at least 3) when a
-    call is so slow that `reps` of them would take longer than `max_seconds`."""
+    """Milliseconds of each timed call of fn (after warm-up); on CUDA one value,
+    ``cuda_time_once``. Fewer reps (at least 3) when a call is so slow that `reps` of them would
+    take longer than `max_seconds`."""
     if device == "cuda":
-        do_bench = _triton_do_bench()
-        if do_bench is not None:
-            return [float(do_bench(fn, warmup=25, rep=100, return_mode="median"))]
-        return cuda_event_times(fn, warmup=warmup, reps=reps)
+        return [cuda_time_once(fn, warmup=warmup, reps=reps)]
 
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
@@ -370,6 +382,34 @@ def time_call(
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_rounds(
+    steps: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    time_one: Callable[[Callable[[], Any]], float],
+    errors: tuple[type[BaseException], ...] = (),
+) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+    """Times several implementations of the same call in `rounds` (at least 1) interleaved
+    rounds: each round times every implementation once with ``time_one`` (e.g.
+    ``cuda_time_once``, itself a median of many calls), in an order rotated every round, so that
+    a drift of the clock or temperature during the case hits all of them alike. Returns one
+    time per round for each implementation, and the exceptions of the types in `errors` that an
+    implementation raised (it is not timed again after its first one)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    failed: dict[str, BaseException] = {}
+    for r in range(max(1, rounds)):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            if name in failed:
+                continue
+            try:
+                times[name].append(time_one(steps[name]))
+            except errors as e:
+                failed[name] = e
+    return {name: t for name, t in times.items() if name not in failed}, failed
 
 
 def _triton_do_bench() -> Callable[..., Any] | None:
@@ -470,6 +510,8 @@ class BenchConfig:
     impls: list[str] = field(default_factory=lambda: list(CPU_IMPLS))
     warmup: int = 1
     reps: int = 5
+    # CUDA: interleaved timing rounds per case (time_rounds); CPU interleaves every call instead.
+    rounds: int = 1
     max_seconds_per_impl: float = 20.0
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
     memory_heads: int = 8
@@ -570,6 +612,10 @@ def _error_result(name: str, e: BaseException, caught: Sequence[Any]) -> dict[st
     return {"error": msg, "unsupported": why}
 
 
+# What a call of an implementation may raise for a case it cannot run (recorded, not fatal).
+_CALL_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
+
+
 def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[dict[str, Any]]:
     import warnings
 
@@ -612,30 +658,35 @@ def run_timing(cfg: BenchConfig, cases: list[Case], progress: Progress) -> list[
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always")
                             outs[name] = step().detach()
-                        if cfg.device == "cuda":
-                            times = time_call(
-                                step,
-                                device=cfg.device,
-                                warmup=cfg.warmup,
-                                reps=cfg.reps,
-                                max_seconds=cfg.max_seconds_per_impl,
-                            )
-                            row["results"][name] = _timing_result(times, flops)
-                        else:
-                            steps[name] = step
-                except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+                        steps[name] = step
+                except _CALL_ERRORS as e:
                     row["results"][name] = _error_result(name, e, caught)
                     outs.pop(name, None)
                     if cfg.device == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
                         torch.cuda.empty_cache()
             if steps:
                 with torch.no_grad() if not backward else contextlib.nullcontext():
-                    timed = time_interleaved(
-                        steps,
-                        warmup=cfg.warmup - 1,
-                        reps=cfg.reps,
-                        max_seconds=cfg.max_seconds_per_impl,
-                    )
+                    if cfg.device == "cuda":
+                        timed, failed = time_rounds(
+                            steps,
+                            rounds=cfg.rounds,
+                            time_one=functools.partial(
+                                cuda_time_once, warmup=cfg.warmup, reps=cfg.reps
+                            ),
+                            errors=_CALL_ERRORS,
+                        )
+                        for name, e in failed.items():
+                            row["results"][name] = _error_result(name, e, [])
+                            outs.pop(name, None)
+                        if any(isinstance(e, torch.cuda.OutOfMemoryError) for e in failed.values()):
+                            torch.cuda.empty_cache()
+                    else:
+                        timed = time_interleaved(
+                            steps,
+                            warmup=cfg.warmup - 1,
+                            reps=cfg.reps,
+                            max_seconds=cfg.max_seconds_per_impl,
+                        )
                 for name, times in timed.items():
                     row["results"][name] = _timing_result(times, flops)
             torch_ok = {
@@ -663,6 +714,7 @@ def _timing_result(times: list[float], flops: float) -> dict[str, Any]:
     return {
         "median_ms": ms,
         "min_ms": min(times),
+        "max_ms": max(times),
         "reps": len(times),
         "gflop_per_s": flops / (ms * 1e-3) / 1e9,
     }
@@ -912,8 +964,14 @@ def markdown_tables(result: dict[str, Any], plot_link: str | None = None) -> str
         )
     lines.append(
         f"- sweep: {cfg['tokens']} tokens per batch (B = tokens / L), hidden {cfg['hidden']} "
-        f"(Hq = hidden / D); median of up to {cfg['reps']} timed calls after warm-up"
-        + (", implementations interleaved call by call" if device == "cpu" else "")
+        f"(Hq = hidden / D); "
+        + (
+            f"median of up to {cfg['reps']} timed calls after warm-up, implementations "
+            "interleaved call by call"
+            if device == "cpu"
+            else f"median over {cfg.get('rounds', 1)} interleaved round(s) of one timing per "
+            "implementation (order rotated every round)"
+        )
         + f"; wall time {result['wall_s']:.0f} s"
     )
     lines.append(
@@ -1274,7 +1332,11 @@ def plot_results(result: dict[str, Any], path: str) -> None:
     if cfg:
         lines.append(
             f"sweep: {cfg.get('tokens')} tokens/batch, hidden {cfg.get('hidden')}, "
-            f"median of up to {cfg.get('reps')} calls"
+            + (
+                f"median of up to {cfg.get('reps')} calls"
+                if device == "cpu"
+                else f"median of {cfg.get('rounds', 1)} interleaved rounds"
+            )
         )
     if meta.get("git_commit"):
         lines.append(f"git {meta['git_commit']}")

@@ -173,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             impls=list(bench.CUDA_IMPLS),
             warmup=5,
             reps=20,
+            rounds=3,
             memory_lengths=[1024, 2048, 4096, 8192, 16384, 32768],
             memory_dtype="bf16",
         )
@@ -186,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "hidden",
         "reps",
         "warmup",
+        "rounds",
         "memory_lengths",
     ):
         value = getattr(args, name)
@@ -197,6 +199,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     if args.no_extras:
         cfg.extras = False
+    if args.rounds is not None and (device != "cuda" or args.rounds < 1):
+        print(
+            f"memattn bench: --rounds {args.rounds}: needs a positive count of timing rounds "
+            "on --device cuda (on CPU every timed call is interleaved already; use --reps)",
+            file=sys.stderr,
+        )
+        return 2
     for dt in cfg.dtypes:
         if device == "cpu" and dt == "fp16":
             print(
@@ -320,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--reps", type=int, default=None, help="timed calls per implementation")
     b.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation")
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="CUDA: timing rounds per case, the implementations interleaved in an order rotated "
+        "every round; the time is the median over the rounds (default 3; 1 in --quick)",
+    )
     b.add_argument(
         "--threads",
         type=int,

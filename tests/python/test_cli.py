@@ -219,6 +219,7 @@ def test_bench_quick_writes_json_markdown_and_plot(quick_bench):
     for row in data["rows"]:
         ours = row["results"]["memattn"]
         assert ours["median_ms"] > 0 and ours["gflop_per_s"] > 0, row
+        assert ours["min_ms"] <= ours["median_ms"] <= ours["max_ms"], row
         assert row["flops"] > 0
         assert set(row["results"]) == {"memattn", "sdpa_flash", "sdpa_math"}
         assert row["best_torch"] in ("sdpa_flash", "sdpa_math")
@@ -341,6 +342,48 @@ def test_bench_rejects_fp16_on_cpu(capsys):
     code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--quick", "--dtypes", "fp16")
     assert code == 2
     assert "fp16" in err
+
+
+def test_bench_rejects_rounds_on_cpu(capsys):
+    code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--quick", "--rounds", "3")
+    assert code == 2
+    assert "--rounds 3" in err and "cuda" in err
+
+
+def test_time_rounds_rotates_the_order_every_round():
+    """One timing per implementation and round; round r starts with implementation r."""
+    order: list[str] = []
+    steps = {name: (lambda name=name: name) for name in ("a", "b", "c")}
+
+    def time_one(fn):
+        order.append(fn())
+        return float(len(order))
+
+    times, failed = bench.time_rounds(steps, rounds=3, time_one=time_one)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
+    assert failed == {}
+    times, _ = bench.time_rounds(steps, rounds=0, time_one=lambda fn: 1.0)  # at least one round
+    assert times == {"a": [1.0], "b": [1.0], "c": [1.0]}
+
+
+def test_time_rounds_drops_an_implementation_after_its_error():
+    calls = {"a": 0, "b": 0}
+
+    def time_one(fn):
+        name = fn()
+        calls[name] += 1
+        if name == "b" and calls[name] == 2:
+            raise RuntimeError("out of memory")
+        return 1.0
+
+    steps = {name: (lambda name=name: name) for name in calls}
+    times, failed = bench.time_rounds(steps, rounds=4, time_one=time_one, errors=(RuntimeError,))
+    assert times == {"a": [1.0] * 4}
+    assert list(failed) == ["b"] and "out of memory" in str(failed["b"])
+    assert calls == {"a": 4, "b": 2}  # not timed again after its error
+    with pytest.raises(KeyError):  # errors of other types are not caught
+        bench.time_rounds(steps, rounds=1, time_one=lambda fn: {}[fn()])
 
 
 @pytest.mark.parametrize(
