@@ -188,6 +188,14 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
   };
+  // Runs step(h, i0) for the steps in that order. Not unrolled: unrolled, the producer thread's
+  // and the dQ writer's loops spilled at their 24 registers.
+  const auto for_each_step = [&](auto&& step) {
+#pragma unroll 1
+    for (int h = h_begin; h < h_end; ++h)
+#pragma unroll 1
+      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) step(h, i0);
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -208,34 +216,30 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const auto write_dq_parts = [&] {
     if constexpr (kFusedDq) {  // (the two passes' kernels have no dQ parts: kQParts = 0 there)
       for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-#pragma unroll 1
-      for (int h = h_begin; h < h_end; ++h) {
+      for_each_step([&](int h, int i0) {
         const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
-#pragma unroll 1
-        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) {
-          const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
-          // Both parts in flight before either buffer is freed (one bulk group per part).
+        const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+        // Both parts in flight before either buffer is freed (one bulk group per part).
 #pragma unroll
-          for (int g = 0; g < Tr::kConsumers; ++g) {
-            named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
-            const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
-            if (lane == 0) {
-              if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
-                bulk_reduce_add_f32(
-                    dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
-                    Tr::kDqBytes);
-              bulk_commit();
-            }
+        for (int g = 0; g < Tr::kConsumers; ++g) {
+          named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
+          const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
+          if (lane == 0) {
+            if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
+              bulk_reduce_add_f32(
+                  dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
+                  Tr::kDqBytes);
+            bulk_commit();
           }
-          static_assert(Tr::kConsumers == 2);
-          if (lane == 0) bulk_wait_read<1>();  // part 0 read
-          __syncwarp();
-          if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
-          if (lane == 0) bulk_wait_read<0>();  // part 1 read
-          __syncwarp();
-          if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
         }
-      }
+        static_assert(Tr::kConsumers == 2);
+        if (lane == 0) bulk_wait_read<1>();  // part 0 read
+        __syncwarp();
+        if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
+        if (lane == 0) bulk_wait_read<0>();  // part 1 read
+        __syncwarp();
+        if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
+      });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
   };
@@ -249,22 +253,20 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
       load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
-      int it = 0;  // not unrolled: next to the dQ writer's branch it spilled at 24 registers
-#pragma unroll 1
-      for (int h = h_begin; h < h_end; ++h)
-#pragma unroll 1
-        for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
-          const int s = stage_of<Tr>(it);
-          mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
-          const MaskTile mt = mask_tile(s);
-          mbar_arrive_expect_tx(sm.step_full(s),
-                                2 * Tr::kQBytes + (mask_tiles ? mt.bytes<Tr::kRows>() : 0));
-          if (mask_tiles)
-            mt.load<Tr::kRows>(maps.mask.map, sm.step_full(s), i0, j0, mask_h(p, h), mask_b(p, b));
-          load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), i0, h, b);
-          load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
-                                              b);
-        }
+      int it = 0;
+      for_each_step([&](int h, int i0) {
+        const int s = stage_of<Tr>(it);
+        mbar_wait(sm.step_empty(s), parity_of<Tr>(it) ^ 1);
+        const MaskTile mt = mask_tile(s);
+        mbar_arrive_expect_tx(sm.step_full(s),
+                              2 * Tr::kQBytes + (mask_tiles ? mt.bytes<Tr::kRows>() : 0));
+        if (mask_tiles)
+          mt.load<Tr::kRows>(maps.mask.map, sm.step_full(s), i0, j0, mask_h(p, h), mask_b(p, b));
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.step_full(s), i0, h, b);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(s), maps.grad_out, sm.step_full(s), i0, h,
+                                            b);
+        ++it;
+      });
     } else if (kFusedDq && threadIdx.x / 32 == 1 && p.dq_accum != nullptr) {
       write_dq_parts();
     }
@@ -288,6 +290,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   sm80::RowStats next_stats{};
   if (stats_row && i_begin < p.Lq) next_stats = sm80::row_stats(p, b, h_begin, i_begin + wg_thread);
   mbar_wait(sm.kv_full(), 0);
+  // The steps of for_each_step, spelled out here: as the body of a lambda, the consumers' step
+  // compiled differently and spilled 28 bytes in the D = 64 single pass.
   int it = 0;
   for (int h = h_begin; h < h_end; ++h)
     for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
