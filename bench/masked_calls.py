@@ -1,17 +1,21 @@
 """Masked calls next to the unmasked call of the same shape (issue target: within 0.9x), memattn
 and torch's CUDNN backend given the same attn_mask, same inputs, same run. Forward and forward +
-backward (gradients of q, k, v), CUDA events, median of --reps runs after warm-up; prints a
-markdown table. Speed ratio = unmasked time / masked time of the same implementation.
+backward (gradients of q, k, v); every call of a shape and pass is timed in --rounds interleaved
+rounds (memattn.bench.time_rounds: each round times every call once, in an order rotated every
+round; one timing = memattn.bench.cuda_time_once), and its time is the median over the rounds;
+prints a markdown table. Speed ratio = unmasked time / masked time of the same implementation.
 
 Masks: bool [B, 1, L, L] (90% attend), q-dtype additive [1, H, L, L], and a bool [B, 1, 1, L]
 padding-style mask expanded to [B, 1, L, L] (stride 0 along queries).
 
-    python bench/masked_calls.py [--reps 10] [--dtype bf16]
+    python bench/masked_calls.py [--rounds 3] [--reps 10] [--dtype bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import statistics
 
 import torch
@@ -19,13 +23,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import memattn
-from memattn.bench import cuda_event_times
+from memattn.bench import cuda_time_once, time_rounds
 
 SHAPES = ((8, 32, 2048, 64), (8, 16, 2048, 128))
-
-
-def median_ms(fn, reps: int) -> float:
-    return statistics.median(cuda_event_times(fn, warmup=3, reps=reps))
 
 
 def masks(B: int, H: int, L: int, dtype: torch.dtype) -> dict:
@@ -63,7 +63,10 @@ def cudnn_attend(q, k, v, mask):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument(
+        "--reps", type=int, default=10, help="timed calls per timing without Triton's do_bench"
+    )
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -81,16 +84,26 @@ def main() -> None:
         )
         grad_out = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
         for backward in (False, True):
-            base = {}
-            for name, mask in masks(B, H, L, dtype).items():
-                row = {}
+            calls = {}  # (mask, impl) -> call, in the table's order
+            pass_masks = masks(B, H, L, dtype)
+            for name, mask in pass_masks.items():
                 for impl, attend in (("memattn", memattn_attend), ("cudnn", cudnn_attend)):
                     fn = timed(attend, q, k, v, mask, grad_out if backward else None)
                     try:
-                        row[impl] = median_ms(fn, args.reps)
-                    except RuntimeError:  # a backend that refuses the call
-                        row[impl] = float("nan")
-                    base.setdefault(impl, row[impl])
+                        fn()  # a backend that refuses the call says so here
+                        calls[name, impl] = fn
+                    except RuntimeError:
+                        pass
+            times, _ = time_rounds(
+                calls,
+                rounds=args.rounds,
+                time_one=functools.partial(cuda_time_once, warmup=3, reps=args.reps),
+                errors=(RuntimeError,),
+            )
+            ms = {key: statistics.median(t) for key, t in times.items()}
+            base = {impl: ms.get(("none", impl), math.nan) for impl in ("memattn", "cudnn")}
+            for name in pass_masks:
+                row = {impl: ms.get((name, impl), math.nan) for impl in ("memattn", "cudnn")}
                 print(
                     f"| {B}x{H}x{L}x{D} | {'fwd+bwd' if backward else 'fwd'} | {name} "
                     f"| {row['memattn']:.3f} | {base['memattn'] / row['memattn']:.2f} "

@@ -42,9 +42,9 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "Case",
@@ -347,6 +347,9 @@ def cuda_event_times(fn: Callable[[], Any], *, warmup: int, reps: int) -> list[f
     return times
 
 
+_Key = TypeVar("_Key", bound=Hashable)  # names the implementations timed by time_rounds
+
+
 def cuda_time_once(fn: Callable[[], Any], *, warmup: int, reps: int) -> float:
     """One CUDA timing of fn in milliseconds: ``triton.testing.do_bench``'s median (25 ms of
     warm-up, 100 ms of calls, L2 flushed) when Triton is there, else the median of `reps` calls
@@ -385,12 +388,12 @@ def time_call(
 
 
 def time_rounds(
-    steps: dict[str, Callable[[], Any]],
+    steps: dict[_Key, Callable[[], Any]],
     *,
     rounds: int,
     time_one: Callable[[Callable[[], Any]], float],
     errors: tuple[type[BaseException], ...] = (),
-) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+) -> tuple[dict[_Key, list[float]], dict[_Key, BaseException]]:
     """Times several implementations of the same call in `rounds` (at least 1) interleaved
     rounds: each round times every implementation once with ``time_one`` (e.g.
     ``cuda_time_once``, itself a median of many calls), in an order rotated every round, so that
@@ -398,8 +401,8 @@ def time_rounds(
     time per round for each implementation, and the exceptions of the types in `errors` that an
     implementation raised (it is not timed again after its first one)."""
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    failed: dict[str, BaseException] = {}
+    times: dict[_Key, list[float]] = {name: [] for name in names}
+    failed: dict[_Key, BaseException] = {}
     for r in range(max(1, rounds)):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
