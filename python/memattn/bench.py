@@ -393,20 +393,22 @@ def time_rounds(
     rounds: int,
     time_one: Callable[[Callable[[], Any]], float],
     errors: tuple[type[BaseException], ...] = (),
+    limits: dict[_Key, int] | None = None,
 ) -> tuple[dict[_Key, list[float]], dict[_Key, BaseException]]:
     """Times several implementations of the same call in `rounds` (at least 1) interleaved
     rounds: each round times every implementation once with ``time_one`` (e.g.
     ``cuda_time_once``, itself a median of many calls), in an order rotated every round, so that
     a drift of the clock or temperature during the case hits all of them alike. Returns one
     time per round for each implementation, and the exceptions of the types in `errors` that an
-    implementation raised (it is not timed again after its first one)."""
+    implementation raised (it is not timed again after its first one). `limits`: an
+    implementation named there takes part in its first ``limits[name]`` rounds only."""
     names = list(steps)
     times: dict[_Key, list[float]] = {name: [] for name in names}
     failed: dict[_Key, BaseException] = {}
     for r in range(max(1, rounds)):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
-            if name in failed:
+            if name in failed or (limits is not None and r >= limits.get(name, r + 1)):
                 continue
             try:
                 times[name].append(time_one(steps[name]))
@@ -456,15 +458,13 @@ def time_interleaved(
         name: reps if t * reps <= max_seconds else max(3, int(max_seconds / max(t, 1e-9)))
         for name, t in first_s.items()
     }
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(max(n.values(), default=0)):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
-            if r >= n[name]:
-                continue
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+
+    def wall_ms(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    times, _ = time_rounds(steps, rounds=max(n.values(), default=0), time_one=wall_ms, limits=n)
     return times
 
 

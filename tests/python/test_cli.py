@@ -365,6 +365,10 @@ def test_time_rounds_rotates_the_order_every_round():
     assert failed == {}
     times, _ = bench.time_rounds(steps, rounds=0, time_one=lambda fn: 1.0)  # at least one round
     assert times == {"a": [1.0], "b": [1.0], "c": [1.0]}
+    order.clear()  # limits: "a" in the first round only, "b" in the first two
+    times, _ = bench.time_rounds(steps, rounds=3, time_one=time_one, limits={"a": 1, "b": 2})
+    assert order == ["a", "b", "c", "b", "c", "c"]
+    assert [len(times[name]) for name in "abc"] == [1, 2, 3]
 
 
 def test_time_rounds_drops_an_implementation_after_its_error():
