@@ -47,15 +47,20 @@ __device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
 }
 // Waits until the phase with the given parity has completed. A fresh barrier counts its
 // phase "before 0" (parity 1) as completed, so producers start waiting with parity 1.
+// The suspend-time hint (in ns; CUTLASS's ClusterBarrier::wait passes the same) lets try_wait
+// suspend the thread until the phase completes. Without it each try returned after a few
+// cycles: the producer warps' retry loops were 20% of the D = 64 forward's issued instructions
+// (ncu, NOTES.md "Waiting on mbarriers"), all on the scheduler that also runs a consumer warp.
 __device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  constexpr std::uint32_t kSuspendTimeHintNs = 10000000;
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
       "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
       "@!done bra WAIT;\n"
       "}\n" ::"r"(bar),
-      "r"(parity)
+      "r"(parity), "r"(kSuspendTimeHintNs)
       : "memory");
 }
 
