@@ -182,4 +182,14 @@ __device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint
          static_cast<std::uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;  // 1: 128-byte swizzle
 }
 
+// `desc` moved `bytes` (a multiple of 16) further into shared memory. Only the start-address
+// field (bits 0-13: address / 16) changes, and it holds every shared-memory address, so the sum
+// never carries out of the low word: a wgmma step's descriptor is one 32-bit add from its
+// product's first, where rebuilding it from the address put four dependent uniform-datapath
+// instructions before every wgmma.
+__device__ __forceinline__ std::uint64_t desc_advance(std::uint64_t desc, std::uint32_t bytes) {
+  const std::uint32_t low = static_cast<std::uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | low;
+}
+
 }  // namespace memattn::cuda::sm90

@@ -66,13 +66,14 @@ __device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
 template <class T, int kN, int kCols, int kARows>
 __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a_tile, int a_row0,
                                         std::uint32_t b_tile, bool accumulate) {
+  const std::uint64_t a0 = smem_desc(a_tile + a_row0 * kRowBytes, 16, 1024);
+  const std::uint64_t b0 = smem_desc(b_tile, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk) {
     const std::uint32_t col_bytes = (kk % 4) * 32;
-    const std::uint64_t a = smem_desc(
-        a_tile + (kk / 4) * kARows * kRowBytes + a_row0 * kRowBytes + col_bytes, 16, 1024);
-    const std::uint64_t b = smem_desc(b_tile + (kk / 4) * kN * kRowBytes + col_bytes, 16, 1024);
-    Wgmma<T, kN>::ss(acc, a, b, accumulate || kk > 0);
+    Wgmma<T, kN>::ss(acc, desc_advance(a0, (kk / 4) * kARows * kRowBytes + col_bytes),
+                     desc_advance(b0, (kk / 4) * kN * kRowBytes + col_bytes),
+                     accumulate || kk > 0);
   }
 }
 
@@ -80,7 +81,7 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a
 // operand read M/N-major from a tile of kK rows whose 64-column chunks lie kK rows apart.
 template <int kK>
 __device__ __forceinline__ std::uint64_t mn_major_step(std::uint32_t tile, int kk) {
-  return smem_desc(tile + kk * 16 * kRowBytes, kK * kRowBytes, 1024);
+  return desc_advance(smem_desc(tile, kK * kRowBytes, 1024), kk * 16 * kRowBytes);
 }
 
 // acc += A B for one warpgroup, issued asynchronously. A (64 x kK): mma.sync A fragments in
