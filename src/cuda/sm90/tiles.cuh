@@ -72,8 +72,7 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a
   for (int kk = 0; kk < kCols / 16; ++kk) {
     const std::uint32_t col_bytes = (kk % 4) * 32;
     Wgmma<T, kN>::ss(acc, desc_advance(a0, (kk / 4) * kARows * kRowBytes + col_bytes),
-                     desc_advance(b0, (kk / 4) * kN * kRowBytes + col_bytes),
-                     accumulate || kk > 0);
+                     desc_advance(b0, (kk / 4) * kN * kRowBytes + col_bytes), accumulate || kk > 0);
   }
 }
 
