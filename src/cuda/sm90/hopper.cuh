@@ -1,15 +1,17 @@
 // PTX wrappers for Hopper's asynchronous machinery (sm_90a): mbarriers, bulk tensor copies (TMA),
-// wgmma fences and descriptors, register reallocation between warpgroups.
+// wgmma fences, register reallocation between warpgroups (descriptors: smem_desc.h).
 //
 // Shared-memory tiles of the sm90 kernels use the 128-byte swizzle of TMA and wgmma: a tile of
 // R rows x C columns (16-bit elements) is stored as C / 64 column chunks of R rows x 128 bytes,
 // each chunk 1024-byte aligned; within a chunk, 16-byte unit u of row r sits at unit u ^ (r % 8).
-// TMA writes that layout and wgmma reads it through descriptors (smem_desc).
+// TMA writes that layout and wgmma reads it through descriptors (smem_desc.h).
 #pragma once
 
 #include <cuda.h>
 
 #include <cstdint>
+
+#include "cuda/sm90/smem_desc.h"
 
 namespace memattn::cuda::sm90 {
 
@@ -168,28 +170,6 @@ __device__ __forceinline__ void fence_operands(float (&acc)[kN][4]) {
   for (int n = 0; n < kN; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[n][e])::"memory");
-}
-
-// Shared-memory matrix descriptor for a 128-byte-swizzled operand (see the top of this file).
-// K-major operands (rows of the tile along M/N, e.g. Q or K for Q K^T): 8-row groups are
-// `stride_bytes` (1024) apart, `leading_bytes` is unused. N-major operands (V for P V, read
-// transposed): `leading_bytes` steps to the next 64-column chunk, `stride_bytes` to the next
-// 8 rows (1024).
-__device__ __forceinline__ std::uint64_t smem_desc(std::uint32_t addr, std::uint32_t leading_bytes,
-                                                   std::uint32_t stride_bytes) {
-  return static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4) |
-         static_cast<std::uint64_t>(leading_bytes >> 4) << 16 |
-         static_cast<std::uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;  // 1: 128-byte swizzle
-}
-
-// `desc` moved `bytes` (a multiple of 16) further into shared memory. Only the start-address
-// field (bits 0-13: address / 16) changes, and it holds every shared-memory address, so the sum
-// never carries out of the low word: a wgmma step's descriptor is one 32-bit add from its
-// product's first, where rebuilding it from the address put four dependent uniform-datapath
-// instructions before every wgmma.
-__device__ __forceinline__ std::uint64_t desc_advance(std::uint64_t desc, std::uint32_t bytes) {
-  const std::uint32_t low = static_cast<std::uint32_t>(desc) + (bytes >> 4);
-  return (desc & 0xFFFFFFFF00000000ull) | low;
 }
 
 }  // namespace memattn::cuda::sm90
