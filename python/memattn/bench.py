@@ -360,33 +360,6 @@ def cuda_time_once(fn: Callable[[], Any], *, warmup: int, reps: int) -> float:
     return statistics.median(cuda_event_times(fn, warmup=warmup, reps=reps))
 
 
-def time_call(
-    fn: Callable[[], Any],
-    *,
-    device: str,
-    warmup: int,
-    reps: int,
-    max_seconds: float,
-) -> list[float]:
-    """Milliseconds of each timed call of fn (after warm-up); on CUDA one value,
-    ``cuda_time_once``. Fewer reps (at least 3) when a call is so slow that `reps` of them would
-    take longer than `max_seconds`."""
-    if device == "cuda":
-        return [cuda_time_once(fn, warmup=warmup, reps=reps)]
-
-    t0 = time.perf_counter()
-    for _ in range(max(1, warmup)):
-        fn()
-    first_s = (time.perf_counter() - t0) / max(1, warmup)
-    n = reps if first_s * reps <= max_seconds else max(3, int(max_seconds / max(first_s, 1e-9)))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def time_rounds(
     steps: dict[_Key, Callable[[], Any]],
     *,
