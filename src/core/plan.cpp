@@ -22,11 +22,13 @@ std::vector<std::string> cuda_reasons(const ForwardArgs& args, const ProblemShap
     reasons.push_back(std::string("tensors are on ") + device_name(args.q.device) + ", not cuda");
   return reasons;
 }
-std::string no_kernel(const ForwardArgs&, bool) { return ""; }
+std::string no_kernel(const ForwardArgs&, const ProblemShape&, bool) { return ""; }
 constexpr Backend kCuda = {"cuda", &cuda_reasons, &no_kernel, nullptr, nullptr};
 #endif
 
-std::string cpu_kernel_name(const ForwardArgs& a, bool) { return cpu::kernel_name(a); }
+std::string cpu_kernel_name(const ForwardArgs& a, const ProblemShape&, bool) {
+  return cpu::kernel_name(a);
+}
 void cpu_forward(const ForwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
   cpu::forward(a, s, ctx.num_threads);
 }
@@ -65,7 +67,7 @@ Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward) {
       verdict.reasons.push_back("no kernel for this pass");
     if (verdict.reasons.empty() && p.backend.empty()) {
       p.backend = b.name;
-      p.kernel = b.kernel_name(args, backward);
+      p.kernel = b.kernel_name(args, shape, backward);
       p.reason = std::string("first backend in priority order that supports this call (") +
                  device_name(args.q.device) + ", " + dtype_name(args.q.dtype) + ")";
     }

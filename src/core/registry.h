@@ -13,7 +13,8 @@ namespace memattn::core {
 struct Backend {
   const char* name;
   std::vector<std::string> (*unsupported_reasons)(const ForwardArgs&, const ProblemShape&);
-  std::string (*kernel_name)(const ForwardArgs&, bool backward);  // for explain()
+  std::string (*kernel_name)(const ForwardArgs&, const ProblemShape&,
+                             bool backward);  // for explain()
   void (*forward)(const ForwardArgs&, const ProblemShape&, const ExecContext&);
   void (*backward)(const BackwardArgs&, const ProblemShape&, const ExecContext&);
 };

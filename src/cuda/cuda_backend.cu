@@ -300,12 +300,19 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
   return reasons;
 }
 
-std::string kernel_name(const ForwardArgs& a, bool backward) {
+std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backward) {
   if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + dtype_short_name(a.q.dtype);
   const std::int64_t d = max_head_dim(a);
-  if (use_sm90(a, backward))
-    return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" +
-           std::to_string(sm90_head_dim_bucket(d));
+  if (use_sm90(a, backward)) {
+    const int bucket = sm90_head_dim_bucket(d);
+    // has_features of the call's DeviceParams (make_params), from the arguments
+    const bool features = a.attn_mask.present() || a.dropout_p > 0.0 ||
+                          !(static_cast<float>(s.scale * 1.4426950408889634) > 0.f);
+    const bool wide =
+        !backward && bucket == 64 && !features && sm90_wide_tiles(s.Lq, s.Lk, a.is_causal);
+    return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" + std::to_string(bucket) +
+           (wide ? "/wide" : "");
+  }
   return std::string("cuda/sm80/") + dtype_short_name(a.q.dtype) + "/d" +
          std::to_string(head_dim_bucket(d));
 }

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "cuda/common/params.h"
 
 namespace memattn::cuda {
@@ -37,6 +39,16 @@ void sm80_backward(const DeviceParams& p, cudaStream_t stream);
 // Dv <= kHeadDim that are multiples of 8, with 16-byte aligned rows and data (TMA's rules).
 template <class T, int kHeadDim>
 void sm90_forward(const DeviceParams& p, cudaStream_t stream);
+
+// Whether sm90_forward runs a D = 64 call without features (has_features) on its wide tiles
+// (sm90/forward.cuh, ForwardTraits::kWide, 192 query rows of three consumer warpgroups): long
+// non-causal calls, where they measured faster (sm90/NOTES.md, w3). Causal calls, short queries
+// and a single key block keep the 64-row tiles, whose second CTA per multiprocessor hides the
+// fixed costs of each tile (its first block alone, its last P V, the output) and which waste
+// less on Lq = 1.
+inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
+  return !causal && Lq >= 1024 && Lk > 128;
+}
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);
 

@@ -12,7 +12,7 @@ allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-cor
 fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
 masks (broadcast, with gradient; also masks the Hopper kernels copy by tiles), key padding
 (with masks; alone, skipping trailing key blocks; a fully padded batch entry), causal in both
-alignments (fully masked rows), [B, L, H, D] views, dropout}.
+alignments (fully masked rows), [B, L, H, D] views, dropout, the Hopper forward's 192-row tiles}.
 
 Exit status: 0 all cases match, 1 a case failed (each failure is printed with its traceback),
 2 nothing could run (no GPU, or memattn built without CUDA). ``--list`` prints the case names;
@@ -124,6 +124,17 @@ def case_many_tiles_per_cta(dtype):
     check_against_reference(Inputs(q, k, v))
 
 
+def case_wide_tiles_d64(dtype):
+    """The Hopper forward's 192-row tiles of three consumer warpgroups (long non-causal calls
+    at D <= 64 without masks: launch.h, sm90_wide_tiles): a last query tile whose third
+    warpgroup has no row before Lq, GQA, key padding with a fully padded batch entry."""
+    q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=200, D=64)
+    kpm = torch.zeros(2, 200, dtype=torch.bool)
+    kpm[0, 150:] = True
+    kpm[1] = True
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+
+
 def case_float_mask_grad_causal_padding(dtype):
     q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=45, Lk=77, D=64)
     mask = _float_mask((1, 4, 45, 77), dtype)
@@ -216,6 +227,7 @@ CASES: list[Callable] = [
     case_bool_mask_broadcast_and_padding,
     case_key_padding_only_block_skipping,
     case_many_tiles_per_cta,
+    case_wide_tiles_d64,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,

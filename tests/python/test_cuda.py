@@ -1128,6 +1128,34 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
     check_cuda(Inputs(q, k, v, mask.to(DEV)), backward=False)
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 40], ids=str)
+def test_hopper_wide_tiles_d64(dtype, D):
+    """Long non-causal calls of head dim <= 64 without masks or dropout run the sm90 forward on
+    192-row tiles of three consumer warpgroups (launch.h, sm90_wide_tiles; explain names the
+    kernel ".../d64/wide"). More tiles than CTAs (a CTA reuses both Q buffers, its warpgroups'
+    turns run on across tiles); Lq = 1100 = 5 * 192 + 140 leaves a last query tile whose third
+    warpgroup has no row before Lq and whose second has 12; Lk = 1000 a partial last key block;
+    GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a
+    right-padded one. Causal calls and Lq < 1024 keep the 64-row tiles. Outputs start from a
+    poisoned allocator cache."""
+    q, k, v = qkv(B=2, Hq=24, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
+    assert memattn.explain(q, k, v)["kernel"].endswith("/d64/wide")
+    check_cuda(Inputs(q, k, v), backward=False)
+    kpm = torch.zeros(2, 1000, dtype=torch.bool)
+    kpm[0, 777:] = True
+    kpm[1] = True
+    kwargs = {"key_padding_mask": kpm.to(DEV)}
+    assert memattn.explain(q, k, v, **kwargs)["kernel"].endswith("/d64/wide")
+    out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=kwargs), backward=False)
+    assert torch.all(out[1] == 0)
+    assert torch.all(lse[1] == -math.inf)
+    assert not memattn.explain(q, k, v, is_causal=True)["kernel"].endswith("/wide")
+    assert not memattn.explain(q[:, :, :1000], k, v)["kernel"].endswith("/wide")
+    assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
+
+
 # Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,
 # rows of whole 16-byte units. Lk = 208 (not a multiple of the 128-key block) and Lq = 70 (not
 # of the query tile) leave partial tiles, read past the mask's end as zeros.

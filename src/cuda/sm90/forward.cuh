@@ -38,21 +38,30 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 
 // kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
 // D = 128, 256: two consumer warpgroups at 240 registers hold S, P and O of their 64 rows of a
-// 128-row tile with no spill (three at 160 registers spilled at D = 64 with the overlapped
-// schedule), and take turns on the tensor cores (PingPong).
+// 128-row tile with no spill, and take turns on the tensor cores (PingPong).
 // D = 64: 64-row tiles, one consumer warpgroup and two CTAs per multiprocessor: two
 // independent tiles per multiprocessor overlapped better than two warpgroups of one tile on
 // every D = 64 row measured (2-9%, NOTES.md s7), most on short chains (decoding, a single key
 // block), where a 64-row tile also wastes half as much on Lq = 1. Not at D = 128 / 256: two
 // CTAs of 256 threads get 128 registers per thread, which spilled at D = 128 and could not
 // hold D = 256's accumulators.
+// kWide (D = 64 without features only; launch.h's sm90_wide_tiles picks it per call):
+// 192-row tiles of three consumer warpgroups at 160 registers taking turns, one CTA per
+// multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two CTAs
+// give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the 64-row
+// tiles on long non-causal calls (NOTES.md, w3); slower where a tile's fixed costs, which no second
+// CTA hides, weigh more (causal tiles, decoding, a single key block). At 160 registers ptxas
+// spills 12 bytes here: two per-warpgroup constants (the next turn's barrier, S's first Q
+// descriptor) reloaded from L1 once per block, off the products' path; builds that read the
+// warpgroup anew from %tid.x instead had no spill and ran 3-5% slower (NOTES.md, w3).
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
-template <int kHeadDim, bool kFeatures>
+template <int kHeadDim, bool kFeatures, bool kWide = false>
 struct ForwardTraits {
+  static_assert(!kWide || (kHeadDim == 64 && !kFeatures));
   static constexpr int kHead = kHeadDim;
-  static constexpr int kConsumers = kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 query rows
+  static constexpr int kConsumers = kWide ? 3 : kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 rows
   static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
@@ -65,7 +74,8 @@ struct ForwardTraits {
   using TileIndex = std::conditional_t<kFeatures && kHeadDim == 128, std::int64_t, std::uint32_t>;
   // Register budget per CTA: 128 * producer + 128 * kConsumers * consumer <= 65536 /
   // kCtasPerSm (setmaxnreg only moves registers within the CTA's launch allocation).
-  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 1 ? 232 : 240;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kConsumers == 1 ? 232 : kConsumers == 2 ? 240 : 160;
   static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536 / kCtasPerSm);
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
@@ -90,7 +100,8 @@ struct ForwardTraits {
   // Q buffers: with two, the producer loads the next tile's Q while the consumers still read
   // this one's, so a tile's first product need not wait for its Q. Where the output is staged
   // (it fits there: 224 KB); not at D = 64, which more shared memory per CTA has made slower
-  // every time (NOTES.md, s7, s13, s14).
+  // every time (NOTES.md, s7, s13, s14), nor for the wide tiles, where two Q buffers and turns
+  // across tiles measured 1-4% slower (NOTES.md, w3).
   static constexpr int kQStages = kStageOut ? 2 : 1;
   // Layout: Q[kQStages] | K[kStages] | V[kStages] | mask[kStages] | out | mbarriers; every tile
   // 1024-byte aligned.
@@ -404,13 +415,19 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     const auto softmax = [&](int nb, int use, float(&rescale)[1][2]) {
       const int j0 = nb * Tr::kBlockN;
       const KeyRange& keys = tile.keys;
+      // Rows past Lq need no -inf: their Q rows are TMA's zeros and their output is never
+      // stored, and rows are independent. So only the warpgroup's rows before Lq count for the
+      // checks: a tile that ends past Lq (every last tile of a bh when Lq is not a multiple of
+      // kBlockM) runs the unchecked path on its interior blocks.
+      const int live_rows = min(64, p.Lq - wg_row0);
       if (mask_tiles) {
         const int s = stage_of<Tr>(use), tile_row0 = 64 * wg + 16 * warp;
         const MaskTile mt = mask_tile(s);
         mbar_wait(sm.mask_full(s), parity_of<Tr>(use));
         if (from_tiles) {
           // Blocks that bounds and causality leave whole skip the per-element compare.
-          const bool check = sm80::block_needs_bounds_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
+          const bool check =
+              sm80::block_needs_bounds_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
           with_tile_flags(p.mask_kind == MaskKind::boolean, check, [&](auto is_bool, auto checked) {
             mask_query_rows_from_tile<is_bool.value, true, checked.value>(sc, masks, mt, tile_row0,
                                                                           warp_row0, j0, lane);
@@ -420,7 +437,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         }
         release(sm.mask_empty(s), lane);
       } else {
-        const bool check = sm80::block_needs_check(p, keys, wg_row0, 64, j0, Tr::kBlockN);
+        const bool check = sm80::block_needs_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
         sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
       }
       sm80::softmax_update<Tr::kLazyRescale>(sc, row_max, row_sum, rescale, unit);
@@ -505,9 +522,9 @@ inline int multiprocessors() {
   return caps.multiprocessors;
 }
 
-template <class T, int kHeadDim, bool kFeatures>
+template <class T, int kHeadDim, bool kFeatures, bool kWide = false>
 void launch_forward(const DeviceParams& p, cudaStream_t stream) {
-  using Tr = ForwardTraits<kHeadDim, kFeatures>;
+  using Tr = ForwardTraits<kHeadDim, kFeatures, kWide>;
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
@@ -536,9 +553,15 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
 namespace memattn::cuda {
 template <class T, int kHeadDim>
 void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
-  if (has_features(p))
+  if (has_features(p)) {
     sm90::launch_forward<T, kHeadDim, true>(p, stream);
-  else
+  } else if constexpr (kHeadDim == 64) {
+    if (sm90_wide_tiles(p.Lq, p.Lk, p.causal))
+      sm90::launch_forward<T, 64, false, true>(p, stream);
+    else
+      sm90::launch_forward<T, 64, false>(p, stream);
+  } else {
     sm90::launch_forward<T, kHeadDim, false>(p, stream);
+  }
 }
 }  // namespace memattn::cuda
