@@ -29,6 +29,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/common/launch_smem.cuh"
 #include "cuda/common/params.h"
@@ -251,13 +252,16 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
             bulk_commit();
           }
         }
-        static_assert(Tr::kConsumers == 2);
-        if (lane == 0) bulk_wait_read<1>();  // part 0 read
-        __syncwarp();
-        if (!last) named_barrier_arrive(Tr::kDqEmpty, Tr::kDqSync);
-        if (lane == 0) bulk_wait_read<0>();  // part 1 read
-        __syncwarp();
-        if (!last) named_barrier_arrive(Tr::kDqEmpty + 1, Tr::kDqSync);
+        // Then each buffer is freed once its part has been read, in issue order: part g's read
+        // is done when at most kConsumers - 1 - g bulk groups still read (a compile-time count).
+        const auto free_part = [&]<int g>() {
+          if (lane == 0) bulk_wait_read<Tr::kConsumers - 1 - g>();
+          __syncwarp();
+          if (!last) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+        };
+        [&]<int... g>(std::integer_sequence<int, g...>) {
+          (free_part.template operator()<g>(), ...);
+        }(std::make_integer_sequence<int, Tr::kConsumers>{});
       });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
