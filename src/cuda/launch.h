@@ -42,12 +42,13 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream);
 
 // Whether sm90_forward runs a D = 64 call without features (has_features) on its wide tiles
 // (sm90/forward.cuh, ForwardTraits::kWide, 192 query rows of three consumer warpgroups): long
-// non-causal calls, where they measured faster (sm90/NOTES.md, w3). Causal calls, short queries
-// and a single key block keep the 64-row tiles, whose second CTA per multiprocessor hides the
-// fixed costs of each tile (its first block alone, its last P V, the output) and which waste
-// less on Lq = 1.
+// non-causal calls, where they measured faster (sm90/NOTES.md, w3: 4-17% from four 128-key
+// blocks on). Causal calls, short queries and up to three key blocks keep the 64-row tiles,
+// whose second CTA per multiprocessor hides the fixed costs of each tile (its first block
+// alone, its last P V, the output; with two key blocks the wide tiles measured 3-11% slower)
+// and which waste less on Lq = 1.
 inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
-  return !causal && Lq >= 1024 && Lk > 128;
+  return !causal && Lq >= 1024 && Lk > 384;
 }
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);

@@ -127,10 +127,11 @@ def case_many_tiles_per_cta(dtype):
 def case_wide_tiles_d64(dtype):
     """The Hopper forward's 192-row tiles of three consumer warpgroups (long non-causal calls
     at D <= 64 without masks: launch.h, sm90_wide_tiles): a last query tile whose third
-    warpgroup has no row before Lq, GQA, key padding with a fully padded batch entry."""
-    q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=200, D=64)
-    kpm = torch.zeros(2, 200, dtype=torch.bool)
-    kpm[0, 150:] = True
+    warpgroup has no row before Lq, a partial last key block, GQA, key padding with a fully
+    padded batch entry."""
+    q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=400, D=64)
+    kpm = torch.zeros(2, 400, dtype=torch.bool)
+    kpm[0, 350:] = True
     kpm[1] = True
     check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
 

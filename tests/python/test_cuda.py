@@ -1132,14 +1132,14 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 40], ids=str)
 def test_hopper_wide_tiles_d64(dtype, D):
-    """Long non-causal calls of head dim <= 64 without masks or dropout run the sm90 forward on
-    192-row tiles of three consumer warpgroups (launch.h, sm90_wide_tiles; explain names the
-    kernel ".../d64/wide"). More tiles than CTAs (a CTA reuses both Q buffers, its warpgroups'
+    """Long non-causal calls of head dim <= 64 without masks or dropout (Lq >= 1024, Lk > 384)
+    run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
+    sm90_wide_tiles; explain names the kernel ".../d64/wide"). More tiles than CTAs (a CTA reuses both Q buffers, its warpgroups'
     turns run on across tiles); Lq = 1100 = 5 * 192 + 140 leaves a last query tile whose third
     warpgroup has no row before Lq and whose second has 12; Lk = 1000 a partial last key block;
     GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a
-    right-padded one. Causal calls and Lq < 1024 keep the 64-row tiles. Outputs start from a
-    poisoned allocator cache."""
+    right-padded one. Causal calls, Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start
+    from a poisoned allocator cache."""
     q, k, v = qkv(B=2, Hq=24, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].endswith("/d64/wide")
     check_cuda(Inputs(q, k, v), backward=False)
@@ -1153,6 +1153,8 @@ def test_hopper_wide_tiles_d64(dtype, D):
     assert torch.all(lse[1] == -math.inf)
     assert not memattn.explain(q, k, v, is_causal=True)["kernel"].endswith("/wide")
     assert not memattn.explain(q[:, :, :1000], k, v)["kernel"].endswith("/wide")
+    assert not memattn.explain(q, k[:, :, :384], v[:, :, :384])["kernel"].endswith("/wide")
+    assert memattn.explain(q, k[:, :, :385], v[:, :, :385])["kernel"].endswith("/d64/wide")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
 
 

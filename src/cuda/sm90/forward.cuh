@@ -50,7 +50,7 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two CTAs
 // give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the 64-row
 // tiles on long non-causal calls (NOTES.md, w3); slower where a tile's fixed costs, which no second
-// CTA hides, weigh more (causal tiles, decoding, a single key block). At 160 registers ptxas
+// CTA hides, weigh more (causal tiles, decoding, few key blocks). At 160 registers ptxas
 // spills 12 bytes here: two per-warpgroup constants (the next turn's barrier, S's first Q
 // descriptor) reloaded from L1 once per block, off the products' path; builds that read the
 // warpgroup anew from %tid.x instead had no spill and ran 3-5% slower (NOTES.md, w3).
