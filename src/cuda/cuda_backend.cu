@@ -142,6 +142,9 @@ float* dq_accum_words(const TensorView& t, const ForwardArgs& a, const ProblemSh
                                              s.B * s.Hq * ((s.Lq + 63) / 64) * 64 * columns, a));
 }
 
+// DeviceParams::scale_log2 of a call: its scale in log2 units, as the kernels' exponents use it.
+float scale_log2(const ProblemShape& s) { return static_cast<float>(s.scale * 1.4426950408889634); }
+
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   DeviceParams p;
   p.q = a.q.data;
@@ -163,7 +166,7 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   p.D = static_cast<int>(s.D);
   p.Dv = static_cast<int>(s.Dv);
   p.scale = static_cast<float>(s.scale);
-  p.scale_log2 = static_cast<float>(s.scale * 1.4426950408889634);
+  p.scale_log2 = scale_log2(s);
   p.causal = a.is_causal;
   p.causal_offset = s.causal_offset;
   if (a.attn_mask.present()) {
@@ -305,9 +308,8 @@ std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backwa
   const std::int64_t d = max_head_dim(a);
   if (use_sm90(a, backward)) {
     const int bucket = sm90_head_dim_bucket(d);
-    // has_features of the call's DeviceParams (make_params), from the arguments
-    const bool features = a.attn_mask.present() || a.dropout_p > 0.0 ||
-                          !(static_cast<float>(s.scale * 1.4426950408889634) > 0.f);
+    const bool features =
+        features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
     const bool wide =
         !backward && bucket == 64 && !features && sm90_wide_tiles(s.Lq, s.Lk, a.is_causal);
     return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" + std::to_string(bucket) +

@@ -79,10 +79,14 @@ struct DeviceParams {
 // Whether a call needs the general kernels (masks, dropout, mask gradient, or a scale <= 0,
 // which the lean kernels' raw-score maxima cannot take) rather than the lean ones that check
 // only bounds, causality and key padding (per key, and only in blocks that key_ranges says
-// hold padding).
+// hold padding). features_of states the rule on the call's own terms, for callers that have no
+// DeviceParams (the CUDA backend's kernel_name).
+inline bool features_of(bool has_mask, bool dropout, float scale_log2) {
+  return has_mask || dropout || !(scale_log2 > 0.f);
+}
 inline bool has_features(const DeviceParams& p) {
-  return p.mask_kind != MaskKind::none || p.dropout || p.grad_mask != nullptr ||
-         !(p.scale_log2 > 0.f);
+  return features_of(p.mask_kind != MaskKind::none, p.dropout, p.scale_log2) ||
+         p.grad_mask != nullptr;
 }
 
 }  // namespace memattn::cuda
