@@ -125,15 +125,19 @@ def case_many_tiles_per_cta(dtype):
 
 
 def case_wide_tiles_d64(dtype):
-    """The Hopper forward's 192-row tiles of three consumer warpgroups (long non-causal calls
-    at D <= 64 without masks: launch.h, sm90_wide_tiles): a last query tile whose third
-    warpgroup has no row before Lq, a partial last key block, GQA, key padding with a fully
-    padded batch entry."""
+    """The Hopper forward's 192-row tiles of three consumer warpgroups (calls at D <= 64
+    without masks, Lq >= 1024 (causal: 2048), Lk > 384: launch.h, sm90_wide_tiles), which end
+    at Lq: a first query tile that starts before row 0, a partial last key block, GQA, key
+    padding with a fully padded batch entry; causal (bottom-right, Lq > Lk: rows without a
+    visible key), whose tiles go in pairs (forward.cuh, paired_tile)."""
     q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=400, D=64)
     kpm = torch.zeros(2, 400, dtype=torch.bool)
     kpm[0, 350:] = True
     kpm[1] = True
     check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+    q, k, v = _qkv(dtype, B=1, Hq=2, Hk=1, Lq=2100, Lk=1900, D=64)
+    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(Inputs(q, k, v, kwargs=causal))
 
 
 def case_float_mask_grad_causal_padding(dtype):

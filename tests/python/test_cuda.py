@@ -1132,14 +1132,14 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 40], ids=str)
 def test_hopper_wide_tiles_d64(dtype, D):
-    """Long non-causal calls of head dim <= 64 without masks or dropout (Lq >= 1024, Lk > 384)
-    run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
-    sm90_wide_tiles; explain names the kernel ".../d64/wide"). More tiles than CTAs (a CTA reuses both Q buffers, its warpgroups'
-    turns run on across tiles); Lq = 1100 = 5 * 192 + 140 leaves a last query tile whose third
-    warpgroup has no row before Lq and whose second has 12; Lk = 1000 a partial last key block;
-    GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a
-    right-padded one. Causal calls, Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start
-    from a poisoned allocator cache."""
+    """Calls of head dim <= 64 without masks or dropout with Lq >= 1024 (causal: 2048) and
+    Lk > 384 run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
+    sm90_wide_tiles; explain names the kernel ".../d64/wide"), which end at Lq: Lq = 1100 =
+    5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0. More tiles than
+    CTAs (a CTA reuses its Q buffer); Lk = 1000 a partial last key block; GQA; a fully padded
+    batch entry (tiles without key blocks between a CTA's other tiles) and a right-padded one.
+    Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start from a poisoned allocator
+    cache."""
     q, k, v = qkv(B=2, Hq=24, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].endswith("/d64/wide")
     check_cuda(Inputs(q, k, v), backward=False)
@@ -1156,6 +1156,45 @@ def test_hopper_wide_tiles_d64(dtype, D):
     assert not memattn.explain(q, k[:, :, :384], v[:, :, :384])["kernel"].endswith("/wide")
     assert memattn.explain(q, k[:, :, :385], v[:, :, :385])["kernel"].endswith("/d64/wide")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(
+    ("B", "Hq", "Hk"), [(2, 24, 8), (1, 2, 1)], ids=["many_tiles", "few_tiles"]
+)
+def test_hopper_wide_tiles_d64_causal(dtype, B, Hq, Hk):
+    """Causal calls from Lq = 2048 on run the wide tiles too, taken in pairs of a bh's query
+    blocks M - 1 - k and k (forward.cuh, paired_tile). Lq = 2100: M = 11 query tiles per bh,
+    the first starting 12 rows before row 0, five pairs and a middle tile per bh; with 48 bh
+    (528 tiles on at most 132 CTAs) full rounds of pairs, pairs left over and middle tiles;
+    with 2 bh (22 tiles, 22 CTAs) only left-over pairs. Both alignments; bottom-right with
+    Lq > Lk (Lk = 1900) leaves the first 200 rows without a visible key (zeros, lse -inf), so
+    some warpgroups of the first tiles have none; key padding with a fully padded batch entry
+    (tiles without key blocks)."""
+    q, k, v = qkv(B=B, Hq=Hq, Hk=Hk, Lq=2100, Lk=2000, D=64, dtype=dtype, requires_grad=False)
+    for alignment in ("top_left", "bottom_right"):
+        causal = {"is_causal": True, "causal_alignment": alignment}
+        assert memattn.explain(q, k, v, **causal)["kernel"].endswith("/d64/wide")
+        check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
+    out, lse, _ = check_cuda(
+        Inputs(q, k[:, :, :1900], v[:, :, :1900], kwargs=causal), backward=False
+    )
+    assert torch.all(out[:, :, :200] == 0)
+    assert torch.all(lse[:, :, :200] == -math.inf)
+    kpm = torch.zeros(B, 2000, dtype=torch.bool)
+    kpm[0, 1500:] = True
+    if B > 1:
+        kpm[-1] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm.to(DEV)}), backward=False
+    )
+    if B > 1:
+        assert torch.all(out[-1] == 0)
+        assert torch.all(lse[-1] == -math.inf)
+    assert not memattn.explain(q[:, :, :2047], k, v, is_causal=True)["kernel"].endswith("/wide")
 
 
 # Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,

@@ -114,7 +114,8 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(row_sum[m][r]);
       const int i = row0 + c_row(m, 2 * r, lane);
-      if (i >= p.Lq) continue;
+      // rows before 0 (the sm90 forward's tiles that end at Lq) or past Lq: no output
+      if (static_cast<unsigned>(i) >= static_cast<unsigned>(p.Lq)) continue;
       const float inv = out_scale(sum);
       T* out_row = out + i * p.out_st.l;
 #pragma unroll
@@ -142,7 +143,8 @@ __device__ __forceinline__ void store_lse(const DeviceParams& p, int b, int h, i
       const float sum = quad_sum(row_sum[m][r]);
       inv[m][r] = out_scale(sum);
       const int i = row0 + c_row(m, 2 * r, lane);
-      if (i < p.Lq && (lane & 3) == 0) lse_at(p, b, h, i) = row_lse(sum, row_max[m][r], unit);
+      if (static_cast<unsigned>(i) < static_cast<unsigned>(p.Lq) && (lane & 3) == 0)  // as above
+        lse_at(p, b, h, i) = row_lse(sum, row_max[m][r], unit);
     }
 }
 

@@ -62,6 +62,13 @@ struct ForwardTraits {
   static_assert(!kWide || (kHeadDim == 64 && !kFeatures));
   static constexpr int kHead = kHeadDim;
   static constexpr int kConsumers = kWide ? 3 : kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 rows
+  // Wide tiles end at Lq (Tile::at): where 192 does not divide Lq, a bh's first tile starts
+  // before row 0 instead of its last running past Lq. The rows with no output (TMA's zero Q
+  // rows) then sit in a causal call's lightest tile of the bh (a key block or two), not in its
+  // heaviest (all of them).
+  static constexpr bool kEndAligned = kWide;
+  // Causal calls on wide tiles take their tiles in pairs of equal cost (paired_tile).
+  static constexpr bool kPairedTiles = kWide;
   static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
@@ -229,13 +236,15 @@ struct PingPong<1, kAcrossTiles> {  // a single consumer warpgroup has no one to
 
 // Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
 // blocks first within each bh, consecutive tiles on one bh so concurrent CTAs share its K/V in
-// L2. Its key blocks stop at the causal limit and at b's last unpadded key.
+// L2. Its key blocks stop at the causal limit and at b's last unpadded key. Query block m holds
+// rows [m kBlockM, +kBlockM), or with kEndAligned those that end (M - m) kBlockM rows before Lq
+// (M query blocks per bh; the first may start before row 0).
 struct Tile {
   int b, h, hk, i0, num_n_blocks;
   std::int64_t bh;
   KeyRange keys;
   // Index: the type of the tile arithmetic (ForwardTraits::TileIndex).
-  template <int kBlockM, int kBlockN, class Index>
+  template <int kBlockM, int kBlockN, bool kEndAligned, class Index>
   __device__ __forceinline__ static Tile at(const DeviceParams& p, Index t, int num_m_blocks) {
     Tile tile;
     const auto m_blocks = static_cast<Index>(num_m_blocks);
@@ -245,9 +254,10 @@ struct Tile {
     tile.b = static_cast<int>(bh / heads);
     tile.h = static_cast<int>(bh - static_cast<Index>(tile.b) * heads);
     tile.hk = tile.h / p.group;
-    tile.i0 = m_block * kBlockM;
+    tile.i0 = kEndAligned ? p.Lq - (num_m_blocks - m_block) * kBlockM : m_block * kBlockM;
     tile.keys = key_range(p, tile.b);
-    tile.num_n_blocks = visible_key_blocks<kBlockN>(p, tile.keys, tile.i0 + kBlockM - 1);
+    // (rows past Lq have no output: they do not move the causal limit)
+    tile.num_n_blocks = visible_key_blocks<kBlockN>(p, tile.keys, min(tile.i0 + kBlockM, p.Lq) - 1);
     return tile;
   }
 };
@@ -262,6 +272,37 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
   return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
 }
 
+// The tile (Tile::at's number) that a paired order puts at position t of snake_tile's walk
+// (ForwardTraits::kPairedTiles, causal calls; num_pairs = 0 elsewhere: t itself). A causal
+// tile's cost grows with its query block, and the snake pairs each round's heavy tiles with the
+// next round's light ones only where M divides 2 G (G = gridDim.x): for 192-row tiles at
+// L = 8192 (M = 43) the busiest CTA had 1.2x the mean work (simulated). So here unit u of
+// bh = u / (M / 2), k = u mod (M / 2), is the bh's query blocks M - 1 - k and k, whose costs
+// add up to about the same for every unit; the positions of rounds 2 r and 2 r + 1 that the
+// snake gives one CTA hold the two tiles of one unit (r G + c, c < G). The num_pairs mod G
+// units left over and the middle blocks of odd M come last (tail orders simulated: this one
+// left the busiest CTA at 1.02-1.06x the mean work where the snake over tiles left 1.03-1.28x).
+template <class Index>
+__device__ __forceinline__ Index paired_tile(Index t, int num_m_blocks, std::int64_t num_pairs) {
+  const auto pairs = static_cast<Index>(num_pairs), m_blocks = static_cast<Index>(num_m_blocks);
+  if (pairs == 0) return t;
+  const Index g = gridDim.x, span = 2 * g, paired = pairs / g * span;  // positions of full rounds
+  Index unit;
+  bool second;
+  if (t < paired) {
+    const Index r = t / span, w = t - r * span;
+    second = w >= g;
+    unit = r * g + (second ? span - 1 - w : w);
+  } else {  // the units left over: their heavy tiles, then their light ones in reverse order
+    const Index rest = t - paired, left = pairs - paired / 2;
+    if (rest >= 2 * left) return (rest - 2 * left) * m_blocks + m_blocks / 2;  // middle blocks
+    second = rest >= left;
+    unit = paired / 2 + (second ? 2 * left - 1 - rest : rest);
+  }
+  const Index half = m_blocks / 2, bh = unit / half, k = unit - bh * half;
+  return bh * m_blocks + (second ? m_blocks - 1 - k : k);  // number j is block M - 1 - j
+}
+
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
 // buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
@@ -271,13 +312,15 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 template <class T, class Tr, bool kFeatures>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
-                   int num_m_blocks, std::int64_t num_tiles) {
+                   int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs) {
   constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8;
   extern __shared__ unsigned char smem_raw[];
   const ForwardSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
   const auto tile_at = [&](std::int64_t t) {
-    return Tile::at<Tr::kBlockM, Tr::kBlockN>(p, static_cast<typename Tr::TileIndex>(t),
-                                              num_m_blocks);
+    using Index = typename Tr::TileIndex;
+    auto index = static_cast<Index>(t);
+    if constexpr (Tr::kPairedTiles) index = paired_tile(index, num_m_blocks, num_pairs);
+    return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks);
   };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
@@ -528,12 +571,15 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
-  // Tile::at's 32-bit arithmetic (TileIndex); 2^32 tiles of 64 query rows would not fit a
-  // GPU's memory.
-  if (num_tiles > 0xffffffffLL)
+  // Tile::at's and paired_tile's 32-bit arithmetic (TileIndex; paired_tile's positions reach
+  // 2 gridDim.x past num_tiles); 2^31 tiles of 64 query rows would not fit a GPU's memory.
+  if (num_tiles > 0x7fffffffLL)
     throw Error(ErrorKind::not_implemented,
                 "memattn sm90 forward: B * Hq * ceil(Lq / " + std::to_string(Tr::kBlockM) +
-                    ") = " + std::to_string(num_tiles) + " query tiles, more than 2^32");
+                    ") = " + std::to_string(num_tiles) + " query tiles, more than 2^31");
+  // paired_tile's units of two tiles: M / 2 per bh of a causal call.
+  const std::int64_t num_pairs =
+      Tr::kPairedTiles && p.causal ? num_tiles / num_m_blocks * (num_m_blocks / 2) : 0;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
@@ -545,7 +591,8 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,
-                   Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles);
+                   Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles,
+                   num_pairs);
 }
 
 }  // namespace memattn::cuda::sm90
