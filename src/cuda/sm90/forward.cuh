@@ -45,20 +45,22 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // block), where a 64-row tile also wastes half as much on Lq = 1. Not at D = 128 / 256: two
 // CTAs of 256 threads get 128 registers per thread, which spilled at D = 128 and could not
 // hold D = 256's accumulators.
-// kWide (D = 64 without features only; launch.h's sm90_wide_tiles picks it per call):
+// kWideTiles (D = 64 without features only; launch.h's sm90_wide_tiles picks it per call):
 // 192-row tiles of three consumer warpgroups at 160 registers taking turns, one CTA per
-// multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two CTAs
-// give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the 64-row
-// tiles on long non-causal calls (NOTES.md, w3); slower where a tile's fixed costs, which no second
-// CTA hides, weigh more (causal tiles, decoding, few key blocks). At 160 registers ptxas
-// spills 12 bytes here: two per-warpgroup constants (the next turn's barrier, S's first Q
-// descriptor) reloaded from L1 once per block, off the products' path; builds that read the
-// warpgroup anew from %tid.x instead had no spill and ran 3-5% slower (NOTES.md, w3).
+// multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two
+// CTAs give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the
+// 64-row tiles on long non-causal calls (NOTES.md, w3), 4-13% on causal ones from Lq = 2048 on
+// (w4: tiles that end at Lq, taken in pairs, each warpgroup computing only its rows' blocks);
+// slower where a tile's fixed costs, which no second CTA hides, weigh more (short queries,
+// decoding, few key blocks). At 160 registers ptxas spills 48 bytes here: the row sums (two
+// loads and stores per block) and values of the per-element masking path; the spills cost less
+// than the blocks the warpgroups' own block counts skip (w4).
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
-template <int kHeadDim, bool kFeatures, bool kWide = false>
+template <int kHeadDim, bool kFeatures, bool kWideTiles = false>
 struct ForwardTraits {
+  static constexpr bool kWide = kWideTiles;
   static_assert(!kWide || (kHeadDim == 64 && !kFeatures));
   static constexpr int kHead = kHeadDim;
   static constexpr int kConsumers = kWide ? 3 : kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 rows
@@ -344,7 +346,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   }
   __syncthreads();
 
-  const int warp_group = threadIdx.x / 128;
+  // The wide kernel reads its warp's number through a shuffle, which ptxas knows to be the same
+  // in every lane: it then keeps what derives from it (the warpgroup's rows and own blocks, the
+  // drain's loop) in uniform registers. With the plain read the wide kernel spilled 116 bytes
+  // (56 with only the warpgroup shuffled, 48 now); the other kernels keep the plain read, with
+  // which they have no spill (the shuffle gave the general D = 128 kernel 60 bytes).
+  const int warp_id = Tr::kWide ? __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0)
+                                : static_cast<int>(threadIdx.x / 32);
+  const int warp_group = warp_id / 4;
   if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x != 0) return;
@@ -385,7 +394,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
   // Consumers: warpgroup wg owns query rows [i0 + 64 wg, +64) of a tile; warp w of it +16 w.
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
-  const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg = warp_group - 1, warp = warp_id % 4, lane = threadIdx.x % 32;
   const GemmIssue<T, Tr> gemm{sm, wg};
   // Turns across tiles where the next tile's Q has a buffer of its own: with one, its load
   // waits for this tile's last output stores anyway, and running the turns on measured 3-5%
@@ -495,18 +504,30 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     };
 
     const int qs = ring_stage<Tr::kQStages>(q_round);  // the tile's Q buffer
-    if (n > 0) {                                       // block 0: S(0) alone
+    // The warpgroup's own blocks, the tile's first `own`: on wide tiles those with keys its rows
+    // see. A causal tile's key blocks end at its last row's keys, which its first warpgroups'
+    // rows do not see (up to two blocks of -inf), and a tile's first warpgroups may have no row
+    // at or after row 0 (Tile::at, kEndAligned). The other blocks' turns and buffer releases
+    // follow in the drain.
+    const int own =
+        !Tr::kWide ? n
+        : wg_row0 + 64 <= 0
+            ? 0
+            : min(n, visible_key_blocks<Tr::kBlockN>(p, tile.keys, min(wg_row0 + 64, p.Lq) - 1));
+    if (n > 0) {
       mbar_wait(sm.q_full(qs), ring_parity<Tr::kQStages>(q_round));
       turn.start_tile();
+    }
+    if (own > 0) {  // block 0: S(0) alone
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
       turn.wait();
       wgmma_fence();
       gemm.scores(sc, qs, stage_of<Tr>(it));
-      turn.pass(/*last=*/n == 1, final_tile);
+      turn.pass(/*last=*/own == 1 && own == n, final_tile);
       wgmma_wait<0>();
       fence_operands(sc[0]);
       release(sm.k_empty(stage_of<Tr>(it)), lane);
-      if (n == 1 && !kQHalf) release(sm.q_empty(qs), lane);
+      if (own == 1 && !kQHalf) release(sm.q_empty(qs), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
       softmax(0, it, rescale);
       to_operand(0);
@@ -515,7 +536,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's
       // softmax also overlaps the others' products. No branch around the wgmmas in the loop:
       // ptxas serializes wgmmas on divergent paths.
-      for (int nb = 1; nb < n; ++nb) {
+      for (int nb = 1; nb < own; ++nb) {
         const int cur = it + nb;
         mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
         mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
@@ -528,7 +549,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         fence_operands(sc[0]);
         release(sm.k_empty(stage_of<Tr>(cur)), lane);
         // The tile's last read of Q is done (q_half: the output's stores still use the buffer).
-        if (nb + 1 == n && !kQHalf) release(sm.q_empty(qs), lane);
+        if (nb + 1 == own && !kQHalf) release(sm.q_empty(qs), lane);
         float rescale[1][2];
         softmax(nb, cur, rescale);
         wgmma_wait<0>();
@@ -539,16 +560,33 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         to_operand(nb);
       }
       {  // the last block's P V
-        const int last = it + n - 1;
+        const int last = it + own - 1;
         mbar_wait(sm.v_full(stage_of<Tr>(last)), parity_of<Tr>(last));
         wgmma_fence();
         gemm.values(acc_o, pf, stage_of<Tr>(last));
         wgmma_wait<0>();
         fence_operands(acc_o[0]);
         release(sm.v_empty(stage_of<Tr>(last)), lane);
-        it += n;
-        ++q_round;
       }
+    }
+    if (n > 0) {
+      if (own == 0) release(sm.q_empty(qs), lane);  // (not kQHalf: wide tiles only)
+        // The drain: each block's turn and releases once its copy landed (a release before that
+        // could complete the stage's "empty" phase of the block two uses later). No product, so
+        // no wgmma behind a branch; after the loop's, so the accumulators stay where they are
+        // (walked first, in reverse key order, this drain cost 80-110 bytes of spills).
+#pragma unroll 1
+      for (int nb = own; nb < n; ++nb) {
+        const int cur = it + nb;
+        mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
+        turn.wait();
+        turn.pass(/*last=*/nb + 1 == n, final_tile);
+        release(sm.k_empty(stage_of<Tr>(cur)), lane);
+        mbar_wait(sm.v_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
+        release(sm.v_empty(stage_of<Tr>(cur)), lane);
+      }
+      it += n;
+      ++q_round;
     }
     store_output(tile, warp_row0, qs, acc_o, row_max, row_sum, unit);
   }
