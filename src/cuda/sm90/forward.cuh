@@ -28,6 +28,7 @@
 #include "cuda/sm90/hopper.cuh"
 #include "cuda/sm90/mask_tile.cuh"
 #include "cuda/sm90/tensor_map.h"
+#include "cuda/sm90/tile_order.h"
 #include "cuda/sm90/tiles.cuh"
 #include "memattn/error.h"
 
@@ -274,37 +275,6 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
   return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
 }
 
-// The tile (Tile::at's number) that a paired order puts at position t of snake_tile's walk
-// (ForwardTraits::kPairedTiles, causal calls; num_pairs = 0 elsewhere: t itself). A causal
-// tile's cost grows with its query block, and the snake pairs each round's heavy tiles with the
-// next round's light ones only where M divides 2 G (G = gridDim.x): for 192-row tiles at
-// L = 8192 (M = 43) the busiest CTA had 1.2x the mean work (simulated). So here unit u of
-// bh = u / (M / 2), k = u mod (M / 2), is the bh's query blocks M - 1 - k and k, whose costs
-// add up to about the same for every unit; the positions of rounds 2 r and 2 r + 1 that the
-// snake gives one CTA hold the two tiles of one unit (r G + c, c < G). The num_pairs mod G
-// units left over and the middle blocks of odd M come last (tail orders simulated: this one
-// left the busiest CTA at 1.02-1.06x the mean work where the snake over tiles left 1.03-1.28x).
-template <class Index>
-__device__ __forceinline__ Index paired_tile(Index t, int num_m_blocks, std::int64_t num_pairs) {
-  const auto pairs = static_cast<Index>(num_pairs), m_blocks = static_cast<Index>(num_m_blocks);
-  if (pairs == 0) return t;
-  const Index g = gridDim.x, span = 2 * g, paired = pairs / g * span;  // positions of full rounds
-  Index unit;
-  bool second;
-  if (t < paired) {
-    const Index r = t / span, w = t - r * span;
-    second = w >= g;
-    unit = r * g + (second ? span - 1 - w : w);
-  } else {  // the units left over: their heavy tiles, then their light ones in reverse order
-    const Index rest = t - paired, left = pairs - paired / 2;
-    if (rest >= 2 * left) return (rest - 2 * left) * m_blocks + m_blocks / 2;  // middle blocks
-    second = rest >= left;
-    unit = paired / 2 + (second ? 2 * left - 1 - rest : rest);
-  }
-  const Index half = m_blocks / 2, bh = unit / half, k = unit - bh * half;
-  return bh * m_blocks + (second ? m_blocks - 1 - k : k);  // number j is block M - 1 - j
-}
-
 // Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
 // buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
@@ -321,7 +291,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const auto tile_at = [&](std::int64_t t) {
     using Index = typename Tr::TileIndex;
     auto index = static_cast<Index>(t);
-    if constexpr (Tr::kPairedTiles) index = paired_tile(index, num_m_blocks, num_pairs);
+    if constexpr (Tr::kPairedTiles)
+      index = paired_tile(index, static_cast<Index>(gridDim.x), num_m_blocks, num_pairs);
     return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks);
   };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;

@@ -9,11 +9,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MEMATTN_SM90_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MEMATTN_SM90_HOST_DEVICE inline
-#endif
+#include "cuda/sm90/host_device.h"
 
 namespace memattn::cuda::sm90 {
 

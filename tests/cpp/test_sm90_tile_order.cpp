@@ -1,0 +1,97 @@
+// The sm90 forward's paired tile order (src/cuda/sm90/tile_order.h), checked on the host: a
+// bijection of the snake walk's positions onto the tiles, the two tiles of each full round's
+// unit on one CTA, and the balance of the work that makes it worth having.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "cuda/sm90/tile_order.h"
+
+namespace {
+
+using memattn::cuda::sm90::paired_tile;
+
+// Position of CTA c in round r of the forward's snake walk over g CTAs (forward.cuh,
+// snake_tile).
+std::uint32_t snake_position(std::uint32_t r, std::uint32_t g, std::uint32_t c) {
+  return r * g + (r % 2 == 0 ? c : g - 1 - c);
+}
+
+// Query block of tile number t (heavy first within a bh: number j is block M - 1 - j).
+int query_block(std::uint32_t t, int m_blocks) {
+  return m_blocks - 1 - static_cast<int>(t % static_cast<std::uint32_t>(m_blocks));
+}
+
+std::int64_t pairs_of(int bh, int m_blocks) {
+  return static_cast<std::int64_t>(bh) * (m_blocks / 2);
+}
+
+TEST(Sm90TileOrder, PairedOrderVisitsEveryTileOnce) {
+  for (const int bh : {1, 2, 3, 7, 32, 64, 256})
+    for (const int m_blocks : {1, 2, 3, 6, 11, 22, 43, 86})
+      for (const std::uint32_t g : {1u, 5u, 66u, 132u, 264u}) {
+        const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
+        std::vector<int> seen(tiles, 0);
+        for (std::uint32_t t = 0; t < tiles; ++t) {
+          const std::uint32_t tile = paired_tile(t, g, m_blocks, pairs_of(bh, m_blocks));
+          ASSERT_LT(tile, tiles) << "bh " << bh << " M " << m_blocks << " g " << g << " t " << t;
+          ++seen[tile];
+        }
+        EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }))
+            << "bh " << bh << " M " << m_blocks << " g " << g;
+      }
+}
+
+TEST(Sm90TileOrder, WithoutPairsThePositionIsTheTile) {
+  for (std::uint32_t t = 0; t < 1000; ++t) EXPECT_EQ(paired_tile(t, 132u, 11, 0), t);
+}
+
+TEST(Sm90TileOrder, AFullRoundsUnitGoesToOneCta) {
+  // 64 bh of M = 43 query tiles (causal L = 8192 on 192-row tiles), 132 CTAs: 1344 pairs,
+  // 10 full rounds of 132 units.
+  const int bh = 64, m_blocks = 43;
+  const std::uint32_t g = 132;
+  const std::int64_t pairs = pairs_of(bh, m_blocks);
+  for (std::uint32_t r = 0; r < static_cast<std::uint32_t>(pairs / g); ++r)
+    for (std::uint32_t c = 0; c < g; ++c) {
+      const std::uint32_t heavy = paired_tile(snake_position(2 * r, g, c), g, m_blocks, pairs);
+      const std::uint32_t light = paired_tile(snake_position(2 * r + 1, g, c), g, m_blocks, pairs);
+      EXPECT_EQ(heavy / m_blocks, light / m_blocks) << "round " << r << " CTA " << c;
+      EXPECT_EQ(query_block(heavy, m_blocks) + query_block(light, m_blocks), m_blocks - 1)
+          << "round " << r << " CTA " << c;
+      EXPECT_GE(query_block(heavy, m_blocks), query_block(light, m_blocks));
+    }
+}
+
+// The busiest CTA's work over the mean, tile cost = its causal key blocks (192-row tiles that
+// end at L, 128-key blocks) plus one for its fixed costs, as the order's comment states.
+double busiest_over_mean(int bh, int length, std::uint32_t g, bool paired) {
+  const int m_blocks = (length + 191) / 192;
+  const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
+  const std::int64_t pairs = paired ? pairs_of(bh, m_blocks) : 0;
+  std::vector<double> work(g, 0.0);
+  for (std::uint32_t r = 0; r * g < tiles; ++r)
+    for (std::uint32_t c = 0; c < g; ++c) {
+      const std::uint32_t t = snake_position(r, g, c);
+      if (t >= tiles) continue;
+      const int m = query_block(paired_tile(t, g, m_blocks, pairs), m_blocks);
+      const int last_row = length - (m_blocks - m) * 192 + 191;
+      work[c] += last_row / 128 + 1 + 1;
+    }
+  const double total = std::accumulate(work.begin(), work.end(), 0.0);
+  return *std::max_element(work.begin(), work.end()) / (total / g);
+}
+
+TEST(Sm90TileOrder, PairsBalanceCausalTilesWhereTheSnakeDoesNot) {
+  // The sweep's causal rows at L = 8192 (64 bh) and 16384 (32 bh) on 132 CTAs.
+  EXPECT_GT(busiest_over_mean(64, 8192, 132, false), 1.15);
+  EXPECT_LT(busiest_over_mean(64, 8192, 132, true), 1.06);
+  EXPECT_GT(busiest_over_mean(32, 16384, 132, false), 1.2);
+  EXPECT_LT(busiest_over_mean(32, 16384, 132, true), 1.06);
+  EXPECT_LT(busiest_over_mean(256, 2048, 132, true), 1.04);
+}
+
+}  // namespace
