@@ -43,13 +43,14 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream);
 // Whether sm90_forward runs a D = 64 call without features (has_features) on its wide tiles
 // (sm90/forward.cuh, ForwardTraits::kWide, 192 query rows of three consumer warpgroups): long
 // calls, where they measured faster (sm90/NOTES.md, w3: 4-17% from four 128-key blocks on;
-// w4: causal calls from Lq = 2048 on, once tiles end at Lq and are taken in pairs). Short
-// queries (causal: below 2048, where a tile has few blocks) and up to three key blocks keep the
+// w4: causal calls from Lq = 1536 on, once tiles end at Lq and are taken in pairs). Short
+// queries (causal: below 1536, where a tile has few blocks) and up to three key blocks keep the
 // 64-row tiles, whose second CTA per multiprocessor hides the fixed costs of each tile (its
 // first block alone, its last P V, the output; with two key blocks the wide tiles measured
-// 3-11% slower, causal at Lq = 1024 3%) and which waste less on Lq = 1.
+// 3-11% slower; causal at Lq = 1024 / 1200 1% / 3% slower, at 1536 5% faster) and which waste
+// less on Lq = 1.
 inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
-  return Lq >= (causal ? 2048 : 1024) && Lk > 384;
+  return Lq >= (causal ? 1536 : 1024) && Lk > 384;
 }
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);

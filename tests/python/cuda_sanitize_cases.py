@@ -126,7 +126,7 @@ def case_many_tiles_per_cta(dtype):
 
 def case_wide_tiles_d64(dtype):
     """The Hopper forward's 192-row tiles of three consumer warpgroups (calls at D <= 64
-    without masks, Lq >= 1024 (causal: 2048), Lk > 384: launch.h, sm90_wide_tiles), which end
+    without masks, Lq >= 1024 (causal: 1536), Lk > 384: launch.h, sm90_wide_tiles), which end
     at Lq: a first query tile that starts before row 0, a partial last key block, GQA, key
     padding with a fully padded batch entry; causal (bottom-right, Lq > Lk: rows without a
     visible key), whose tiles go in pairs (forward.cuh, paired_tile)."""

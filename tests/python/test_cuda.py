@@ -1132,7 +1132,7 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 40], ids=str)
 def test_hopper_wide_tiles_d64(dtype, D):
-    """Calls of head dim <= 64 without masks or dropout with Lq >= 1024 (causal: 2048) and
+    """Calls of head dim <= 64 without masks or dropout with Lq >= 1024 (causal: 1536) and
     Lk > 384 run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
     sm90_wide_tiles; explain names the kernel ".../d64/wide"), which end at Lq: Lq = 1100 =
     5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0. More tiles than
@@ -1165,7 +1165,7 @@ def test_hopper_wide_tiles_d64(dtype, D):
     ("B", "Hq", "Hk"), [(2, 24, 8), (1, 2, 1)], ids=["many_tiles", "few_tiles"]
 )
 def test_hopper_wide_tiles_d64_causal(dtype, B, Hq, Hk):
-    """Causal calls from Lq = 2048 on run the wide tiles too, taken in pairs of a bh's query
+    """Causal calls from Lq = 1536 on run the wide tiles too, taken in pairs of a bh's query
     blocks M - 1 - k and k (forward.cuh, paired_tile). Lq = 2100: M = 11 query tiles per bh,
     the first starting 12 rows before row 0, five pairs and a middle tile per bh; with 48 bh
     (528 tiles on at most 132 CTAs) full rounds of pairs, pairs left over and middle tiles;
@@ -1194,7 +1194,8 @@ def test_hopper_wide_tiles_d64_causal(dtype, B, Hq, Hk):
     if B > 1:
         assert torch.all(out[-1] == 0)
         assert torch.all(lse[-1] == -math.inf)
-    assert not memattn.explain(q[:, :, :2047], k, v, is_causal=True)["kernel"].endswith("/wide")
+    assert not memattn.explain(q[:, :, :1535], k, v, is_causal=True)["kernel"].endswith("/wide")
+    assert memattn.explain(q[:, :, :1536], k, v, is_causal=True)["kernel"].endswith("/d64/wide")
 
 
 # Masks the sm90 forward copies by TMA tiles (mask_tile.cuh): bool or q's dtype, contiguous keys,

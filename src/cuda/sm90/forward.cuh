@@ -50,7 +50,7 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // 192-row tiles of three consumer warpgroups at 160 registers taking turns, one CTA per
 // multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two
 // CTAs give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the
-// 64-row tiles on long non-causal calls (NOTES.md, w3), 4-13% on causal ones from Lq = 2048 on
+// 64-row tiles on long non-causal calls (NOTES.md, w3), 5-15% on causal ones from Lq = 1536 on
 // (w4: tiles that end at Lq, taken in pairs, each warpgroup computing only its rows' blocks);
 // slower where a tile's fixed costs, which no second CTA hides, weigh more (short queries,
 // decoding, few key blocks). At 160 registers ptxas spills 48 bytes here: the row sums (two
