@@ -275,7 +275,8 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
   return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
 }
 
-// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... The K/V ring's stage and
+// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... (causal calls on wide
+// tiles: the tiles paired_tile puts there, tile_order.h). The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
 // buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
 // consumers finish the current one.
@@ -541,7 +542,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       }
     }
     if (n > 0) {
-      if (own == 0) release(sm.q_empty(qs), lane);  // (not kQHalf: wide tiles only)
+      // A warpgroup without blocks of its own never reads Q (own < n: wide tiles, not kQHalf).
+      if (own == 0) release(sm.q_empty(qs), lane);
         // The drain: each block's turn and releases once its copy landed (a release before that
         // could complete the stage's "empty" phase of the block two uses later). No product, so
         // no wgmma behind a branch; after the loop's, so the accumulators stay where they are
