@@ -299,14 +299,34 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
-  // Row stats (lse2, delta) of a step's queries: thread t of the warpgroup loads row t one
-  // step ahead into registers (the load's latency hides behind a step), stores it into the
-  // warpgroup's buffer of the step's stage and a warpgroup barrier publishes it; with two
-  // buffers the same barrier also orders the reads of two steps back before the overwrite.
+  // Row stats (lse2, delta) of a step's queries, loaded a step ahead into registers (the load's
+  // latency hides behind a step). Two passes: thread t of each warpgroup loads row t, stores it
+  // into the warpgroup's buffer of the step's stage at the step's start, and a warpgroup barrier
+  // publishes it; with two buffers the same barrier also orders the reads of two steps back
+  // before the overwrite. Single pass without masks (kSharedStats): one copy for both
+  // warpgroups, each loading half of the rows, stored during the step before (ahead of the
+  // pair's barrier 3, which publishes it; the buffer's readers of two steps back have passed
+  // that barrier of the step before), so no warpgroup barrier per step. (Next to mask tiles
+  // at D = 128 that spilled 12 bytes.)
+  constexpr bool kSharedStats = kFusedDq && kMasking == DkvMasking::lean;
   const int wg_thread = threadIdx.x % 128;
-  const bool stats_row = wg_thread < Tr::kBlockQ;
+  constexpr int kStatsRows = kSharedStats ? Tr::kBlockQ / 2 : Tr::kBlockQ;  // per warpgroup
+  const bool stats_row = wg_thread < kStatsRows;
+  const int stats_row0 = kSharedStats ? kStatsRows * wg : 0;  // the step's first row loaded here
+  const int stats_wg = kSharedStats ? 0 : wg;                 // whose buffers hold them
   sm80::RowStats next_stats{};
-  if (stats_row && i_begin < p.Lq) next_stats = sm80::row_stats(p, b, h_begin, i_begin + wg_thread);
+  if (stats_row && i_begin < p.Lq)
+    next_stats = sm80::row_stats(p, b, h_begin, i_begin + stats_row0 + wg_thread);
+  const auto store_stats = [&](int s) {
+    if (stats_row) {
+      sm.lse2(stats_wg, s)[stats_row0 + wg_thread] = next_stats.lse2;
+      sm.delta(stats_wg, s)[stats_row0 + wg_thread] = next_stats.delta;
+    }
+  };
+  if constexpr (kSharedStats) {
+    store_stats(0);
+    named_barrier_sync(3, 256);
+  }
   mbar_wait(sm.kv_full(), 0);
   // The steps of for_each_step, spelled out here: as the body of a lambda, the consumers' step
   // compiled differently and spilled 28 bytes in the D = 64 single pass.
@@ -315,15 +335,15 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
       const int s = stage_of<Tr>(it);
       const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
-      if (stats_row) {
-        sm.lse2(wg, s)[wg_thread] = next_stats.lse2;
-        sm.delta(wg, s)[wg_thread] = next_stats.delta;
+      if constexpr (!kSharedStats) {
+        store_stats(s);
+        named_barrier_sync(1 + wg, 128);
       }
-      named_barrier_sync(1 + wg, 128);
       const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
       if (stats_row && !(last_block && h + 1 == h_end))
-        next_stats = sm80::row_stats(p, b, last_block ? h + 1 : h,
-                                     (last_block ? i_begin : i0 + Tr::kBlockQ) + wg_thread);
+        next_stats =
+            sm80::row_stats(p, b, last_block ? h + 1 : h,
+                            (last_block ? i_begin : i0 + Tr::kBlockQ) + stats_row0 + wg_thread);
       mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
       // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
@@ -369,8 +389,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
       }
       // P^T, then dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
-      const float* lse2 = sm.lse2(wg, s);
-      const float* delta = sm.delta(wg, s);
+      const float* lse2 = sm.lse2(stats_wg, s);
+      const float* delta = sm.delta(stats_wg, s);
       if constexpr (kOverlapP) {
 #pragma unroll
         for (int n = 0; n < kQ; ++n)
@@ -409,8 +429,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       if constexpr (kFusedDq) {
         // dQ = dS K sums over all 128 keys, half of them from the other warpgroup's dS^T: wait
         // for both halves (the same barrier tells a warpgroup that the other one finished its
-        // dQ product of two steps back, which read the buffer about to be overwritten). dK's
-        // product goes last, so the dQ part is written out while it runs (FA3's order).
+        // dQ product of two steps back, which read the buffer about to be overwritten, and
+        // publishes the next step's row stats). dK's product goes last, so the dQ part is
+        // written out while it runs (FA3's order).
+        if constexpr (kSharedStats) store_stats(stage_of<Tr>(it + 1));
         named_barrier_sync(3, 256);
         const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
         float acc_dq[1][kChunkCols / 8][4];
