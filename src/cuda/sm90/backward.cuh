@@ -8,8 +8,9 @@
 //   fp32 dQ scratch; masks, dropout and the mask gradient):
 //   dK/dV kernel: one CTA per 128 keys of one (b, k/v head); consumer warpgroup g owns keys
 //     [64 g, 64 g + 64). K and V are loaded once; (Q, dO) blocks of kBlockQ queries stream in
-//     for every query head of the GQA group and every query block that sees the keys; each
-//     consumer warpgroup stages the blocks' lse2/delta rows in shared memory. Per block:
+//     for every query head of the GQA group and every query block that sees the keys; the
+//     consumer warpgroups stage the blocks' lse2/delta rows in shared memory (a copy each, or
+//     one shared copy in the lean single pass). Per block:
 //     S^T = K Q^T and dP^T = V dO^T (wgmma SS), P^T and dS^T in registers, then
 //     dV += (P o Z)^T dO and dK += dS^T Q (wgmma RS: P and dS straight from registers); in the
 //     single pass, dS^T also goes to shared memory and each warpgroup computes a 64 x 64 part of
