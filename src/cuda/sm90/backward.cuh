@@ -60,20 +60,22 @@ struct BackwardShape {
 };
 
 // The producer's load of one ring stage in both kernels: waits until the consumers freed the
-// stage, announces its bytes, and copies the step's attn_mask tile (`mask`, unless null: query
-// rows from q0 of head h, kMaskKeys keys from k0) and two tiles of kRows rows (Q and dO, or K
-// and V) from row `row` of (head, b).
+// stage, announces its bytes, and copies the step's attn_mask tile (`mask`, where with_mask:
+// query rows from q0 of head h, kMaskKeys keys from k0) and two tiles of kRows rows (Q and dO,
+// or K and V) from row `row` of (head, b). (The mask tile as a pointer that may be null put it
+// in local memory: 16 bytes of stack, LDL / STL in the producer's loop.)
 template <int kChunks, int kRows, int kMaskKeys>
 __device__ __forceinline__ void load_stage(const DeviceParams& p, std::uint32_t empty,
                                            std::uint32_t full, std::uint32_t parity,
-                                           const MaskTile* mask, const CUtensorMap& mask_map,
-                                           int q0, int k0, int h, std::uint32_t dst0,
-                                           const CUtensorMap& map0, std::uint32_t dst1,
-                                           const CUtensorMap& map1, int row, int head, int b) {
+                                           const MaskTile& mask, bool with_mask,
+                                           const CUtensorMap& mask_map, int q0, int k0, int h,
+                                           std::uint32_t dst0, const CUtensorMap& map0,
+                                           std::uint32_t dst1, const CUtensorMap& map1, int row,
+                                           int head, int b) {
   constexpr std::uint32_t kTileBytes = kRows * kChunks * kChunkCols * 2;
   mbar_wait(empty, parity);
-  mbar_arrive_expect_tx(full, 2 * kTileBytes + (mask ? mask->bytes<kMaskKeys>() : 0));
-  if (mask) mask->load<kMaskKeys>(mask_map, full, q0, k0, mask_h(p, h), mask_b(p, b));
+  mbar_arrive_expect_tx(full, 2 * kTileBytes + (with_mask ? mask.bytes<kMaskKeys>() : 0));
+  if (with_mask) mask.load<kMaskKeys>(mask_map, full, q0, k0, mask_h(p, h), mask_b(p, b));
   load_tile<kChunks, kRows>(dst0, map0, full, row, head, b);
   load_tile<kChunks, kRows>(dst1, map1, full, row, head, b);
 }
@@ -280,9 +282,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       int it = 0;
       for_each_step([&](int h, int i0) {
         const int s = stage_of<Tr>(it);
-        const MaskTile mt = mask_tile(s);
         load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
-            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tiles ? &mt : nullptr,
+            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s), mask_tiles,
             maps.mask.map, i0, j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h, b);
         ++it;
       });
@@ -655,9 +656,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       load_tile<Tr::kChunks, Tr::kRows>(sm.grad_out(), maps.grad_out, sm.q_full(), i0, h, b);
       for (int nb = 0; nb < n; ++nb, ++it) {
         const int s = stage_of<Tr>(it), j0 = nb * Tr::kBlockN;
-        const MaskTile mt = mask_tile(s);
         load_stage<Tr::kChunks, Tr::kBlockN, Tr::kBlockN>(
-            p, sm.kv_empty(s), sm.kv_full(s), parity_of<Tr>(it) ^ 1, mask_tiles ? &mt : nullptr,
+            p, sm.kv_empty(s), sm.kv_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s), mask_tiles,
             maps.mask.map, i0, j0, h, sm.k(s), maps.k, sm.v(s), maps.v, j0, hk, b);
       }
     }
