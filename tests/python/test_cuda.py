@@ -1158,7 +1158,6 @@ def test_hopper_wide_tiles_d64(dtype, D):
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
 
 
-@pytest.mark.cuda
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize(

@@ -237,6 +237,15 @@ struct PingPong<1, kAcrossTiles> {  // a single consumer warpgroup has no one to
   __device__ __forceinline__ void finish(bool) const {}
 };
 
+// Key blocks that the query rows before row_end see: up to the causal limit of row
+// min(row_end, Lq) - 1 (rows past Lq have no output, so they do not move the limit) and b's last
+// unpadded key.
+template <int kBlockN>
+__device__ __forceinline__ int key_blocks_before_row(const DeviceParams& p, const KeyRange& keys,
+                                                     int row_end) {
+  return visible_key_blocks<kBlockN>(p, keys, min(row_end, p.Lq) - 1);
+}
+
 // Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
 // blocks first within each bh, consecutive tiles on one bh so concurrent CTAs share its K/V in
 // L2. Its key blocks stop at the causal limit and at b's last unpadded key. Query block m holds
@@ -259,8 +268,7 @@ struct Tile {
     tile.hk = tile.h / p.group;
     tile.i0 = kEndAligned ? p.Lq - (num_m_blocks - m_block) * kBlockM : m_block * kBlockM;
     tile.keys = key_range(p, tile.b);
-    // (rows past Lq have no output: they do not move the causal limit)
-    tile.num_n_blocks = visible_key_blocks<kBlockN>(p, tile.keys, min(tile.i0 + kBlockM, p.Lq) - 1);
+    tile.num_n_blocks = key_blocks_before_row<kBlockN>(p, tile.keys, tile.i0 + kBlockM);
     return tile;
   }
 };
@@ -481,11 +489,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     // rows do not see (up to two blocks of -inf), and a tile's first warpgroups may have no row
     // at or after row 0 (Tile::at, kEndAligned). The other blocks' turns and buffer releases
     // follow in the drain.
-    const int own =
-        !Tr::kWide ? n
-        : wg_row0 + 64 <= 0
-            ? 0
-            : min(n, visible_key_blocks<Tr::kBlockN>(p, tile.keys, min(wg_row0 + 64, p.Lq) - 1));
+    const int own = !Tr::kWide ? n
+                    : wg_row0 + 64 <= 0
+                        ? 0
+                        : min(n, key_blocks_before_row<Tr::kBlockN>(p, tile.keys, wg_row0 + 64));
     if (n > 0) {
       mbar_wait(sm.q_full(qs), ring_parity<Tr::kQStages>(q_round));
       turn.start_tile();
@@ -541,13 +548,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         release(sm.v_empty(stage_of<Tr>(last)), lane);
       }
     }
+    // The drain of blocks own..n - 1: each block's turn and releases once its copy landed (a
+    // release before that could complete the stage's "empty" phase of the block two uses
+    // later). No product, so no wgmma behind a branch; after the loop's, so the accumulators
+    // stay where they are (walked first, in reverse key order, this drain cost 80-110 bytes of
+    // spills).
     if (n > 0) {
       // A warpgroup without blocks of its own never reads Q (own < n: wide tiles, not kQHalf).
       if (own == 0) release(sm.q_empty(qs), lane);
-        // The drain: each block's turn and releases once its copy landed (a release before that
-        // could complete the stage's "empty" phase of the block two uses later). No product, so
-        // no wgmma behind a branch; after the loop's, so the accumulators stay where they are
-        // (walked first, in reverse key order, this drain cost 80-110 bytes of spills).
 #pragma unroll 1
       for (int nb = own; nb < n; ++nb) {
         const int cur = it + nb;
