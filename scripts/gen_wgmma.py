@@ -14,7 +14,7 @@ from pathlib import Path
 
 HEADER = Path(__file__).resolve().parent.parent / "src/cuda/sm90/wgmma_ops.cuh"
 DTYPES = {"__half": "f16", "__nv_bfloat16": "bf16"}
-SS_N = (32, 64, 128)  # S = Q K^T: N = keys (queries for S^T) per block
+SS_N = (32, 64, 80, 128)  # S = Q K^T: N = keys (queries for S^T) per block
 RS_N = (64, 128, 256)  # O += P V: N = head-dim bucket
 SS_MN_N = (64,)  # dQ += dS K in the single-pass backward: N = 64 head-dim columns
 

@@ -52,6 +52,11 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream);
 inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
   return Lq >= (causal ? 1536 : 1024) && Lk > 384;
 }
+// Whether sm90_forward runs a D = 64 call without features on 64-row tiles with 80-key blocks
+// (sm90/forward.cuh, TileShape::short_keys): every key fits one such block, as in
+// cross-attention to the 77 tokens of CLIP's text encoder. (Lk <= 384 never takes the wide
+// tiles.)
+inline bool sm90_short_keys(std::int64_t Lk) { return Lk <= 80; }
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);
 

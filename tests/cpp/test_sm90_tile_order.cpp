@@ -1,6 +1,7 @@
-// The sm90 forward's paired tile order (src/cuda/sm90/tile_order.h), checked on the host: a
-// bijection of the snake walk's positions onto the tiles, the two tiles of each full round's
-// unit on one CTA, and the balance of the work that makes it worth having.
+// The sm90 forward's tile orders (src/cuda/sm90/tile_order.h), checked on the host: each a
+// bijection of the snake walk's positions onto the tiles; the paired order's two tiles of each
+// full round's unit on one CTA, the light tiles after the full ones, and the balance of the work
+// that makes each worth having.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 
 namespace {
 
+using memattn::cuda::sm90::light_tiles_last;
 using memattn::cuda::sm90::paired_tile;
 
 // Position of CTA c in round r of the forward's snake walk over g CTAs (forward.cuh,
@@ -92,6 +94,66 @@ TEST(Sm90TileOrder, PairsBalanceCausalTilesWhereTheSnakeDoesNot) {
   EXPECT_GT(busiest_over_mean(32, 16384, 132, false), 1.2);
   EXPECT_LT(busiest_over_mean(32, 16384, 132, true), 1.06);
   EXPECT_LT(busiest_over_mean(256, 2048, 132, true), 1.04);
+}
+
+TEST(Sm90TileOrder, LightTilesLastVisitsEveryTileOnce) {
+  for (const int bh : {1, 2, 3, 7, 32, 128, 512})
+    for (const int m_blocks : {2, 3, 6, 11, 43}) {
+      const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
+      std::vector<int> seen(tiles, 0);
+      for (std::uint32_t t = 0; t < tiles; ++t) {
+        const std::uint32_t tile = light_tiles_last(t, tiles, m_blocks);
+        ASSERT_LT(tile, tiles) << "bh " << bh << " M " << m_blocks << " t " << t;
+        ++seen[tile];
+      }
+      EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }))
+          << "bh " << bh << " M " << m_blocks;
+    }
+}
+
+TEST(Sm90TileOrder, LightTilesComeLastInReverseBhOrder) {
+  const int bh = 128, m_blocks = 6;
+  const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
+  const std::uint32_t full = tiles - bh;
+  for (std::uint32_t t = 0; t < tiles; ++t) {
+    const std::uint32_t tile = light_tiles_last(t, tiles, m_blocks);
+    if (t < full) {  // full tiles in bh order, each bh's M - 1 of them together
+      EXPECT_NE(query_block(tile, m_blocks), 0) << "t " << t;
+      EXPECT_EQ(tile / m_blocks, t / (m_blocks - 1)) << "t " << t;
+    } else {
+      EXPECT_EQ(query_block(tile, m_blocks), 0) << "t " << t;
+      EXPECT_EQ(tile / m_blocks, static_cast<std::uint32_t>(bh) - 1 - (t - full)) << "t " << t;
+    }
+  }
+}
+
+// The busiest CTA's work over the mean for a non-causal call whose first query block is a
+// light tile of cost `light` (a full tile: 1).
+double busiest_over_mean_light(int bh, int m_blocks, std::uint32_t g, double light, bool last) {
+  const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
+  std::vector<double> work(g, 0.0);
+  for (std::uint32_t r = 0; r * g < tiles; ++r)
+    for (std::uint32_t c = 0; c < g; ++c) {
+      const std::uint32_t t = snake_position(r, g, c);
+      if (t >= tiles) continue;
+      const std::uint32_t tile = last ? light_tiles_last(t, tiles, m_blocks) : t;
+      work[c] += query_block(tile, m_blocks) == 0 ? light : 1.0;
+    }
+  const double total = std::accumulate(work.begin(), work.end(), 0.0);
+  return *std::max_element(work.begin(), work.end()) / (total / g);
+}
+
+TEST(Sm90TileOrder, LightTilesLastBalanceWhereTheSnakeDoesNot) {
+  // Lq = 1024 on 192-row tiles (M = 6, the first tile's 64 rows on one warpgroup of three) for
+  // 128 and 512 bh, and Lq = 2048 (M = 11, two of three) for 256 bh, on 132 CTAs.
+  for (const double light : {1.0 / 3, 0.5}) {
+    EXPECT_GT(busiest_over_mean_light(128, 6, 132, light, false), 1.12);
+    EXPECT_LT(busiest_over_mean_light(128, 6, 132, light, true), 1.04);
+    EXPECT_GT(busiest_over_mean_light(512, 6, 132, light, false), 1.12);
+    EXPECT_LT(busiest_over_mean_light(512, 6, 132, light, true), 1.04);
+  }
+  EXPECT_GT(busiest_over_mean_light(256, 11, 132, 2.0 / 3, false), 1.06);
+  EXPECT_LT(busiest_over_mean_light(256, 11, 132, 2.0 / 3, true), 1.04);
 }
 
 }  // namespace

@@ -127,15 +127,29 @@ def case_many_tiles_per_cta(dtype):
 def case_wide_tiles_d64(dtype):
     """The Hopper forward's 192-row tiles of three consumer warpgroups (calls at D <= 64
     without masks, Lq >= 1024 (causal: 1536), Lk > 384: launch.h, sm90_wide_tiles), which end
-    at Lq: a first query tile that starts before row 0, a partial last key block, GQA, key
-    padding with a fully padded batch entry; causal (bottom-right, Lq > Lk: rows without a
-    visible key), whose tiles go in pairs (forward.cuh, paired_tile)."""
+    at Lq: a first query tile that starts before row 0 (taken after the full tiles,
+    tile_order.h's light_tiles_last), a partial last key block, GQA, key padding with a fully
+    padded batch entry; causal (bottom-right, Lq > Lk: rows without a visible key), whose tiles
+    go in pairs (paired_tile)."""
     q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=400, D=64)
     kpm = torch.zeros(2, 400, dtype=torch.bool)
     kpm[0, 350:] = True
     kpm[1] = True
     check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
     q, k, v = _qkv(dtype, B=1, Hq=2, Hk=1, Lq=2100, Lk=1900, D=64)
+    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(Inputs(q, k, v, kwargs=causal))
+
+
+def case_short_keys_d64(dtype):
+    """The Hopper forward's 80-key blocks (calls at D <= 64 without masks whose keys fit one
+    block: launch.h, sm90_short_keys): Lk = 77 (three zero-filled keys), GQA, a partial last
+    query tile, key padding with a fully padded batch entry, causal bottom-right with Lq > Lk."""
+    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=333, Lk=77, D=64)
+    kpm = torch.zeros(2, 77, dtype=torch.bool)
+    kpm[0, 40:] = True
+    kpm[1] = True
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
     causal = {"is_causal": True, "causal_alignment": "bottom_right"}
     check_against_reference(Inputs(q, k, v, kwargs=causal))
 
@@ -233,6 +247,7 @@ CASES: list[Callable] = [
     case_key_padding_only_block_skipping,
     case_many_tiles_per_cta,
     case_wide_tiles_d64,
+    case_short_keys_d64,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,

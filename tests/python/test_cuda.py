@@ -1135,14 +1135,17 @@ def test_hopper_wide_tiles_d64(dtype, D):
     """Calls of head dim <= 64 without masks or dropout with Lq >= 1024 (causal: 1536) and
     Lk > 384 run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
     sm90_wide_tiles; explain names the kernel ".../d64/wide"), which end at Lq: Lq = 1100 =
-    5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0. More tiles than
-    CTAs (a CTA reuses its Q buffer); Lk = 1000 a partial last key block; GQA; a fully padded
-    batch entry (tiles without key blocks between a CTA's other tiles) and a right-padded one.
-    Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start from a poisoned allocator
-    cache."""
+    5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0; those light
+    tiles come after all full ones (tile_order.h, light_tiles_last), Lq = 1152 = 6 * 192 has
+    none. More tiles than CTAs (a CTA reuses its Q buffer); Lk = 1000 a partial last key block;
+    GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a
+    right-padded one. Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start from a
+    poisoned allocator cache."""
     q, k, v = qkv(B=2, Hq=24, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].endswith("/d64/wide")
     check_cuda(Inputs(q, k, v), backward=False)
+    q_whole = qkv(B=2, Hq=24, Hk=8, Lq=1152, Lk=1000, D=D, dtype=dtype, requires_grad=False)[0]
+    check_cuda(Inputs(q_whole, k, v), backward=False)
     kpm = torch.zeros(2, 1000, dtype=torch.bool)
     kpm[0, 777:] = True
     kpm[1] = True
@@ -1156,6 +1159,40 @@ def test_hopper_wide_tiles_d64(dtype, D):
     assert not memattn.explain(q, k[:, :, :384], v[:, :, :384])["kernel"].endswith("/wide")
     assert memattn.explain(q, k[:, :, :385], v[:, :, :385])["kernel"].endswith("/d64/wide")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 40], ids=str)
+@pytest.mark.parametrize("Lk", [77, 80, 9, 1], ids=str)
+def test_hopper_short_keys_d64(dtype, D, Lk):
+    """Calls of head dim <= 64 without masks or dropout whose keys fit one block of 80
+    (launch.h, sm90_short_keys) run the sm90 forward with 80-key blocks (explain names the
+    kernel ".../d64/short_keys"): Lk = 77 (CLIP's text tokens) and 9 leave zero-filled keys in
+    the block, 80 fills it. Lq = 333: more tiles than CTAs and a partial last query tile; GQA;
+    both causal alignments (bottom-right with Lq > Lk leaves rows without a key: 0, lse -inf);
+    key padding with a fully padded batch entry. Lk = 81 keeps the 128-key blocks. Outputs
+    start from a poisoned allocator cache."""
+    q, k, v = qkv(B=2, Hq=36, Hk=12, Lq=333, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
+    assert memattn.explain(q, k, v)["kernel"].endswith("/d64/short_keys")
+    check_cuda(Inputs(q, k, v), backward=False)
+    for alignment in ("top_left", "bottom_right"):
+        causal = {"is_causal": True, "causal_alignment": alignment}
+        out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+        if alignment == "bottom_right":
+            assert torch.all(out[:, :, : 333 - Lk] == 0)
+            assert torch.all(lse[:, :, : 333 - Lk] == -math.inf)
+    kpm = torch.zeros(2, Lk, dtype=torch.bool)
+    kpm[0] = True
+    kpm[1, Lk // 2 + 1 :] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
+    )
+    assert torch.all(out[0] == 0)
+    assert torch.all(lse[0] == -math.inf)
+    k81, v81 = qkv(B=2, Hq=36, Hk=12, Lq=8, Lk=81, D=D, dtype=dtype, requires_grad=False)[1:]
+    assert not memattn.explain(q, k81, v81)["kernel"].endswith("/short_keys")
+    assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/short_keys")
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")

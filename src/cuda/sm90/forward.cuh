@@ -37,6 +37,10 @@ namespace memattn::cuda::sm90 {
 // Where the forward stages a tile's output for TMA stores (ForwardTraits::kOut).
 enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 
+// The D = 64 forward's tile shapes without features (launch.h picks one per call; ForwardTraits
+// below): 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys).
+enum class TileShape : std::uint8_t { standard, wide, short_keys };
+
 // kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
 // D = 128, 256: two consumer warpgroups at 240 registers hold S, P and O of their 64 rows of a
 // 128-row tile with no spill, and take turns on the tensor cores (PingPong).
@@ -46,7 +50,7 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // block), where a 64-row tile also wastes half as much on Lq = 1. Not at D = 128 / 256: two
 // CTAs of 256 threads get 128 registers per thread, which spilled at D = 128 and could not
 // hold D = 256's accumulators.
-// kWideTiles (D = 64 without features only; launch.h's sm90_wide_tiles picks it per call):
+// TileShape::wide (D = 64 without features only; launch.h's sm90_wide_tiles picks it per call):
 // 192-row tiles of three consumer warpgroups at 160 registers taking turns, one CTA per
 // multiprocessor (FlashAttention-3's D = 64 shape): three chains per multiprocessor where two
 // CTAs give two, and each K/V tile read by 192 query rows instead of 64. 2-17% faster than the
@@ -56,13 +60,20 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // decoding, few key blocks). At 160 registers ptxas spills 48 bytes here: the row sums (two
 // loads and stores per block) and values of the per-element masking path; the spills cost less
 // than the blocks the warpgroups' own block counts skip (w4).
+// TileShape::short_keys (D = 64 without features, every key in one block of 80:
+// sm90_short_keys): the 64-row tiles with 80-key blocks, so that the scores, the softmax and
+// P V of a call such as cross-attention to CLIP's 77 text tokens cover 80 columns instead of
+// 128, and three CTAs per multiprocessor (136 registers per consumer thread) where the other
+// shapes fit two: there a tile is one block, a chain of Q K^T, softmax, P V and the output
+// whose latency more independent chains hide.
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
-template <int kHeadDim, bool kFeatures, bool kWideTiles = false>
+template <int kHeadDim, bool kFeatures, TileShape kTileShape = TileShape::standard>
 struct ForwardTraits {
-  static constexpr bool kWide = kWideTiles;
-  static_assert(!kWide || (kHeadDim == 64 && !kFeatures));
+  static constexpr TileShape kShape = kTileShape;
+  static constexpr bool kWide = kShape == TileShape::wide;
+  static_assert(kShape == TileShape::standard || (kHeadDim == 64 && !kFeatures));
   static constexpr int kHead = kHeadDim;
   static constexpr int kConsumers = kWide ? 3 : kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 rows
   // Wide tiles end at Lq (Tile::at): where 192 does not divide Lq, a bh's first tile starts
@@ -70,11 +81,17 @@ struct ForwardTraits {
   // rows) then sit in a causal call's lightest tile of the bh (a key block or two), not in its
   // heaviest (all of them).
   static constexpr bool kEndAligned = kWide;
-  // Causal calls on wide tiles take their tiles in pairs of equal cost (paired_tile).
-  static constexpr bool kPairedTiles = kWide;
-  static constexpr int kCtasPerSm = kConsumers == 1 ? 2 : 1;
+  // Wide tiles come in an order of their own (tile_order.h): causal calls take them in pairs of
+  // equal cost (paired_tile), non-causal calls whose first tiles are partial take those last
+  // (light_tiles_last).
+  static constexpr bool kOrderedTiles = kWide;
+  // CTAs per multiprocessor: independent chains of tiles. Three for the short-key tiles, whose
+  // accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
+  static constexpr int kCtasPerSm = kShape == TileShape::short_keys ? 3 : kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;  // keys per stage
+  static constexpr int kBlockN = kShape == TileShape::short_keys ? 80  // keys per stage
+                                 : kHeadDim <= 128               ? 128
+                                                                 : 64;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // Tile coordinates (Tile::at) in 32-bit arithmetic, a few instructions per division where
@@ -82,11 +99,17 @@ struct ForwardTraits {
   // feel (NOTES.md, "Short key ranges"); launch_forward checks that the tiles fit. Not in the
   // general D = 128 kernel: there it changed register allocation and spilled 16 bytes.
   using TileIndex = std::conditional_t<kFeatures && kHeadDim == 128, std::int64_t, std::uint32_t>;
-  // Register budget per CTA: 128 * producer + 128 * kConsumers * consumer <= 65536 /
-  // kCtasPerSm (setmaxnreg only moves registers within the CTA's launch allocation).
+  // Register budget per CTA: 128 * producer + 128 * kConsumers * consumer <= the CTA's launch
+  // allocation, kThreads x the registers per thread that __launch_bounds__ leaves (65536 /
+  // (kThreads kCtasPerSm), rounded down to a multiple of 8): setmaxnreg only moves registers
+  // within it.
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = kConsumers == 1 ? 232 : kConsumers == 2 ? 240 : 160;
-  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536 / kCtasPerSm);
+  static constexpr int kConsumerRegs = kCtasPerSm == 3   ? 136
+                                       : kConsumers == 1 ? 232
+                                       : kConsumers == 2 ? 240
+                                                         : 160;
+  static constexpr int kLaunchRegs = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kLaunchRegs * kThreads);
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
@@ -283,8 +306,8 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
   return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
 }
 
-// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... (causal calls on wide
-// tiles: the tiles paired_tile puts there, tile_order.h). The K/V ring's stage and
+// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... (wide tiles: the tiles
+// paired_tile or light_tiles_last put there, tile_order.h). The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
 // buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
 // consumers finish the current one.
@@ -293,15 +316,18 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
 template <class T, class Tr, bool kFeatures>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
-                   int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs) {
+                   int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs,
+                   bool light_last) {
   constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8;
   extern __shared__ unsigned char smem_raw[];
   const ForwardSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
   const auto tile_at = [&](std::int64_t t) {
     using Index = typename Tr::TileIndex;
     auto index = static_cast<Index>(t);
-    if constexpr (Tr::kPairedTiles)
-      index = paired_tile(index, static_cast<Index>(gridDim.x), num_m_blocks, num_pairs);
+    if constexpr (Tr::kOrderedTiles)
+      index = light_last
+                  ? light_tiles_last(index, static_cast<Index>(num_tiles), num_m_blocks)
+                  : paired_tile(index, static_cast<Index>(gridDim.x), num_m_blocks, num_pairs);
     return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks);
   };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
@@ -326,13 +352,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   }
   __syncthreads();
 
-  // The wide kernel reads its warp's number through a shuffle, which ptxas knows to be the same
-  // in every lane: it then keeps what derives from it (the warpgroup's rows and own blocks, the
-  // drain's loop) in uniform registers. With the plain read the wide kernel spilled 116 bytes
-  // (56 with only the warpgroup shuffled, 48 now); the other kernels keep the plain read, with
-  // which they have no spill (the shuffle gave the general D = 128 kernel 60 bytes).
-  const int warp_id = Tr::kWide ? __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0)
-                                : static_cast<int>(threadIdx.x / 32);
+  // The wide and short-key kernels (consumers at 160 and 136 registers) read their warp's
+  // number through a shuffle, which ptxas knows to be the same in every lane: it then keeps what
+  // derives from it (the warpgroup's rows and own blocks, the drain's loop) in uniform
+  // registers. With the plain read the wide kernel spilled 116 bytes (56 with only the
+  // warpgroup shuffled, 48 now) and the short-key one 8 (its K/V block counter); the other
+  // kernels keep the plain read, with which they have no spill (the shuffle gave the general
+  // D = 128 kernel 60 bytes).
+  constexpr bool kUniformWarp = Tr::kShape != TileShape::standard;
+  const int warp_id = kUniformWarp ? __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0)
+                                   : static_cast<int>(threadIdx.x / 32);
   const int warp_group = warp_id / 4;
   if (warp_group == 0) {  // producer: one thread issues every copy
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
@@ -584,9 +613,9 @@ inline int multiprocessors() {
   return caps.multiprocessors;
 }
 
-template <class T, int kHeadDim, bool kFeatures, bool kWide = false>
+template <class T, int kHeadDim, bool kFeatures, TileShape kShape = TileShape::standard>
 void launch_forward(const DeviceParams& p, cudaStream_t stream) {
-  using Tr = ForwardTraits<kHeadDim, kFeatures, kWide>;
+  using Tr = ForwardTraits<kHeadDim, kFeatures, kShape>;
   const int num_m_blocks = (p.Lq + Tr::kBlockM - 1) / Tr::kBlockM;
   const std::int64_t num_tiles = static_cast<std::int64_t>(num_m_blocks) * p.B * p.Hq;
   if (num_tiles == 0) return;
@@ -598,7 +627,10 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
                     ") = " + std::to_string(num_tiles) + " query tiles, more than 2^31");
   // paired_tile's units of two tiles: M / 2 per bh of a causal call.
   const std::int64_t num_pairs =
-      Tr::kPairedTiles && p.causal ? num_tiles / num_m_blocks * (num_m_blocks / 2) : 0;
+      Tr::kOrderedTiles && p.causal ? num_tiles / num_m_blocks * (num_m_blocks / 2) : 0;
+  // light_tiles_last's tiles: each bh's first, partial where kBlockM does not divide Lq.
+  const bool light_last = Tr::kOrderedTiles && Tr::kEndAligned && !p.causal && num_m_blocks >= 2 &&
+                          p.Lq % Tr::kBlockM != 0;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
@@ -611,7 +643,7 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,
                    Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles,
-                   num_pairs);
+                   num_pairs, light_last);
 }
 
 }  // namespace memattn::cuda::sm90
@@ -623,7 +655,9 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
     sm90::launch_forward<T, kHeadDim, true>(p, stream);
   } else if constexpr (kHeadDim == 64) {
     if (sm90_wide_tiles(p.Lq, p.Lk, p.causal))
-      sm90::launch_forward<T, 64, false, true>(p, stream);
+      sm90::launch_forward<T, 64, false, sm90::TileShape::wide>(p, stream);
+    else if (sm90_short_keys(p.Lk))
+      sm90::launch_forward<T, 64, false, sm90::TileShape::short_keys>(p, stream);
     else
       sm90::launch_forward<T, 64, false>(p, stream);
   } else {

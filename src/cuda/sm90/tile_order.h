@@ -1,4 +1,4 @@
-// The order in which the sm90 forward's persistent CTAs take their tiles (forward.cuh): plain
+// The orders in which the sm90 forward's persistent CTAs take their tiles (forward.cuh): plain
 // integer arithmetic, compiled for the host too, so that tests/cpp/test_sm90_tile_order.cpp
 // checks it without a GPU.
 #pragma once
@@ -10,7 +10,7 @@
 namespace memattn::cuda::sm90 {
 
 // The tile (Tile::at's number) that a paired order puts at position t of snake_tile's walk
-// (ForwardTraits::kPairedTiles, causal calls; num_pairs = 0 elsewhere: t itself). A causal
+// (ForwardTraits::kOrderedTiles, causal calls; num_pairs = 0 elsewhere: t itself). A causal
 // tile's cost grows with its query block, and the snake pairs each round's heavy tiles with the
 // next round's light ones only where M divides 2 G (G = g, the CTAs of the persistent grid): for
 // 192-row tiles at L = 8192 (M = 43) the busiest CTA had 1.2x the mean work (simulated). So here
@@ -39,6 +39,23 @@ MEMATTN_SM90_HOST_DEVICE Index paired_tile(Index t, Index g, int num_m_blocks,
   }
   const Index half = m_blocks / 2, bh = unit / half, k = unit - bh * half;
   return bh * m_blocks + (second ? m_blocks - 1 - k : k);  // number j is block M - 1 - j
+}
+
+// The tile that a non-causal call on tiles that end at Lq (kEndAligned) takes at position t when
+// its first query block is partial (Lq not a multiple of the tile's rows): that block, a bh's
+// light tile (some warpgroups have no rows), comes after every full tile. In Tile::at's own order
+// each bh's light tile is its last, and with M = 6 (Lq = 1024 on 192-row tiles) the snake gives
+// the light tiles of every round to the same CTAs, so the CTAs without them end up with the most
+// work (1.13-1.16x the mean at 128 bh, a light tile costing 1/3 to 1/2 of a full one; simulated).
+// Here the full tiles come first in bh order, so concurrent CTAs still share a bh's K/V in L2,
+// then the light ones, the last bh's first: its K/V is the one most likely still in L2 (about
+// 1.03x the mean). The caller passes positions t < num_tiles, and num_m_blocks >= 2.
+template <class Index>
+MEMATTN_SM90_HOST_DEVICE Index light_tiles_last(Index t, Index num_tiles, int num_m_blocks) {
+  const auto m_blocks = static_cast<Index>(num_m_blocks);
+  const Index full = num_tiles - num_tiles / m_blocks;  // M - 1 per bh
+  if (t < full) return t + t / (m_blocks - 1);          // bh t / (M - 1), numbers 0 .. M - 2
+  return num_tiles - 1 - (t - full) * m_blocks;         // bh B Hq - 1 - (t - full), number M - 1
 }
 
 }  // namespace memattn::cuda::sm90
