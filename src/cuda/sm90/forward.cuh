@@ -65,7 +65,8 @@ enum class TileShape : std::uint8_t { standard, wide, short_keys };
 // P V of a call such as cross-attention to CLIP's 77 text tokens cover 80 columns instead of
 // 128, and three CTAs per multiprocessor (136 registers per consumer thread) where the other
 // shapes fit two: there a tile is one block, a chain of Q K^T, softmax, P V and the output
-// whose latency more independent chains hide.
+// whose latency more independent chains hide. (128-key blocks at three CTAs did not compile:
+// ptxas ran out of the 80 registers per thread of the launch allocation, C7602.)
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
