@@ -68,10 +68,13 @@ TEST(Sm90TileOrder, AFullRoundsUnitGoesToOneCta) {
     }
 }
 
-// The busiest CTA's work over the mean, tile cost = its causal key blocks (192-row tiles that
-// end at L, 128-key blocks) plus one for its fixed costs, as the order's comment states.
-double busiest_over_mean(int bh, int length, std::uint32_t g, bool paired) {
-  const int m_blocks = (length + 191) / 192;
+// The busiest CTA's work over the mean, tile cost = its causal key blocks (`tile_rows`-row
+// tiles, 192-row ones ending at L, 128-row ones starting at 0; `block_keys`-key blocks) plus one
+// for its fixed costs, as the order's comment states.
+double busiest_over_mean(int bh, int length, std::uint32_t g, bool paired, int tile_rows = 192,
+                         int block_keys = 128) {
+  const bool end_aligned = tile_rows == 192;  // ForwardTraits::kEndAligned: the wide tiles
+  const int m_blocks = (length + tile_rows - 1) / tile_rows;
   const auto tiles = static_cast<std::uint32_t>(bh * m_blocks);
   const std::int64_t pairs = paired ? pairs_of(bh, m_blocks) : 0;
   std::vector<double> work(g, 0.0);
@@ -80,20 +83,29 @@ double busiest_over_mean(int bh, int length, std::uint32_t g, bool paired) {
       const std::uint32_t t = snake_position(r, g, c);
       if (t >= tiles) continue;
       const int m = query_block(paired_tile(t, g, m_blocks, pairs), m_blocks);
-      const int last_row = length - (m_blocks - m) * 192 + 191;
-      work[c] += last_row / 128 + 1 + 1;
+      const int last_row = end_aligned ? length - (m_blocks - m) * tile_rows + tile_rows - 1
+                                       : std::min(length, (m + 1) * tile_rows) - 1;
+      work[c] += last_row / block_keys + 1 + 1;
     }
   const double total = std::accumulate(work.begin(), work.end(), 0.0);
   return *std::max_element(work.begin(), work.end()) / (total / g);
 }
 
 TEST(Sm90TileOrder, PairsBalanceCausalTilesWhereTheSnakeDoesNot) {
-  // The sweep's causal rows at L = 8192 (64 bh) and 16384 (32 bh) on 132 CTAs.
+  // The sweep's causal rows at L = 8192 (64 bh) and 16384 (32 bh) on 132 CTAs, wide tiles.
   EXPECT_GT(busiest_over_mean(64, 8192, 132, false), 1.15);
   EXPECT_LT(busiest_over_mean(64, 8192, 132, true), 1.06);
   EXPECT_GT(busiest_over_mean(32, 16384, 132, false), 1.2);
   EXPECT_LT(busiest_over_mean(32, 16384, 132, true), 1.06);
   EXPECT_LT(busiest_over_mean(256, 2048, 132, true), 1.04);
+  // 128-row tiles: D = 128 at L = 16384 (16 bh), D = 256 (64-key blocks) at L = 8192 (16 bh)
+  // and 16384 (8 bh).
+  EXPECT_GT(busiest_over_mean(16, 16384, 132, false, 128, 128), 1.5);
+  EXPECT_LT(busiest_over_mean(16, 16384, 132, true, 128, 128), 1.04);
+  EXPECT_GT(busiest_over_mean(16, 8192, 132, false, 128, 64), 1.5);
+  EXPECT_LT(busiest_over_mean(16, 8192, 132, true, 128, 64), 1.04);
+  EXPECT_GT(busiest_over_mean(8, 16384, 132, false, 128, 64), 1.7);
+  EXPECT_LT(busiest_over_mean(8, 16384, 132, true, 128, 64), 1.1);
 }
 
 TEST(Sm90TileOrder, LightTilesLastVisitsEveryTileOnce) {

@@ -1163,6 +1163,27 @@ def test_hopper_wide_tiles_d64(dtype, D):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [128, 256, 64], ids=str)
+def test_hopper_causal_tiles_in_pairs(dtype, D):
+    """The sm90 forward takes the tiles of a causal call with fewer than 64 bh in pairs of equal
+    cost (forward.cuh, launch_forward; tile_order.h, paired_tile), a bh's query blocks M - 1 - k
+    and k on one CTA, and those of one with more in snake order. Lq = 1100: M = 9 tiles per bh
+    of 128 rows at D = 128 / 256 (four pairs and a middle tile), 18 of 64 rows at D = 64; 48 bh:
+    full rounds of pairs on the persistent grid, pairs left over and middle tiles; 80 bh: the
+    snake. Both alignments; bottom-right with Lq > Lk leaves the first 100 rows without a
+    visible key (0, lse -inf). Outputs start from a poisoned allocator cache."""
+    for Hq in (24, 40):
+        q, k, v = qkv(B=2, Hq=Hq, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
+        for alignment in ("top_left", "bottom_right"):
+            causal = {"is_causal": True, "causal_alignment": alignment}
+            out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+            if alignment == "bottom_right":
+                assert torch.all(out[:, :, :100] == 0)
+                assert torch.all(lse[:, :, :100] == -math.inf)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 40], ids=str)
 @pytest.mark.parametrize("Lk", [77, 80, 9, 1], ids=str)
 def test_hopper_short_keys_d64(dtype, D, Lk):

@@ -82,10 +82,6 @@ struct ForwardTraits {
   // rows) then sit in a causal call's lightest tile of the bh (a key block or two), not in its
   // heaviest (all of them).
   static constexpr bool kEndAligned = kWide;
-  // Wide tiles come in an order of their own (tile_order.h): causal calls take them in pairs of
-  // equal cost (paired_tile), non-causal calls whose first tiles are partial take those last
-  // (light_tiles_last).
-  static constexpr bool kOrderedTiles = kWide;
   // CTAs per multiprocessor: independent chains of tiles. Three for the short-key tiles, whose
   // accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
   static constexpr int kCtasPerSm = kShape == TileShape::short_keys ? 3 : kConsumers == 1 ? 2 : 1;
@@ -307,14 +303,17 @@ __device__ __forceinline__ std::int64_t snake_tile(std::int64_t round) {
   return round % 2 == 0 ? first + blockIdx.x : first + gridDim.x - 1 - blockIdx.x;
 }
 
-// Persistent: each CTA runs the tiles snake_tile(0), snake_tile(1), ... (wide tiles: the tiles
-// paired_tile or light_tiles_last put there, tile_order.h). The K/V ring's stage and
+// Persistent: each CTA runs the tiles that paired_tile (causal calls) or light_tiles_last
+// (tile_order.h) put at positions snake_tile(0), snake_tile(1), ... The K/V ring's stage and
 // phase continue across tiles (block counter `it`), and Q has its own ring of Tr::kQStages
 // buffers (tile counter `q_round`), so the producer loads the next tile's Q and K/V while the
 // consumers finish the current one.
 // kFeatures: the general kernel (masks, dropout); with a tiled mask (maps.mask.rows > 0) the
 // producer also streams the mask values of each K/V block into the stage's mask tile.
-template <class T, class Tr, bool kFeatures>
+// kOrdered: positions map to tiles through tile_order.h (paired_tile, light_tiles_last); else
+// each position is its tile (launch_forward picks one; the mapping's code costs the kernels that
+// do not need it 1-4%, NOTES.md, p1).
+template <class T, class Tr, bool kFeatures, bool kOrdered>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
                    int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs,
@@ -325,7 +324,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   const auto tile_at = [&](std::int64_t t) {
     using Index = typename Tr::TileIndex;
     auto index = static_cast<Index>(t);
-    if constexpr (Tr::kOrderedTiles)
+    if constexpr (kOrdered)
       index = light_last
                   ? light_tiles_last(index, static_cast<Index>(num_tiles), num_m_blocks)
                   : paired_tile(index, static_cast<Index>(gridDim.x), num_m_blocks, num_pairs);
@@ -626,12 +625,19 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
     throw Error(ErrorKind::not_implemented,
                 "memattn sm90 forward: B * Hq * ceil(Lq / " + std::to_string(Tr::kBlockM) +
                     ") = " + std::to_string(num_tiles) + " query tiles, more than 2^31");
-  // paired_tile's units of two tiles: M / 2 per bh of a causal call.
-  const std::int64_t num_pairs =
-      Tr::kOrderedTiles && p.causal ? num_tiles / num_m_blocks * (num_m_blocks / 2) : 0;
-  // light_tiles_last's tiles: each bh's first, partial where kBlockM does not divide Lq.
-  const bool light_last = Tr::kOrderedTiles && Tr::kEndAligned && !p.causal && num_m_blocks >= 2 &&
-                          p.Lq % Tr::kBlockM != 0;
+  // The tile order (tile_order.h): causal calls on wide tiles, and lean causal calls on the
+  // 64- and 128-row tiles with fewer than 64 bh, take their tiles in pairs of equal cost
+  // (paired_tile's units of two tiles: M / 2 per bh). The snake alone left the busiest CTA at
+  // 1.5-1.8x the mean work with 8 or 16 bh (simulated; D = 128 at L = 16384 and D = 256 at 8192
+  // and 16384 ran 1.36-1.47x the time of pairs); with 64 bh and more it mostly balanced as well
+  // (NOTES.md, p1). Non-causal calls on wide tiles whose first tiles are partial (the bh's
+  // first, where kBlockM does not divide Lq) take those last.
+  const std::int64_t num_bh = num_tiles / num_m_blocks;
+  constexpr bool kMayPair = Tr::kWide || (!kFeatures && Tr::kShape == TileShape::standard);
+  const bool paired = kMayPair && p.causal && (Tr::kWide || num_bh < 64);
+  const std::int64_t num_pairs = paired ? num_bh * (num_m_blocks / 2) : 0;
+  const bool light_last =
+      Tr::kEndAligned && !p.causal && num_m_blocks >= 2 && p.Lq % Tr::kBlockM != 0;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
@@ -642,9 +648,17 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
                              : CUtensorMap{}};
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
-  launch_with_smem(&forward_kernel<T, Tr, kFeatures>, "memattn sm90 forward kernel", grid,
-                   Tr::kThreads, Tr::kSmemBytes, stream, p, maps, num_m_blocks, num_tiles,
-                   num_pairs, light_last);
+  const auto launch = [&](auto ordered) {
+    launch_with_smem(&forward_kernel<T, Tr, kFeatures, decltype(ordered)::value>,
+                     "memattn sm90 forward kernel", grid, Tr::kThreads, Tr::kSmemBytes, stream, p,
+                     maps, num_m_blocks, num_tiles, num_pairs, light_last);
+  };
+  if constexpr (Tr::kWide)
+    launch(std::true_type{});
+  else if constexpr (kMayPair)
+    paired ? launch(std::true_type{}) : launch(std::false_type{});
+  else
+    launch(std::false_type{});
 }
 
 }  // namespace memattn::cuda::sm90

@@ -10,13 +10,14 @@
 namespace memattn::cuda::sm90 {
 
 // The tile (Tile::at's number) that a paired order puts at position t of snake_tile's walk
-// (ForwardTraits::kOrderedTiles, causal calls; num_pairs = 0 elsewhere: t itself). A causal
+// (causal calls where launch_forward chooses it; num_pairs = 0 elsewhere: t itself). A causal
 // tile's cost grows with its query block, and the snake pairs each round's heavy tiles with the
-// next round's light ones only where M divides 2 G (G = g, the CTAs of the persistent grid): for
-// 192-row tiles at L = 8192 (M = 43) the busiest CTA had 1.2x the mean work (simulated). So here
-// unit u of bh = u / (M / 2), k = u mod (M / 2), is the bh's query blocks M - 1 - k and k, whose
-// costs add up to about the same for every unit; the positions of rounds 2 r and 2 r + 1 that the
-// snake gives one CTA hold the two tiles of one unit (r G + c, c < G). The num_pairs mod G
+// next round's light ones only where M divides 2 G (G = g, the CTAs of the persistent grid): the
+// busiest CTA had 1.2x the mean work for 192-row tiles at L = 8192 (M = 43), 1.54x for D = 128's
+// 128-row tiles at L = 16384 (M = 128), 1.53x / 1.79x for D = 256 at L = 8192 / 16384 (simulated).
+// So here unit u of bh = u / (M / 2), k = u mod (M / 2), is the bh's query blocks M - 1 - k and k,
+// whose costs add up to about the same for every unit; the positions of rounds 2 r and 2 r + 1 that
+// the snake gives one CTA hold the two tiles of one unit (r G + c, c < G). The num_pairs mod G
 // units left over and the middle blocks of odd M come last (tail orders simulated: this one
 // left the busiest CTA at 1.02-1.06x the mean work where the snake over tiles left 1.03-1.28x).
 template <class Index>
