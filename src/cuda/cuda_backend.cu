@@ -310,13 +310,13 @@ std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backwa
     const int bucket = sm90_head_dim_bucket(d);
     const bool features =
         features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
-    const bool d64_shapes = !backward && bucket == 64 && !features;  // sm90_forward's choice
-    const char* shape = !d64_shapes                                ? ""
-                        : sm90_wide_tiles(s.Lq, s.Lk, a.is_causal) ? "/wide"
-                        : sm90_short_keys(s.Lk)                    ? "/short_keys"
-                                                                   : "";
+    const TileShape shape = !backward && bucket == 64 && !features
+                                ? sm90_d64_tile_shape(s.Lq, s.Lk, a.is_causal)
+                                : TileShape::standard;
     return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" + std::to_string(bucket) +
-           shape;
+           (shape == TileShape::wide         ? "/wide"
+            : shape == TileShape::short_keys ? "/short_keys"
+                                             : "");
   }
   return std::string("cuda/sm80/") + dtype_short_name(a.q.dtype) + "/d" +
          std::to_string(head_dim_bucket(d));

@@ -57,6 +57,16 @@ inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
 // cross-attention to the 77 tokens of CLIP's text encoder. (Lk <= 384 never takes the wide
 // tiles.)
 inline bool sm90_short_keys(std::int64_t Lk) { return Lk <= 80; }
+
+// The sm90 D = 64 forward's tile shapes without features (sm90/forward.cuh, ForwardTraits):
+// 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys).
+enum class TileShape : std::uint8_t { standard, wide, short_keys };
+// The shape sm90_forward runs a D = 64 call without features on (and explain names).
+inline TileShape sm90_d64_tile_shape(std::int64_t Lq, std::int64_t Lk, bool causal) {
+  return sm90_wide_tiles(Lq, Lk, causal) ? TileShape::wide
+         : sm90_short_keys(Lk)           ? TileShape::short_keys
+                                         : TileShape::standard;
+}
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);
 

@@ -37,10 +37,6 @@ namespace memattn::cuda::sm90 {
 // Where the forward stages a tile's output for TMA stores (ForwardTraits::kOut).
 enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 
-// The D = 64 forward's tile shapes without features (launch.h picks one per call; ForwardTraits
-// below): 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys).
-enum class TileShape : std::uint8_t { standard, wide, short_keys };
-
 // kHeadDim: head-dim bucket (64, 128, 256) for both Q/K and V columns.
 // D = 128, 256: two consumer warpgroups at 240 registers hold S, P and O of their 64 rows of a
 // 128-row tile with no spill, and take turns on the tensor cores (PingPong).
@@ -669,12 +665,17 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
   if (has_features(p)) {
     sm90::launch_forward<T, kHeadDim, true>(p, stream);
   } else if constexpr (kHeadDim == 64) {
-    if (sm90_wide_tiles(p.Lq, p.Lk, p.causal))
-      sm90::launch_forward<T, 64, false, sm90::TileShape::wide>(p, stream);
-    else if (sm90_short_keys(p.Lk))
-      sm90::launch_forward<T, 64, false, sm90::TileShape::short_keys>(p, stream);
-    else
-      sm90::launch_forward<T, 64, false>(p, stream);
+    switch (sm90_d64_tile_shape(p.Lq, p.Lk, p.causal)) {
+      case TileShape::wide:
+        sm90::launch_forward<T, 64, false, TileShape::wide>(p, stream);
+        break;
+      case TileShape::short_keys:
+        sm90::launch_forward<T, 64, false, TileShape::short_keys>(p, stream);
+        break;
+      case TileShape::standard:
+        sm90::launch_forward<T, 64, false>(p, stream);
+        break;
+    }
   } else {
     sm90::launch_forward<T, kHeadDim, false>(p, stream);
   }
