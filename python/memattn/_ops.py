@@ -448,7 +448,7 @@ def _forward_impl(
     return _into(out, kout), lse
 
 
-def _run_backward(
+def _backward_impl(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -463,19 +463,18 @@ def _run_backward(
     dropout_seed: Tensor | None,
     scale: float | None,
     attn_mask_needs_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the forward: ``(grad_q, grad_k, grad_v, grad_attn_mask)``; the custom op
-    ``memattn::attention_backward`` (``_backward_impl``) and the eager ``_EagerAttention`` both
-    run it.
+    ``memattn::attention_backward`` and the eager ``_EagerAttention`` both run it.
 
     grad_q/k/v have q/k/v's shapes in q's dtype. ``grad_attn_mask`` has the 4-D mask's shape,
-    in float32 (float64 for float64 q), when ``attn_mask_needs_grad``, else it is None.
+    in float32 (float64 for float64 q), when ``attn_mask_needs_grad``, else it is empty.
     """
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
     mask_needs_grad = attn_mask_needs_grad and attn_mask is not None
-    grad_mask = _empty_grad_mask(q, attn_mask, True) if mask_needs_grad else None
+    grad_mask = _empty_grad_mask(q, attn_mask, mask_needs_grad)
     tensors = [t.detach() for t in (grad_out, q, k, v, out)]
     grads = [grad_q, grad_k, grad_v]
     kernel_mask, kernel_grad_mask, scratch = _detached(attn_mask), grad_mask, None
@@ -520,45 +519,6 @@ def _run_backward(
     if mask_needs_grad and kernel_grad_mask is not grad_mask:
         grad_mask.copy_(_sum_to(kernel_grad_mask, grad_mask.shape))
     return _into(grad_q, grads[0]), _into(grad_k, grads[1]), _into(grad_v, grads[2]), grad_mask
-
-
-def _backward_impl(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    causal_alignment: str,
-    dropout_p: float,
-    dropout_seed: Tensor | None,
-    scale: float | None,
-    attn_mask_needs_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``_run_backward`` with an empty ``grad_attn_mask`` where it has none: the backward op's
-    outputs are tensors."""
-    grad_q, grad_k, grad_v, grad_mask = _run_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        attn_mask,
-        key_padding_mask,
-        is_causal,
-        causal_alignment,
-        dropout_p,
-        dropout_seed,
-        scale,
-        attn_mask_needs_grad,
-    )
-    if grad_mask is None:
-        grad_mask = _empty_grad_mask(q, None, False)
-    return grad_q, grad_k, grad_v, grad_mask
 
 
 # The ops run the implementations above; torch.library reads their schemas from the
@@ -700,7 +660,7 @@ class _EagerAttention(torch.autograd.Function):
         # create_graph=True: the backward op, so that differentiating the gradients raises its
         # "no autograd formula" error instead of treating them as constants.
         run_backward = (
-            torch.ops.memattn.attention_backward if torch.is_grad_enabled() else _run_backward
+            torch.ops.memattn.attention_backward if torch.is_grad_enabled() else _backward_impl
         )
         return _input_gradients(ctx, grad_out, run_backward)
 
