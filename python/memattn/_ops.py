@@ -320,13 +320,12 @@ def _hopper_lean_backward(
     q: Tensor, d: int, dv: int, dropout_p: float, scale: float | None
 ) -> bool:
     """What both Hopper single-pass variants need: fp16/bf16 on compute capability 9.0, no
-    dropout, scale > 0 (else the core runs the general two passes), head dims up to 128."""
+    dropout, scale > 0 (else the core runs the general two passes)."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and dropout_p == 0.0
         and (scale is None or scale > 0)
-        and max(d, dv) <= 128
         and _capability(q.device.index) == (9, 0)
     )
 
@@ -341,15 +340,15 @@ def single_pass_backward(
 ) -> bool:
     """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
-    GPUs, not for calls it does not serve (dropout, scale <= 0, head dims over 128, attn_mask
-    other than a bool mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the
-    4-D mask), and not under ``torch.use_deterministic_algorithms(True)``: then the
-    atomic-free two passes run, bit-identical run to run. ``d``, ``dv``: the head dims the
-    kernels see (after any padding). (The core also needs the sm90 kernels built and not
-    disabled; it ignores the scratch otherwise.)"""
+    GPUs, not for calls it does not serve (dropout, scale <= 0, attn_mask other than a bool
+    mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the 4-D mask), and not
+    under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run
+    (at head dims over 128 the sm80 ones), bit-identical run to run. ``d``, ``dv``: the head
+    dims the kernels see (after any padding). (The core also needs the sm90 kernels built and
+    not disabled; it ignores the scratch otherwise.)"""
     return (
         _hopper_lean_backward(q, d, dv, dropout_p, scale)
-        and (attn_mask is None or (max(d, dv) > 64 and _single_pass_mask(attn_mask)))
+        and (attn_mask is None or (64 < max(d, dv) <= 128 and _single_pass_mask(attn_mask)))
         and not torch.are_deterministic_algorithms_enabled()
     )
 
@@ -372,6 +371,7 @@ def direct_dq_backward(
     states the same rules."""
     return (
         _hopper_lean_backward(q, d, dv, dropout_p, scale)
+        and max(d, dv) <= 128
         and attn_mask is None
         and key_padding_mask is None
         and not is_causal
@@ -391,7 +391,7 @@ def _grad_q_accum_scratch(
     if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale):
         return None
     B, Hq, Lq = q.shape[:3]
-    columns = 64 if max(d, dv) <= 64 else 128
+    columns = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
     return q.new_empty((B * Hq * (-(-Lq // 64)) * 64 * columns,), dtype=torch.float32)
 
 

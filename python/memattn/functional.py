@@ -179,11 +179,12 @@ def explain(
     the head dim) first because the CUDA kernels need another layout, each with why.
     ``backward=True`` plans the backward pass; CUDA plans then add ``backward_passes``: 1 for
     the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run; or, for
-    calls whose keys fit one block of 128 without causal limit or key padding, dQ written
-    directly, deterministic), 2 for
+    calls whose keys fit one block of 128 without causal limit or key padding at head dims up
+    to 128, dQ written directly, deterministic), 2 for
     the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool mask with
     16-byte-aligned rows at head dims 65-128, or under
-    ``torch.use_deterministic_algorithms(True)``). Other keyword arguments of ``attention``
+    ``torch.use_deterministic_algorithms(True)``; at head dims over 128 these are the sm80
+    kernels). Other keyword arguments of ``attention``
     (``return_lse``, ``generator``) are accepted and ignored.
     Raises like ``attention`` for invalid arguments.
     """
@@ -224,6 +225,10 @@ def explain(
             )
         )
         plan["backward_passes"] = 1 if single else 2
+        if not single and plan["kernel"].startswith("cuda/sm90/") and max(d, dv) > 128:
+            # The Hopper backward at head dims over 128 is a single pass only; without its dQ
+            # scratch (deterministic mode) the core's sm90_backward runs the sm80 kernels.
+            plan["kernel"] = plan["kernel"].replace("cuda/sm90/", "cuda/sm80/", 1)
     if copies and plan["backend"]:
         plan["reason"] += "; copied first: " + "; ".join(copies)
     return plan

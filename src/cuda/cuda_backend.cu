@@ -59,21 +59,29 @@ std::int64_t max_head_dim(const ForwardArgs& a) {
   return a.q.sizes[3] > a.v.sizes[3] ? a.q.sizes[3] : a.v.sizes[3];
 }
 
+// DeviceParams::scale_log2 of a call: its scale in log2 units, as the kernels' exponents use it.
+float scale_log2(const ProblemShape& s) { return static_cast<float>(s.scale * 1.4426950408889634); }
+
 // The Hopper kernels (sm90/) run fp16/bf16 calls on compute capability 9.0 when they were
-// built: every forward, and the backward up to 128 head-dim columns (its dK/dV accumulators
-// would spill beyond); MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends those
-// calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are 64,
-// 128 and 256 (96 runs in the 128 kernels: TMA reads the missing columns as zeros).
-bool use_sm90(const ForwardArgs& a, bool backward) {
+// built: every forward, the backward up to 128 head-dim columns, and beyond that the lean
+// backward (no attn_mask, no dropout, scale > 0: sm90/backward.cuh's head-dim-split single
+// pass, which also needs the dQ scratch; without it, under deterministic mode, sm90_backward
+// runs the sm80 backward). MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends
+// those calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are
+// 64, 128 and 256 (96 runs in the 128 kernels: TMA reads the missing columns as zeros).
+bool use_sm90(const ForwardArgs& a, const ProblemShape& s, bool backward) {
 #if MEMATTN_HAVE_SM90
   if (!uses_tensor_cores(a.q.dtype)) return false;
-  if (backward && max_head_dim(a) > 128) return false;
+  if (backward && max_head_dim(a) > 128 &&
+      features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s)))
+    return false;
   const DeviceCaps caps = device_caps(a.q.device_index);
   if (caps.error != cudaSuccess || caps.major != 9 || caps.minor != 0) return false;
   const char* disabled = std::getenv("MEMATTN_DISABLE_SM90");
   return disabled == nullptr || disabled[0] == '\0' || std::strcmp(disabled, "0") == 0;
 #else
   (void)a;
+  (void)s;
   (void)backward;
   return false;
 #endif
@@ -141,9 +149,6 @@ float* dq_accum_words(const TensorView& t, const ForwardArgs& a, const ProblemSh
   return static_cast<float*>(checked_scratch(t, "grad_q_accum_scratch", what.c_str(),
                                              s.B * s.Hq * ((s.Lq + 63) / 64) * 64 * columns, a));
 }
-
-// DeviceParams::scale_log2 of a call: its scale in log2 units, as the kernels' exponents use it.
-float scale_log2(const ProblemShape& s) { return static_cast<float>(s.scale * 1.4426950408889634); }
 
 DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
   DeviceParams p;
@@ -216,8 +221,16 @@ class DeviceGuard {
 template <class T>
 void run_sm90(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
   const int sm90_bucket = sm90_head_dim_bucket(bucket);
-  if (backward)  // use_sm90 sends only buckets 64 and 128 here
-    return sm90_bucket == 64 ? sm90_backward<T, 64>(p, stream) : sm90_backward<T, 128>(p, stream);
+  if (backward) {
+    switch (sm90_bucket) {
+      case 64:
+        return sm90_backward<T, 64>(p, stream);
+      case 128:
+        return sm90_backward<T, 128>(p, stream);
+      default:
+        return sm90_backward<T, 256>(p, stream);
+    }
+  }
   switch (sm90_bucket) {
     case 64:
       return sm90_forward<T, 64>(p, stream);
@@ -253,7 +266,7 @@ void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const Devic
          cudaStream_t stream) {
   launch_key_ranges(p, stream);
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
-  const bool sm90 = use_sm90(a, backward);
+  const bool sm90 = use_sm90(a, s, backward);
   switch (a.q.dtype) {
     case DType::f16:
       return run_tensor_core<__half>(backward, bucket, p, stream, sm90);
@@ -306,7 +319,7 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
 std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backward) {
   if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + dtype_short_name(a.q.dtype);
   const std::int64_t d = max_head_dim(a);
-  if (use_sm90(a, backward)) {
+  if (use_sm90(a, s, backward)) {
     const int bucket = sm90_head_dim_bucket(d);
     const bool features =
         features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
@@ -364,7 +377,7 @@ void backward(const BackwardArgs& a, const ProblemShape& s, const ExecContext& c
     p.grad_mask_b_outer = g.sizes[0] == 1 ? 1 : p.B;
     p.grad_mask_h_outer = g.sizes[1] == 1 ? 1 : p.Hq;
   }
-  if (a.grad_q_accum_scratch.present() && use_sm90(a.fwd, /*backward=*/true))
+  if (a.grad_q_accum_scratch.present() && use_sm90(a.fwd, s, /*backward=*/true))
     p.dq_accum = dq_accum_words(a.grad_q_accum_scratch, a.fwd, s);
   DeviceGuard guard(a.fwd.q.device_index);
   run(/*backward=*/true, a.fwd, s, p, static_cast<cudaStream_t>(ctx.stream));

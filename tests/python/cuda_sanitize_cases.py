@@ -12,7 +12,8 @@ allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-cor
 fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
 masks (broadcast, with gradient; also masks the Hopper kernels copy by tiles), key padding
 (with masks; alone, skipping trailing key blocks; a fully padded batch entry), causal in both
-alignments (fully masked rows), [B, L, H, D] views, dropout, the Hopper forward's 192-row tiles}.
+alignments (fully masked rows), [B, L, H, D] views, dropout, the Hopper forward's 192-row tiles
+and 80-key blocks, the Hopper D = 256 backward}.
 
 Exit status: 0 all cases match, 1 a case failed (each failure is printed with its traceback),
 2 nothing could run (no GPU, or memattn built without CUDA). ``--list`` prints the case names;
@@ -154,6 +155,19 @@ def case_short_keys_d64(dtype):
     check_against_reference(Inputs(q, k, v, kwargs=causal))
 
 
+def case_backward_d256(dtype):
+    """The Hopper D = 256 backward (both consumer warpgroups on 64 keys, the head dim split;
+    dQ by vector reductions): GQA with several query blocks per CTA, a partial last key block,
+    key padding with a fully padded batch entry; causal bottom-right with Lq > Lk."""
+    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=150, Lk=100, D=256)
+    kpm = torch.zeros(2, 100, dtype=torch.bool)
+    kpm[0, 70:] = True
+    kpm[1] = True
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
+    check_against_reference(Inputs(q, k, v, kwargs=causal))
+
+
 def case_float_mask_grad_causal_padding(dtype):
     q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=45, Lk=77, D=64)
     mask = _float_mask((1, 4, 45, 77), dtype)
@@ -248,6 +262,7 @@ CASES: list[Callable] = [
     case_many_tiles_per_cta,
     case_wide_tiles_d64,
     case_short_keys_d64,
+    case_backward_d256,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,

@@ -1084,14 +1084,26 @@ def _sm90_built() -> bool:
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
-    """On H100/H200 the forward takes the wgmma/TMA kernels at every head dim, the backward up
-    to 128 columns (sm80 above); MEMATTN_DISABLE_SM90=1 sends both passes to sm80."""
+    """On H100/H200 the forward takes the wgmma/TMA kernels at every head dim, the backward at
+    every head dim too, except over 128 columns for calls with attn_mask or dropout and under
+    deterministic mode (sm80 there); MEMATTN_DISABLE_SM90=1 sends both passes to sm80."""
     assert _sm90_built(), memattn.build_info()
-    for D, backward_kernel in ((64, "sm90"), (128, "sm90"), (96, "sm90"), (256, "sm80")):
+    for D in (64, 128, 96, 256, 200):
         q, k, v = qkv(B=1, Hq=2, Lq=100, D=D, dtype=dtype, requires_grad=False)
         assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm90/"), D
         plan = memattn.explain(q, k, v, backward=True)
-        assert plan["kernel"].startswith(f"cuda/{backward_kernel}/"), (D, plan)
+        assert plan["kernel"].startswith("cuda/sm90/"), (D, plan)
+    mask = bool_mask((1, 2, 100, 100))
+    for kwargs in ({"attn_mask": mask}, {"dropout_p": 0.1}):
+        plan = memattn.explain(q, k, v, backward=True, **kwargs)
+        assert plan["kernel"] == "cuda/sm80/" + plan["kernel"].split("/", 2)[2], (kwargs, plan)
+        assert plan["backward_passes"] == 2, plan
+    torch.use_deterministic_algorithms(True)
+    try:
+        plan = memattn.explain(q, k, v, backward=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert plan["kernel"].startswith("cuda/sm80/") and plan["backward_passes"] == 2, plan
     monkeypatch.setenv("MEMATTN_DISABLE_SM90", "1")
     assert memattn.explain(q, k, v)["kernel"].startswith("cuda/sm80/")
     q, k, v = qkv(B=1, Hq=2, Lq=100, D=128, dtype=dtype, requires_grad=False)
@@ -1327,12 +1339,13 @@ def test_hopper_mask_tiles_strided_and_per_element_fallback(dtype):
 
 
 def _lean_backward_cases(dtype):
-    """Calls the single-pass Hopper backward serves (no attn_mask, no dropout): both head-dim
-    buckets (D = 96 runs in 128), GQA, causal both ways, key padding, odd lengths."""
-    q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=64, dtype=dtype)
+    """Calls the single-pass Hopper backward serves (no attn_mask, no dropout): every head-dim
+    bucket (D = 96 runs in 128, 200 in 256), GQA, causal both ways, key padding, odd lengths."""
     kpm = (torch.rand(2, 200) < 0.2).to(DEV)
-    yield Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm})
-    for D in (64, 96, 128):
+    for D in (64, 256):
+        q, k, v = qkv(B=2, Hq=4, Hk=2, Lq=130, Lk=200, D=D, dtype=dtype)
+        yield Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm})
+    for D in (64, 96, 128, 200, 256):
         q, k, v = qkv(B=1, Hq=2, Lq=257, Lk=77, D=D, dtype=dtype)
         yield Inputs(q, k, v, kwargs={"is_causal": True, "causal_alignment": "bottom_right"})
         q, k, v = qkv(B=2, Hq=3, Lq=70, Lk=300, D=D, dtype=dtype)
@@ -1376,7 +1389,7 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     assert _ops._grad_q_accum_scratch(q, 64, 64, mask, 0.0) is None
     assert memattn.explain(q, q, q, attn_mask=mask, backward=True)["backward_passes"] == 2
     assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.1) is None
-    assert _ops._grad_q_accum_scratch(q, 256, 256, None, 0.0) is None
+    assert _ops._grad_q_accum_scratch(q, 256, 256, mask, 0.0) is None  # masks: sm80 at D > 128
     # scale <= 0 runs the general kernels' two passes
     assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.0, -0.5) is None
     assert memattn.explain(q, q, q, scale=-0.5, backward=True)["backward_passes"] == 2
@@ -1467,6 +1480,43 @@ def test_hopper_backward_direct_dq_for_one_key_block(dtype):
     assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, False, 0.0, None)
 
 
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_backward_head_dim_256(dtype):
+    """The D = 256 backward (both consumer warpgroups share 64 keys and split the head dim)
+    against float64: one query or key, lengths at and across its 64-row blocks, many steps
+    per CTA across a GQA group, causal both ways (rows with no key), a fully padded batch
+    entry, D and Dv that differ and run in the 256 bucket, transposed (BSHD) views."""
+    from memattn import _ops
+
+    kpm = torch.zeros(2, 150, dtype=torch.bool)
+    kpm[0, 100:] = True
+    kpm[1, :] = True  # every key padded: zero output and gradients
+    cases = [
+        (dict(B=1, Hq=2, Lq=1, Lk=300, D=256), {}),
+        (dict(B=2, Hq=2, Lq=64, Lk=1, D=256), {}),
+        (dict(B=1, Hq=3, Lq=65, Lk=64, D=256), {"is_causal": True}),
+        (dict(B=1, Hq=6, Hk=2, Lq=700, Lk=333, D=256), {}),
+        (dict(B=1, Hq=2, Lq=300, Lk=129, D=256), {"is_causal": True}),
+        (dict(B=1, Hq=2, Lq=129, Lk=300, D=256), {"is_causal": True}),
+        (dict(B=1, Hq=2, Lq=300, Lk=129, D=256), {"is_causal": True, "causal_alignment": "bottom_right"}),
+        (dict(B=2, Hq=2, Lq=90, Lk=150, D=256), {"key_padding_mask": kpm.to(DEV)}),
+        (dict(B=1, Hq=2, Lq=100, Lk=77, D=136, Dv=256), {}),
+        (dict(B=1, Hq=2, Lq=100, Lk=77, D=256, Dv=200), {"is_causal": True}),
+    ]  # fmt: skip
+    for shape, kwargs in cases:
+        q, k, v = qkv(dtype=dtype, **shape)
+        d, dv = q.shape[-1], v.shape[-1]
+        assert _ops.single_pass_backward(q, d, dv, None, 0.0), shape
+        plan = memattn.explain(q, k, v, backward=True, **kwargs)
+        assert plan["kernel"].startswith("cuda/sm90/") and plan["kernel"].endswith("/d256"), plan
+        assert plan["backward_passes"] == 1, plan
+        check_cuda(Inputs(q, k, v, kwargs=kwargs))
+    base = torch.randn(2, 90, 6, 256, dtype=dtype, device=DEV)  # BSHD layout, transposed view
+    q, k, v = (t.transpose(1, 2).detach().requires_grad_() for t in base.split(2, dim=2))
+    check_cuda(Inputs(q, k, v, kwargs={"is_causal": True}))
+
+
 def test_grad_q_accum_scratch_is_checked():
     """The module checks the single pass's dQ scratch like grad_scratch (on Hopper, the only
     GPU that reads it; elsewhere it is ignored)."""
@@ -1524,7 +1574,9 @@ def test_tensor_core_kernels_on_every_feature(dtype, kernel, monkeypatch):
     for inputs in _forward_cases(dtype):
         q, k, v = inputs.q, inputs.k, inputs.v
         assert memattn.explain(q, k, v)["kernel"].startswith(f"cuda/{kernel}/")
-        backward_kernel = "sm80" if max(q.shape[-1], v.shape[-1]) > 128 else kernel
+        # Over 128 head-dim columns the sm90 backward serves lean calls only.
+        lean = inputs.attn_mask is None and not inputs.kwargs.get("dropout_p")
+        backward_kernel = "sm80" if max(q.shape[-1], v.shape[-1]) > 128 and not lean else kernel
         plan = memattn.explain(q, k, v, backward=True)
         assert plan["kernel"].startswith(f"cuda/{backward_kernel}/"), plan
         check_cuda(inputs)

@@ -184,6 +184,21 @@ struct DkvSmem {
   }
 };
 
+// A warp's 16 rows of dK or dV accumulators (acc, scaled by mul) written as 16-bit values into
+// rows [row0, row0 + 16) of a swizzled tile of kTileRows rows (the K or V tile, which the TMA
+// stores of the epilogue then read).
+template <class T, int kTileRows, int kD>
+__device__ __forceinline__ void stage_key_rows(std::uint32_t tile, int row0, float (&acc)[1][kD][4],
+                                               float mul, int lane) {
+#pragma unroll
+  for (int d = 0; d < kD; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][d][e] *= mul;
+  std::uint32_t rows[1][kD / 2][4];
+  sm80::c_to_a<T>(rows, acc);
+  store_a_fragments<kTileRows, 8 * kD>(tile, row0, rows, lane);
+}
+
 template <class T, int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
@@ -480,17 +495,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // the other warpgroup's: its dQ product reads all of K), and one of its threads stores them
   // with TMA. Rows past Lk and columns past D / Dv are not written (the tensor maps' bounds).
   if constexpr (kFusedDq) named_barrier_sync(3, 256);
-  const auto stage = [&](std::uint32_t tile, float(&acc)[1][kD][4], float mul) {
-#pragma unroll
-    for (int d = 0; d < kD; ++d)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[0][d][e] *= mul;
-    std::uint32_t rows[1][kD / 2][4];
-    sm80::c_to_a<T>(rows, acc);
-    store_a_fragments<Tr::kRows, kHeadDim>(tile, 64 * wg + 16 * warp, rows, lane);
-  };
-  stage(sm.k(), acc_dk, p.scale);
-  stage(sm.v(), acc_dv, 1.f);
+  stage_key_rows<T, Tr::kRows>(sm.k(), 64 * wg + 16 * warp, acc_dk, p.scale, lane);
+  stage_key_rows<T, Tr::kRows>(sm.v(), 64 * wg + 16 * warp, acc_dv, 1.f, lane);
   fence_async_shared();
   named_barrier_sync(1 + wg, 128);
   if (wg_thread == 0) {
@@ -737,6 +743,280 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// dK, dV and dQ with the head dim split over the consumer warpgroups (D = 256, lean single pass)
+//
+// At D = 256 the dK and dV accumulators of 64 keys would take 256 registers a thread, so the two
+// consumer warpgroups share the CTA's 64 keys and split each step's work instead (the scheme of
+// FA3's hdim-256 backward). Per step of 64 queries, warpgroup g computes S^T and dP^T of the
+// step's queries [32 g, 32 g + 32) (m64n32 from shared memory), P^T and dS^T of them, and
+// writes those to shared memory; after a barrier of both it computes columns [128 g, 128 g +
+// 128) of dV += P^T dO, dK += dS^T Q and of the step's dQ = dS K (m64n128, both operands from
+// shared memory) and adds that dQ part to dq_accum with 16-byte vector reductions from its
+// registers: staging it for the copy engine (64 KB of fp32 a step) does not fit next to K, V,
+// two stages of Q and dO, and two buffers of P^T and dS^T.
+struct SplitDTraits : BackwardShape {
+  static constexpr int kHeadDim = 256;
+  static constexpr int kRows = 64;    // keys per CTA (hides BackwardShape's 128)
+  static constexpr int kBlockQ = 64;  // queries per step
+  static constexpr int kChunks = kHeadDim / kChunkCols;
+  static constexpr int kQueries = kBlockQ / kConsumers;  // S^T / dP^T queries per warpgroup
+  static constexpr int kCols = kHeadDim / kConsumers;    // dK / dV / dQ columns per warpgroup
+  // Byte offset of warpgroup g's first column chunk in a tile of 64 rows (K, V, Q, dO).
+  static constexpr std::uint32_t kColsBytes = (kCols / kChunkCols) * 64 * kRowBytes;
+  static_assert(kRows == 64 && kBlockQ == 64, "kColsBytes: tiles of 64 rows");
+  static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
+  static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
+  static constexpr std::uint32_t kScoreBytes = kRows * kBlockQ * 2;  // P^T or dS^T, 16-bit
+  // Layout: K | V | Q[kStages] | dO[kStages] | P^T[2] | dS^T[2] | stats[kStages][lse2,
+  // delta][kBlockQ] | mbarriers.
+  static constexpr std::uint32_t kScoreOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
+  static constexpr std::uint32_t kStatsOffset = kScoreOffset + 4 * kScoreBytes;
+  static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  static_assert(kSmemBytes <= kMaxSmemBytes);
+};
+
+struct SplitDSmem {
+  using Tr = SplitDTraits;
+  unsigned char* raw;  // 1024-byte aligned
+  __device__ __forceinline__ std::uint32_t base() const { return smem_u32(raw); }
+  __device__ __forceinline__ std::uint32_t k() const { return base(); }
+  __device__ __forceinline__ std::uint32_t v() const { return base() + Tr::kKVBytes; }
+  __device__ __forceinline__ std::uint32_t q(int s) const {
+    return base() + 2 * Tr::kKVBytes + s * Tr::kQBytes;
+  }
+  __device__ __forceinline__ std::uint32_t grad_out(int s) const {
+    return base() + 2 * Tr::kKVBytes + (Tr::kStages + s) * Tr::kQBytes;
+  }
+  __device__ __forceinline__ std::uint32_t p_t(int buffer) const {
+    return base() + Tr::kScoreOffset + buffer * Tr::kScoreBytes;
+  }
+  __device__ __forceinline__ std::uint32_t ds_t(int buffer) const {
+    return base() + Tr::kScoreOffset + (2 + buffer) * Tr::kScoreBytes;
+  }
+  __device__ __forceinline__ float* lse2(int s) const {
+    return reinterpret_cast<float*>(raw + Tr::kStatsOffset) + s * 2 * Tr::kBlockQ;
+  }
+  __device__ __forceinline__ float* delta(int s) const { return lse2(s) + Tr::kBlockQ; }
+  __device__ __forceinline__ std::uint32_t bar(int i) const {
+    return base() + Tr::kBarrierOffset + 8 * i;
+  }
+  __device__ __forceinline__ std::uint32_t kv_full() const { return bar(0); }
+  __device__ __forceinline__ std::uint32_t step_full(int s) const { return bar(1 + s); }
+  __device__ __forceinline__ std::uint32_t step_empty(int s) const {
+    return bar(1 + Tr::kStages + s);
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(BackwardShape::kThreads, 1)
+    backward_split_d_kernel(const __grid_constant__ DeviceParams p,
+                            const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
+  using Tr = SplitDTraits;
+  constexpr int kQ = Tr::kQueries / 8, kC = Tr::kCols / 8;
+  extern __shared__ unsigned char smem_raw[];
+  const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
+
+  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  const std::int64_t bhk = blockIdx.x / num_n_blocks;
+  const int b = static_cast<int>(bhk / p.Hk), hk = static_cast<int>(bhk % p.Hk);
+  const int j0 = n_block * Tr::kRows;
+  // Steps as in backward_dkdv_kernel: the group's query heads, for each the query blocks from
+  // the first that sees a key of this block; none when every key of the block is padding.
+  const int h_begin = hk * p.group, h_end = h_begin + p.group;
+  const KeyRange keys = key_range(p, b);
+  const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(sm.step_full(s), 1);
+      mbar_init(sm.step_empty(s), Tr::kConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
+  if (warp_group == 0) {  // producer: one thread issues every copy
+    warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    prefetch_tensor_map(maps.q);
+    prefetch_tensor_map(maps.grad_out);
+    mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
+    load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
+    load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
+    int it = 0;
+#pragma unroll 1
+    for (int h = h_begin; h < h_end; ++h)
+#pragma unroll 1
+      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+        const int s = stage_of<Tr>(it);
+        load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
+            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, MaskTile{}, false,
+            maps.mask.map, i0, j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h, b);
+      }
+    return;
+  }
+
+  // Consumers: both warpgroups hold the CTA's 64 keys (warp w: keys j0 + 16 w, +16); warpgroup
+  // wg computes the step's queries [query0, query0 + 32) of S^T / dP^T and columns [128 wg,
+  // +128) of dK, dV and dQ.
+  warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, wg_thread = threadIdx.x % 128;
+  const int key_row0 = j0 + 16 * warp, query0 = Tr::kQueries * wg;
+  const std::uint32_t cols = Tr::kColsBytes * wg;
+  const float unit = sm80::score_unit<false>(p);
+  float acc_dk[1][kC][4], acc_dv[1][kC][4];
+  sm80::zero(acc_dk);
+  sm80::zero(acc_dv);
+  // Row stats (lse2, delta) of the next step's queries: thread t < 32 of warpgroup wg loads
+  // row query0 + t a step ahead and stores it during the step before into the stage's buffer,
+  // ahead of the pair's barrier, which publishes it (as kSharedStats in backward_dkdv_kernel:
+  // the buffer's readers of two steps back have passed that barrier of the step before).
+  const bool stats_row = wg_thread < Tr::kQueries;
+  sm80::RowStats next_stats{};
+  if (stats_row && i_begin < p.Lq)
+    next_stats = sm80::row_stats(p, b, h_begin, i_begin + query0 + wg_thread);
+  const auto store_stats = [&](int s) {
+    if (stats_row) {
+      sm.lse2(s)[query0 + wg_thread] = next_stats.lse2;
+      sm.delta(s)[query0 + wg_thread] = next_stats.delta;
+    }
+  };
+  store_stats(0);
+  named_barrier_sync(3, 256);
+  mbar_wait(sm.kv_full(), 0);
+  int it = 0;
+  for (int h = h_begin; h < h_end; ++h)
+    for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+      const int s = stage_of<Tr>(it), buffer = it % 2;
+      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
+      if (stats_row && !(last_block && h + 1 == h_end))
+        next_stats =
+            sm80::row_stats(p, b, last_block ? h + 1 : h,
+                            (last_block ? i_begin : i0 + Tr::kBlockQ) + query0 + wg_thread);
+      mbar_wait(sm.step_full(s), parity_of<Tr>(it));
+
+      // S^T and dP^T of this warpgroup's queries in two groups; P^T's exponentials run while
+      // dP^T is on the tensor cores.
+      float st[1][kQ][4], dpt[1][kQ][4];
+      wgmma_fence();
+      gemm_ss<T, Tr::kQueries, Tr::kHeadDim, Tr::kRows, Tr::kBlockQ>(
+          st[0], sm.k(), 0, sm.q(s) + query0 * kRowBytes, false);
+      wgmma_commit();
+      gemm_ss<T, Tr::kQueries, Tr::kHeadDim, Tr::kRows, Tr::kBlockQ>(
+          dpt[0], sm.v(), 0, sm.grad_out(s) + query0 * kRowBytes, false);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(st[0]);
+      const ElementMasks<T> masks{p, b, h, keys};
+      const bool check =
+          sm80::block_needs_check(p, keys, i0 + query0, Tr::kQueries, j0, Tr::kRows);
+      sm80::mask_scores<sm80::Rows::keys, false>(st, masks, key_row0, i0 + query0, check, lane);
+      const float* lse2 = sm.lse2(s) + query0;
+      const float* delta = sm.delta(s) + query0;
+#pragma unroll
+      for (int n = 0; n < kQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          st[0][n][e] = fast_exp2(st[0][n][e] * unit - lse2[sm80::c_col(n, e, lane)]);
+      wgmma_wait<0>();
+      fence_operands(dpt[0]);
+#pragma unroll
+      for (int n = 0; n < kQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          dpt[0][n][e] = st[0][n][e] * (dpt[0][n][e] - delta[sm80::c_col(n, e, lane)]);
+      std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
+      sm80::c_to_a<T>(pf, st);
+      sm80::c_to_a<T>(dsf, dpt);
+      store_a_fragments<Tr::kRows, Tr::kQueries>(sm.p_t(buffer), 16 * warp, pf, lane, query0);
+      store_a_fragments<Tr::kRows, Tr::kQueries>(sm.ds_t(buffer), 16 * warp, dsf, lane, query0);
+      fence_async_shared();  // the stores, before the barrier, for both warpgroups' wgmmas
+      // Both halves of P^T and dS^T are written once both warpgroups pass (which also tells
+      // each that the other finished the products of two steps back, which read the buffers
+      // about to be overwritten, and publishes the next step's row stats).
+      store_stats(stage_of<Tr>(it + 1));
+      named_barrier_sync(3, 256);
+
+      // dV, then dQ, then dK, each its own group: the dQ part goes out while dK's product runs.
+      float acc_dq[1][kC][4];
+      wgmma_fence();
+      gemm_ss_bt<T, Tr::kCols, Tr::kBlockQ>(acc_dv[0], sm.p_t(buffer), sm.grad_out(s) + cols);
+      wgmma_commit();
+      gemm_ss_mn<T, Tr::kRows, Tr::kCols>(acc_dq[0], sm.ds_t(buffer), sm.k() + cols);
+      wgmma_commit();
+      gemm_ss_bt<T, Tr::kCols, Tr::kBlockQ>(acc_dk[0], sm.ds_t(buffer), sm.q(s) + cols);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(acc_dv[0]);
+      fence_operands(acc_dq[0]);
+      // The part's 64-column chunks in dq_accum's tile order (dq_accum_tile): float4 128 n + t
+      // of a chunk holds accumulators [n][0..3] of thread t, so the reductions are coalesced.
+#pragma unroll
+      for (int c = 0; c < Tr::kCols / kChunkCols; ++c) {
+        float* tile = dq_accum_tile<Tr::kHeadDim>(p, bh, i0, Tr::kCols * wg + kChunkCols * c);
+#pragma unroll
+        for (int n = 0; n < kChunkCols / 8; ++n)
+          red_add_v4(tile + 4 * (128 * n + wg_thread), acc_dq[0][kChunkCols / 8 * c + n]);
+      }
+      wgmma_wait<0>();
+      fence_operands(acc_dk[0]);
+      release(sm.step_empty(s), lane);
+    }
+
+  // dK and dV out through the K and V tiles (as backward_dkdv_kernel), once every product of
+  // both warpgroups has read them: each warpgroup writes its columns, one thread stores.
+  named_barrier_sync(3, 256);
+  stage_key_rows<T, Tr::kRows>(sm.k() + cols, 16 * warp, acc_dk, p.scale, lane);
+  stage_key_rows<T, Tr::kRows>(sm.v() + cols, 16 * warp, acc_dv, 1.f, lane);
+  fence_async_shared();
+  named_barrier_sync(3, 256);
+  if (threadIdx.x == 128) {
+    // The CTA's (b, k/v head) and key rows read again from the block index (not held across
+    // the loop).
+    const unsigned block = ctaid_x();
+    const int out_bhk = static_cast<int>(block / num_n_blocks);
+    const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows;
+    const int out_hk = out_bhk % p.Hk, out_b = out_bhk / p.Hk;
+    store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 0, p.D, out_row0, out_hk, out_b);
+    store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 0, p.Dv, out_row0, out_hk, out_b);
+    bulk_commit();
+    bulk_wait_read<0>();
+  }
+}
+
+// The D = 256 single pass: dK, dV and the dQ sums (backward_split_d_kernel), then grad_q from
+// them (dq_from_accum_kernel).
+template <class T>
+void launch_backward_split_d(const DeviceParams& p, cudaStream_t stream) {
+  using Tr = SplitDTraits;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const BackwardMaps maps{
+      make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockQ),
+      make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kRows),
+      make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kRows),
+      make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, Tr::kBlockQ),
+      MaskTileMap{},
+      make_tile_map(p.grad_k, kBf16, p.B, p.Hk, p.Lk, p.D, p.grad_k_st, Tr::kRows),
+      make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, Tr::kRows)};
+  const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
+  check_cuda(cudaMemsetAsync(p.dq_accum, 0,
+                             q_tiles * (Tr::kHeadDim / kChunkCols) * kDqTileElems * sizeof(float),
+                             stream),
+             "cudaMemsetAsync(dq_accum)");
+  const int num_n_blocks = (p.Lk + Tr::kRows - 1) / Tr::kRows;
+  launch_with_smem(&backward_split_d_kernel<T>, "memattn sm90 backward dK/dV/dQ kernel (D = 256)",
+                   static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Tr::kThreads,
+                   Tr::kSmemBytes, stream, p, maps, num_n_blocks);
+  launch_with_smem(&dq_from_accum_kernel<T, Tr::kHeadDim>, "memattn sm90 dQ conversion kernel",
+                   q_tiles, 128, 0, stream, p);
+}
+
 template <class T, int kHeadDim, bool kFeatures, bool kFusedDq>
 void launch_backward(const DeviceParams& p, cudaStream_t stream) {
   using Dq = DqTraits<kHeadDim, kFeatures>;
@@ -823,16 +1103,25 @@ bool single_pass_serves_mask(const DeviceParams& p) {
 
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
-  launch_backward_delta<T>(p, stream);
-  if (has_features(p)) {
-    if constexpr (kHeadDim == 128)
-      if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
-        return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
-    sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
-  } else if (p.dq_accum != nullptr || sm90::direct_dq(p)) {
-    sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
+  if constexpr (kHeadDim == 256) {
+    // The head-dim-split single pass serves lean calls given the dQ scratch (use_sm90 sends no
+    // others here but those under deterministic mode, which come without it: the sm80
+    // backward runs them).
+    if (has_features(p) || p.dq_accum == nullptr) return sm80_backward<T, 256>(p, stream);
+    launch_backward_delta<T>(p, stream);
+    sm90::launch_backward_split_d<T>(p, stream);
   } else {
-    sm90::launch_backward<T, kHeadDim, false, false>(p, stream);
+    launch_backward_delta<T>(p, stream);
+    if (has_features(p)) {
+      if constexpr (kHeadDim == 128)
+        if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
+          return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
+      sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
+    } else if (p.dq_accum != nullptr || sm90::direct_dq(p)) {
+      sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
+    } else {
+      sm90::launch_backward<T, kHeadDim, false, false>(p, stream);
+    }
   }
 }
 }  // namespace memattn::cuda

@@ -60,10 +60,11 @@ __device__ __forceinline__ void release(std::uint32_t empty_bar, int lane) {
 }
 
 // acc (=|+=) A B^T for one warpgroup, issued asynchronously (the caller commits and waits).
-// A: rows [a_row0, a_row0 + 64) of a tile of kARows rows, B: a tile of kN rows, both K-major
-// (rows along M/N, the kCols contracted columns contiguous). Step kk covers columns
-// [16 kk, 16 kk + 16): chunk kk / 4, byte 32 (kk % 4) of each 128-byte row.
-template <class T, int kN, int kCols, int kARows>
+// A: rows [a_row0, a_row0 + 64) of a tile of kARows rows, B: kN rows of a tile of kBRows rows
+// from b_tile (which may point at a row of it that is a multiple of 8), both K-major (rows along
+// M/N, the kCols contracted columns contiguous). Step kk covers columns [16 kk, 16 kk + 16):
+// chunk kk / 4, byte 32 (kk % 4) of each 128-byte row.
+template <class T, int kN, int kCols, int kARows, int kBRows = kN>
 __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a_tile, int a_row0,
                                         std::uint32_t b_tile, bool accumulate) {
   const std::uint64_t a0 = smem_desc(a_tile + a_row0 * kRowBytes, 16, 1024);
@@ -72,7 +73,8 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kN / 8][4], std::uint32_t a
   for (int kk = 0; kk < kCols / 16; ++kk) {
     const std::uint32_t col_bytes = (kk % 4) * 32;
     Wgmma<T, kN>::ss(acc, desc_advance(a0, (kk / 4) * kARows * kRowBytes + col_bytes),
-                     desc_advance(b0, (kk / 4) * kN * kRowBytes + col_bytes), accumulate || kk > 0);
+                     desc_advance(b0, (kk / 4) * kBRows * kRowBytes + col_bytes),
+                     accumulate || kk > 0);
   }
 }
 
@@ -95,32 +97,46 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kN / 8][4],
     Wgmma<T, kN>::rs(acc, a[0][kk], mn_major_step<kK>(b_tile, kk), 1);
 }
 
-// acc (=|+=) A B for one warpgroup with both operands transposed in shared memory (rows of the
-// stored tiles along K): A (64 x kK) is a 64-column chunk of a tile of kK rows, B (kK x 64) a
-// 64-column chunk of a tile of kK rows (as gemm_rs reads B).
-template <class T, int kK>
-__device__ __forceinline__ void gemm_ss_mn(float (&acc)[kChunkCols / 8][4], std::uint32_t a_chunk,
+// acc = A B for one warpgroup with both operands transposed in shared memory (rows of the
+// stored tiles along K): A (64 x kK) is a 64-column chunk of a tile of kK rows, B (kK x kN) kN
+// columns of a tile of kK rows from the chunk at b_chunk on (as gemm_rs reads B).
+template <class T, int kK, int kN = kChunkCols>
+__device__ __forceinline__ void gemm_ss_mn(float (&acc)[kN / 8][4], std::uint32_t a_chunk,
                                            std::uint32_t b_chunk) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk)
-    Wgmma<T, kChunkCols>::ss_mn(acc, mn_major_step<kK>(a_chunk, kk), mn_major_step<kK>(b_chunk, kk),
-                                kk > 0);
+    Wgmma<T, kN>::ss_mn(acc, mn_major_step<kK>(a_chunk, kk), mn_major_step<kK>(b_chunk, kk),
+                        kk > 0);
+}
+
+// acc += A B for one warpgroup from shared memory: A (64 x kK, kK <= 64) K-major, the first 64
+// rows of a one-chunk tile (as store_a_fragments writes it); B (kK x kN) kN columns of a tile
+// of kK rows from the chunk at b_chunk on, read N-major (as gemm_rs reads B).
+template <class T, int kN, int kK>
+__device__ __forceinline__ void gemm_ss_bt(float (&acc)[kN / 8][4], std::uint32_t a_tile,
+                                           std::uint32_t b_chunk) {
+  static_assert(kK <= kChunkCols, "A's contracted columns fit one chunk");
+  const std::uint64_t a0 = smem_desc(a_tile, 16, 1024);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    Wgmma<T, kN>::ss_bt(acc, desc_advance(a0, kk * 32), mn_major_step<kK>(b_chunk, kk), 1);
 }
 
 // Stores a warp's 16 rows of A fragments (sm80::c_to_a of a C tile of kCols columns) into rows
-// [row0, row0 + 16) of a swizzled tile of kTileRows rows (layout: top of hopper.cuh), for a
-// wgmma to read. Fragment register r of a[kk] holds row 8 (r % 2) and columns 16 kk + 8 (r / 2)
-// + 2 (lane % 4) + {0, 1}; each warp-wide store covers 8 rows x 16 bytes in distinct banks.
+// [row0, row0 + 16) and columns [col0, col0 + kCols) (col0 a multiple of 16) of a swizzled tile
+// of kTileRows rows (layout: top of hopper.cuh), for a wgmma to read. Fragment register r of
+// a[kk] holds row 8 (r % 2) and columns 16 kk + 8 (r / 2) + 2 (lane % 4) + {0, 1}; each
+// warp-wide store covers 8 rows x 16 bytes in distinct banks.
 template <int kTileRows, int kCols>
 __device__ __forceinline__ void store_a_fragments(std::uint32_t tile, int row0,
                                                   const std::uint32_t (&a)[1][kCols / 16][4],
-                                                  int lane) {
+                                                  int lane, int col0 = 0) {
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int row = row0 + lane / 4 + 8 * (r % 2);
-      const int col = 16 * kk + 8 * (r / 2);  // first column of the 16-byte unit
+      const int col = col0 + 16 * kk + 8 * (r / 2);  // first column of the 16-byte unit
       const std::uint32_t unit = (col % kChunkCols) / 8 ^ static_cast<std::uint32_t>(row % 8);
       const std::uint32_t addr = tile + (col / kChunkCols) * kTileRows * kRowBytes +
                                  row * kRowBytes + unit * 16 + 4 * (lane % 4);
