@@ -57,6 +57,10 @@ struct BackwardShape {
   // for more than that: the consumers' setmaxnreg.inc waited forever.)
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kConsumerWarps = 4 * kConsumers;  // arrivals on an "empty" barrier
+  // Named barriers of the single pass's staged dQ parts (hand_dq_parts): consumer warpgroup
+  // g's part is full (kDqFull + g) or free (kDqEmpty + g), between its 128 threads and the dQ
+  // writer warp; after the stats' 1 + g and the pair's 3.
+  static constexpr int kDqFull = 4, kDqEmpty = kDqFull + kConsumers, kDqSync = 128 + 32;
 };
 
 // The producer's load of one ring stage in both kernels: waits until the consumers freed the
@@ -101,6 +105,35 @@ __device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint
          ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
 }
 
+// One round of the single pass's dQ writer warp (warp 1 of the producer warpgroup, FA3's): for
+// each consumer warpgroup g in turn it waits until g's part is staged (BackwardShape::kDqFull
+// + g) and hands it to the copy engine, one bulk reduction (a bulk group of its own) of kBytes
+// from staged(g) into dst(g) (nullptr: rows past Lq, nothing to add); then it frees each
+// staging buffer once its reduction has read it (kDqEmpty + g), in issue order: part g's read
+// is done when at most kParts - 1 - g bulk groups still read. Not after the writer's last
+// round (`last`): every consumer wait meets one arrival, the first from the writer's start.
+template <int kParts, std::uint32_t kBytes, class Dst, class Staged>
+__device__ __forceinline__ void hand_dq_parts(const Dst& dst, const Staged& staged, bool last,
+                                              int lane) {
+  using S = BackwardShape;
+#pragma unroll
+  for (int g = 0; g < kParts; ++g) {
+    named_barrier_sync(S::kDqFull + g, S::kDqSync);
+    if (lane == 0) {
+      if (float* const d = dst(g)) bulk_reduce_add_f32(d, staged(g), kBytes);
+      bulk_commit();
+    }
+  }
+  const auto free_part = [&]<int g>() {
+    if (lane == 0) bulk_wait_read<kParts - 1 - g>();
+    __syncwarp();
+    if (!last) named_barrier_arrive(S::kDqEmpty + g, S::kDqSync);
+  };
+  [&]<int... g>(std::integer_sequence<int, g...>) {
+    (free_part.template operator()<g>(), ...);
+  }(std::make_integer_sequence<int, kParts>{});
+}
+
 // What the dK/dV kernel does with S^T besides bounds, causality and key padding: nothing (lean
 // calls), attn_mask from mask tiles only (masked calls without dropout whose mask TMA can copy),
 // or anything (the general kernel: masks read either way, dropout).
@@ -126,9 +159,6 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
-  // Named barriers of the staged dQ parts (write_dq_parts): consumer warpgroup g's part is
-  // full (kDqFull + g) or free (kDqEmpty + g); after the stats' 1 + g and the pair's 3.
-  static constexpr int kDqFull = 4, kDqEmpty = kDqFull + kConsumers, kDqSync = 128 + 32;
   // A step's attn_mask tile, kBlockQ queries x the CTA's keys: any mask, or next to the single
   // pass's dS^T and dQ buffers only a bool one (16-bit tiles would not fit at D = 128).
   static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
@@ -256,30 +286,15 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
       for_each_step([&](int h, int i0) {
         const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
-        const bool last = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
-        // Both parts in flight before either buffer is freed (one bulk group per part).
-#pragma unroll
-        for (int g = 0; g < Tr::kConsumers; ++g) {
-          named_barrier_sync(Tr::kDqFull + g, Tr::kDqSync);
+        const auto dst = [&](int g) -> float* {
           const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
-          if (lane == 0) {
-            if (row0 < p.Lq)  // dq_accum has ceil(Lq / 64) tiles of rows
-              bulk_reduce_add_f32(
-                  dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts)), sm.dq(g),
-                  Tr::kDqBytes);
-            bulk_commit();
-          }
-        }
-        // Then each buffer is freed once its part has been read, in issue order: part g's read
-        // is done when at most kConsumers - 1 - g bulk groups still read (a compile-time count).
-        const auto free_part = [&]<int g>() {
-          if (lane == 0) bulk_wait_read<Tr::kConsumers - 1 - g>();
-          __syncwarp();
-          if (!last) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+          // dq_accum has ceil(Lq / 64) tiles of rows
+          return row0 < p.Lq ? dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts))
+                             : nullptr;
         };
-        [&]<int... g>(std::integer_sequence<int, g...>) {
-          (free_part.template operator()<g>(), ...);
-        }(std::make_integer_sequence<int, Tr::kConsumers>{});
+        hand_dq_parts<Tr::kConsumers, Tr::kDqBytes>(
+            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end,
+            lane);
       });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
@@ -751,29 +766,37 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 // FA3's hdim-256 backward). Per step of 64 queries, warpgroup g computes S^T and dP^T of the
 // step's queries [32 g, 32 g + 32) (m64n32 from shared memory), P^T and dS^T of them, and
 // writes those to shared memory; after a barrier of both it computes columns [128 g, 128 g +
-// 128) of dV += P^T dO, dK += dS^T Q and of the step's dQ = dS K (m64n128, both operands from
-// shared memory) and adds that dQ part to dq_accum with 16-byte vector reductions from its
-// registers: staging it for the copy engine (64 KB of fp32 a step) does not fit next to K, V,
-// two stages of Q and dO, and two buffers of P^T and dS^T.
+// 128) of dV += P^T dO, dK += dS^T Q (m64n128) and of the step's dQ = dS K (two m64n64 parts,
+// both operands from shared memory). Each dQ part is staged in shared memory and added to
+// dq_accum by a bulk reduction that the dQ writer warp issues (hand_dq_parts), as in
+// backward_dkdv_kernel: per-thread vector reductions (red.global.add.v4.f32) from registers
+// instead made the kernel 1.49x slower (NOTES.md). Room for the two 16 KB staging buffers comes
+// from dO, which has one stage (FA3's choice at this head dim): it is freed once dV's product
+// has read it, early in the step, so its next load still overlaps the step's dQ and dK.
 struct SplitDTraits : BackwardShape {
   static constexpr int kHeadDim = 256;
   static constexpr int kRows = 64;    // keys per CTA (hides BackwardShape's 128)
   static constexpr int kBlockQ = 64;  // queries per step
+  static constexpr int kGradOutStages = 1;
   static constexpr int kChunks = kHeadDim / kChunkCols;
   static constexpr int kQueries = kBlockQ / kConsumers;  // S^T / dP^T queries per warpgroup
   static constexpr int kCols = kHeadDim / kConsumers;    // dK / dV / dQ columns per warpgroup
+  static constexpr int kDqParts = kCols / kChunkCols;    // staged dQ parts per warpgroup, step
   // Byte offset of warpgroup g's first column chunk in a tile of 64 rows (K, V, Q, dO).
-  static constexpr std::uint32_t kColsBytes = (kCols / kChunkCols) * 64 * kRowBytes;
+  static constexpr std::uint32_t kColsBytes = kDqParts * 64 * kRowBytes;
   static_assert(kRows == 64 && kBlockQ == 64, "kColsBytes: tiles of 64 rows");
   static constexpr std::uint32_t kKVBytes = kRows * kHeadDim * 2;
   static constexpr std::uint32_t kQBytes = kBlockQ * kHeadDim * 2;
   static constexpr std::uint32_t kScoreBytes = kRows * kBlockQ * 2;  // P^T or dS^T, 16-bit
-  // Layout: K | V | Q[kStages] | dO[kStages] | P^T[2] | dS^T[2] | stats[kStages][lse2,
-  // delta][kBlockQ] | mbarriers.
-  static constexpr std::uint32_t kScoreOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
-  static constexpr std::uint32_t kStatsOffset = kScoreOffset + 4 * kScoreBytes;
+  static constexpr std::uint32_t kDqBytes = kDqTileElems * 4;        // one staged dQ part
+  // Layout: K | V | Q[kStages] | dO | P^T[2] | dS^T[2] | dQ[kConsumers] |
+  // stats[kStages][lse2, delta][kBlockQ] | mbarriers.
+  static constexpr std::uint32_t kGradOutOffset = 2 * kKVBytes + kStages * kQBytes;
+  static constexpr std::uint32_t kScoreOffset = kGradOutOffset + kGradOutStages * kQBytes;
+  static constexpr std::uint32_t kDqOffset = kScoreOffset + 4 * kScoreBytes;
+  static constexpr std::uint32_t kStatsOffset = kDqOffset + kConsumers * kDqBytes;
   static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
-  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
+  static constexpr int kBarriers = 1 + 2 * kStages + 2;  // K/V full, Q full / empty, dO
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSmemBytes <= kMaxSmemBytes);
 };
@@ -787,14 +810,15 @@ struct SplitDSmem {
   __device__ __forceinline__ std::uint32_t q(int s) const {
     return base() + 2 * Tr::kKVBytes + s * Tr::kQBytes;
   }
-  __device__ __forceinline__ std::uint32_t grad_out(int s) const {
-    return base() + 2 * Tr::kKVBytes + (Tr::kStages + s) * Tr::kQBytes;
-  }
+  __device__ __forceinline__ std::uint32_t grad_out() const { return base() + Tr::kGradOutOffset; }
   __device__ __forceinline__ std::uint32_t p_t(int buffer) const {
     return base() + Tr::kScoreOffset + buffer * Tr::kScoreBytes;
   }
   __device__ __forceinline__ std::uint32_t ds_t(int buffer) const {
     return base() + Tr::kScoreOffset + (2 + buffer) * Tr::kScoreBytes;
+  }
+  __device__ __forceinline__ std::uint32_t dq(int wg) const {
+    return base() + Tr::kDqOffset + wg * Tr::kDqBytes;
   }
   __device__ __forceinline__ float* lse2(int s) const {
     return reinterpret_cast<float*>(raw + Tr::kStatsOffset) + s * 2 * Tr::kBlockQ;
@@ -804,9 +828,13 @@ struct SplitDSmem {
     return base() + Tr::kBarrierOffset + 8 * i;
   }
   __device__ __forceinline__ std::uint32_t kv_full() const { return bar(0); }
-  __device__ __forceinline__ std::uint32_t step_full(int s) const { return bar(1 + s); }
-  __device__ __forceinline__ std::uint32_t step_empty(int s) const {
-    return bar(1 + Tr::kStages + s);
+  __device__ __forceinline__ std::uint32_t q_full(int s) const { return bar(1 + s); }
+  __device__ __forceinline__ std::uint32_t q_empty(int s) const { return bar(1 + Tr::kStages + s); }
+  __device__ __forceinline__ std::uint32_t grad_out_full() const {
+    return bar(1 + 2 * Tr::kStages);
+  }
+  __device__ __forceinline__ std::uint32_t grad_out_empty() const {
+    return bar(2 + 2 * Tr::kStages);
   }
 };
 
@@ -815,7 +843,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_split_d_kernel(const __grid_constant__ DeviceParams p,
                             const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
   using Tr = SplitDTraits;
-  constexpr int kQ = Tr::kQueries / 8, kC = Tr::kCols / 8;
+  constexpr int kQ = Tr::kQueries / 8, kC = kChunkCols / 8;
   extern __shared__ unsigned char smem_raw[];
   const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
@@ -828,36 +856,66 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const KeyRange keys = key_range(p, b);
   const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+  // Runs step(h, i0) for the steps in that order (not unrolled: the producer's and the
+  // writer's 24 registers).
+  const auto for_each_step = [&](auto&& step) {
+#pragma unroll 1
+    for (int h = h_begin; h < h_end; ++h)
+#pragma unroll 1
+      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) step(h, i0);
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
     for (int s = 0; s < Tr::kStages; ++s) {
-      mbar_init(sm.step_full(s), 1);
-      mbar_init(sm.step_empty(s), Tr::kConsumerWarps);
+      mbar_init(sm.q_full(s), 1);
+      mbar_init(sm.q_empty(s), Tr::kConsumerWarps);
     }
+    mbar_init(sm.grad_out_full(), 1);
+    mbar_init(sm.grad_out_empty(), Tr::kConsumerWarps);
     mbar_init_fence();
   }
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-  if (warp_group == 0) {  // producer: one thread issues every copy
+  if (warp_group == 0) {  // producer: one thread issues every copy; warp 1: the dQ writer
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x != 0) return;
-    prefetch_tensor_map(maps.q);
-    prefetch_tensor_map(maps.grad_out);
-    mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
-    load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
-    load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
-    int it = 0;
-#pragma unroll 1
-    for (int h = h_begin; h < h_end; ++h)
-#pragma unroll 1
-      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(maps.q);
+      prefetch_tensor_map(maps.grad_out);
+      mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
+      // Q of a step once its stage is free (the end of the step two back), then dO once the
+      // step before has read it (its dV product).
+      int it = 0;
+      for_each_step([&](int h, int i0) {
         const int s = stage_of<Tr>(it);
-        load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
-            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, MaskTile{}, false,
-            maps.mask.map, i0, j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h, b);
-      }
+        mbar_wait(sm.q_empty(s), parity_of<Tr>(it) ^ 1);
+        mbar_arrive_expect_tx(sm.q_full(s), Tr::kQBytes);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.q_full(s), i0, h, b);
+        mbar_wait(sm.grad_out_empty(), ring_parity<Tr::kGradOutStages>(it) ^ 1);
+        mbar_arrive_expect_tx(sm.grad_out_full(), Tr::kQBytes);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(), maps.grad_out, sm.grad_out_full(), i0,
+                                            h, b);
+        ++it;
+      });
+    } else if (threadIdx.x / 32 == 1) {
+      // Per step, kDqParts rounds: round c adds column chunk c of each warpgroup's columns.
+      for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+      for_each_step([&](int h, int i0) {
+        const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+        const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+#pragma unroll
+        for (int c = 0; c < Tr::kDqParts; ++c)
+          hand_dq_parts<Tr::kConsumers, Tr::kDqBytes>(
+              [&](int g) {
+                return dq_accum_tile<Tr::kHeadDim>(p, bh, i0, Tr::kCols * g + kChunkCols * c);
+              },
+              [&](int g) { return sm.dq(g); }, last_step && c + 1 == Tr::kDqParts, lane);
+      });
+      if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
+    }
     return;
   }
 
@@ -869,7 +927,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int key_row0 = j0 + 16 * warp, query0 = Tr::kQueries * wg;
   const std::uint32_t cols = Tr::kColsBytes * wg;
   const float unit = sm80::score_unit<false>(p);
-  float acc_dk[1][kC][4], acc_dv[1][kC][4];
+  float acc_dk[1][2 * kC][4], acc_dv[1][2 * kC][4];
   sm80::zero(acc_dk);
   sm80::zero(acc_dv);
   // Row stats (lse2, delta) of the next step's queries: thread t < 32 of warpgroup wg loads
@@ -893,23 +951,23 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   for (int h = h_begin; h < h_end; ++h)
     for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
       const int s = stage_of<Tr>(it), buffer = it % 2;
-      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
       const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
       if (stats_row && !(last_block && h + 1 == h_end))
         next_stats =
             sm80::row_stats(p, b, last_block ? h + 1 : h,
                             (last_block ? i_begin : i0 + Tr::kBlockQ) + query0 + wg_thread);
-      mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
       // S^T and dP^T of this warpgroup's queries in two groups; P^T's exponentials run while
       // dP^T is on the tensor cores.
       float st[1][kQ][4], dpt[1][kQ][4];
+      mbar_wait(sm.q_full(s), parity_of<Tr>(it));
+      mbar_wait(sm.grad_out_full(), ring_parity<Tr::kGradOutStages>(it));
       wgmma_fence();
       gemm_ss<T, Tr::kQueries, Tr::kHeadDim, Tr::kRows, Tr::kBlockQ>(
           st[0], sm.k(), 0, sm.q(s) + query0 * kRowBytes, false);
       wgmma_commit();
       gemm_ss<T, Tr::kQueries, Tr::kHeadDim, Tr::kRows, Tr::kBlockQ>(
-          dpt[0], sm.v(), 0, sm.grad_out(s) + query0 * kRowBytes, false);
+          dpt[0], sm.v(), 0, sm.grad_out() + query0 * kRowBytes, false);
       wgmma_commit();
       wgmma_wait<1>();
       fence_operands(st[0]);
@@ -943,30 +1001,41 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       store_stats(stage_of<Tr>(it + 1));
       named_barrier_sync(3, 256);
 
-      // dV, then dQ, then dK, each its own group: the dQ part goes out while dK's product runs.
-      float acc_dq[1][kC][4];
+      // dV, the two dQ parts, dK, each its own group: dO is freed once dV has read it, and each
+      // dQ part is staged while the later products run.
+      float acc_dq[Tr::kDqParts][1][kC][4];
       wgmma_fence();
-      gemm_ss_bt<T, Tr::kCols, Tr::kBlockQ>(acc_dv[0], sm.p_t(buffer), sm.grad_out(s) + cols);
+      gemm_ss_bt<T, Tr::kCols, Tr::kBlockQ>(acc_dv[0], sm.p_t(buffer), sm.grad_out() + cols);
       wgmma_commit();
-      gemm_ss_mn<T, Tr::kRows, Tr::kCols>(acc_dq[0], sm.ds_t(buffer), sm.k() + cols);
-      wgmma_commit();
+#pragma unroll
+      for (int c = 0; c < Tr::kDqParts; ++c) {
+        gemm_ss_mn<T, Tr::kRows>(acc_dq[c][0], sm.ds_t(buffer),
+                                 sm.k() + cols + c * Tr::kRows * kRowBytes);
+        wgmma_commit();
+      }
       gemm_ss_bt<T, Tr::kCols, Tr::kBlockQ>(acc_dk[0], sm.ds_t(buffer), sm.q(s) + cols);
       wgmma_commit();
+      wgmma_wait<Tr::kDqParts + 1>();
+      release(sm.grad_out_empty(), lane);
+      // Stages part c (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
+      // writer warp has handed the previous one to the copy engine.
+      const auto stage_dq = [&](float(&part)[1][kC][4]) {
+        named_barrier_sync(Tr::kDqEmpty + wg, Tr::kDqSync);
+#pragma unroll
+        for (int n = 0; n < kC; ++n) st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), part[0][n]);
+        fence_async_shared();
+        named_barrier_arrive(Tr::kDqFull + wg, Tr::kDqSync);
+      };
+      wgmma_wait<2>();
+      fence_operands(acc_dq[0][0]);
+      stage_dq(acc_dq[0]);
       wgmma_wait<1>();
-      fence_operands(acc_dv[0]);
-      fence_operands(acc_dq[0]);
-      // The part's 64-column chunks in dq_accum's tile order (dq_accum_tile): float4 128 n + t
-      // of a chunk holds accumulators [n][0..3] of thread t, so the reductions are coalesced.
-#pragma unroll
-      for (int c = 0; c < Tr::kCols / kChunkCols; ++c) {
-        float* tile = dq_accum_tile<Tr::kHeadDim>(p, bh, i0, Tr::kCols * wg + kChunkCols * c);
-#pragma unroll
-        for (int n = 0; n < kChunkCols / 8; ++n)
-          red_add_v4(tile + 4 * (128 * n + wg_thread), acc_dq[0][kChunkCols / 8 * c + n]);
-      }
+      fence_operands(acc_dq[1][0]);
+      stage_dq(acc_dq[1]);
       wgmma_wait<0>();
+      fence_operands(acc_dv[0]);
       fence_operands(acc_dk[0]);
-      release(sm.step_empty(s), lane);
+      release(sm.q_empty(s), lane);
     }
 
   // dK and dV out through the K and V tiles (as backward_dkdv_kernel), once every product of
