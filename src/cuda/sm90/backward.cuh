@@ -105,32 +105,33 @@ __device__ __forceinline__ float* dq_accum_tile(const DeviceParams& p, std::uint
          ((bh * q_tiles + i0 / 64) * (kHeadDim / kChunkCols) + col0 / kChunkCols) * kDqTileElems;
 }
 
-// One round of the single pass's dQ writer warp (warp 1 of the producer warpgroup, FA3's): for
-// each consumer warpgroup g in turn it waits until g's part is staged (BackwardShape::kDqFull
-// + g) and hands it to the copy engine, one bulk reduction (a bulk group of its own) of kBytes
-// from staged(g) into dst(g) (nullptr: rows past Lq, nothing to add); then it frees each
-// staging buffer once its reduction has read it (kDqEmpty + g), in issue order: part g's read
-// is done when at most kParts - 1 - g bulk groups still read. Not after the writer's last
-// round (`last`): every consumer wait meets one arrival, the first from the writer's start.
-template <int kParts, std::uint32_t kBytes, class Dst, class Staged>
+// One round of a dQ writer warp of the single pass (a warp of the producer warpgroup, FA3's):
+// for consumer warpgroups g = kFirst, ..., kFirst + kParts - 1 in turn it waits until g's part
+// is staged (BackwardShape::kDqFull + g) and hands it to the copy engine, one bulk reduction (a
+// bulk group of its own) of kBytes from staged(g) into dst(g) (nullptr: rows past Lq, nothing
+// to add); then it frees each staging buffer once its reduction has read it (kDqEmpty + g), in
+// issue order: the i-th part's read is done when at most kParts - 1 - i bulk groups still read.
+// Not after the writer's last round (`last`): every consumer wait meets one arrival, the first
+// from the writer's start.
+template <int kFirst, int kParts, std::uint32_t kBytes, class Dst, class Staged>
 __device__ __forceinline__ void hand_dq_parts(const Dst& dst, const Staged& staged, bool last,
                                               int lane) {
   using S = BackwardShape;
 #pragma unroll
-  for (int g = 0; g < kParts; ++g) {
+  for (int g = kFirst; g < kFirst + kParts; ++g) {
     named_barrier_sync(S::kDqFull + g, S::kDqSync);
     if (lane == 0) {
       if (float* const d = dst(g)) bulk_reduce_add_f32(d, staged(g), kBytes);
       bulk_commit();
     }
   }
-  const auto free_part = [&]<int g>() {
-    if (lane == 0) bulk_wait_read<kParts - 1 - g>();
+  const auto free_part = [&]<int i>() {
+    if (lane == 0) bulk_wait_read<kParts - 1 - i>();
     __syncwarp();
-    if (!last) named_barrier_arrive(S::kDqEmpty + g, S::kDqSync);
+    if (!last) named_barrier_arrive(S::kDqEmpty + kFirst + i, S::kDqSync);
   };
-  [&]<int... g>(std::integer_sequence<int, g...>) {
-    (free_part.template operator()<g>(), ...);
+  [&]<int... i>(std::integer_sequence<int, i...>) {
+    (free_part.template operator()<i>(), ...);
   }(std::make_integer_sequence<int, kParts>{});
 }
 
@@ -292,7 +293,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           return row0 < p.Lq ? dq_accum_tile<kHeadDim>(p, bh, row0, kChunkCols * (g / Tr::kQParts))
                              : nullptr;
         };
-        hand_dq_parts<Tr::kConsumers, Tr::kDqBytes>(
+        hand_dq_parts<0, Tr::kConsumers, Tr::kDqBytes>(
             dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end,
             lane);
       });
@@ -900,21 +901,33 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                                             h, b);
         ++it;
       });
-    } else if (threadIdx.x / 32 == 1) {
-      // Per step, kDqParts rounds: round c adds column chunk c of each warpgroup's columns.
-      for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-      for_each_step([&](int h, int i0) {
-        const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
-        const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+    } else if (const int writer = threadIdx.x / 32 - 1; writer >= 0 && writer < Tr::kConsumers) {
+      // Warp 1 + g writes consumer warpgroup g's dQ parts, kDqParts rounds per step (round c:
+      // column chunk c of g's columns): one writer per warpgroup, so neither waits for the
+      // other's part before its buffer is freed (each stages kDqParts parts a step into one
+      // buffer).
+      const auto write = [&]<int g>() {
+        named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
+        for_each_step([&](int h, int i0) {
+          const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+          const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
 #pragma unroll
-        for (int c = 0; c < Tr::kDqParts; ++c)
-          hand_dq_parts<Tr::kConsumers, Tr::kDqBytes>(
-              [&](int g) {
-                return dq_accum_tile<Tr::kHeadDim>(p, bh, i0, Tr::kCols * g + kChunkCols * c);
-              },
-              [&](int g) { return sm.dq(g); }, last_step && c + 1 == Tr::kDqParts, lane);
-      });
-      if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
+          for (int c = 0; c < Tr::kDqParts; ++c)
+            hand_dq_parts<g, 1, Tr::kDqBytes>(
+                [&](int) {
+                  return dq_accum_tile<Tr::kHeadDim>(p, bh, i0, Tr::kCols * g + kChunkCols * c);
+                },
+                [&](int) { return sm.dq(g); }, last_step && c + 1 == Tr::kDqParts, lane);
+        });
+        // The last reductions must have read their part before the CTA's memory goes (their
+        // writes complete before the grid does).
+        if (lane == 0) bulk_wait_read<0>();
+      };
+      static_assert(Tr::kConsumers == 2);
+      if (writer == 0)
+        write.template operator()<0>();
+      else
+        write.template operator()<1>();
     }
     return;
   }
