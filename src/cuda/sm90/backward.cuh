@@ -230,6 +230,35 @@ __device__ __forceinline__ void stage_key_rows(std::uint32_t tile, int row0, flo
   store_a_fragments<kTileRows, 8 * kD>(tile, row0, rows, lane);
 }
 
+// The key block (n_block) and (b, k/v head) index (bhk) of a dK/dV CTA, from its block index.
+// Other calls take one bhk's blocks after another, so the CTAs that run together read the same
+// Q and dO from the L2. Causal calls instead take groups of about one wave's worth of CTAs
+// (kCausalGroupCtas: `group` bhk of num_n_blocks blocks each) and, inside a group, every bhk's
+// block 0 before any block 1 and so on: a key block sees the queries from its first key on, so
+// the heavy blocks start first and the multiprocessors finish together (a simulation of the
+// hardware's in-order dispatch: 5-6% shorter at 2k-4k queries with 16-64 key blocks a bhk),
+// while the CTAs that run together still read a few bhk's Q and dO. (All bhk's blocks 0 first,
+// without groups, made the D = 256 causal backward 1.9x slower at 8 x 8 x 2048: L2 misses.)
+struct KeyBlock {
+  static constexpr int kCausalGroupCtas = 128;  // about a wave on an H100's 132 multiprocessors
+  int n_block;
+  int bhk;
+  __device__ __forceinline__ KeyBlock(const DeviceParams& p, unsigned block, int num_n_blocks) {
+    if (!p.causal) {
+      n_block = static_cast<int>(block % num_n_blocks);
+      bhk = static_cast<int>(block / num_n_blocks);
+      return;
+    }
+    const int group = max(1, kCausalGroupCtas / num_n_blocks);
+    const unsigned group_ctas = static_cast<unsigned>(group) * num_n_blocks;
+    const int first = static_cast<int>(block / group_ctas) * group;
+    const int size = min(group, p.B * p.Hk - first);  // the last group may be smaller
+    const int r = static_cast<int>(block % group_ctas);
+    n_block = r / size;
+    bhk = first + r % size;
+  }
+};
+
 template <class T, int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
@@ -240,10 +269,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
-  const std::int64_t bhk = blockIdx.x / num_n_blocks;
-  const int b = static_cast<int>(bhk / p.Hk), hk = static_cast<int>(bhk % p.Hk);
-  const int j0 = n_block * Tr::kRows;
+  const KeyBlock block(p, blockIdx.x, num_n_blocks);
+  const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
+  const int j0 = block.n_block * Tr::kRows;
   // Steps: the group's query heads h_begin.. h_end, and for each the query blocks from
   // i_begin, the first that can see a key of this block (i >= j0 - causal_offset). Every
   // role walks them in the same order, counting steps in `it` (ring stage and phase).
@@ -518,10 +546,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   if (wg_thread == 0) {
     // The CTA's (b, k/v head) and key rows read again from the block index: held across the
     // loop, one of them spilled in the D = 64 single pass.
-    const unsigned block = ctaid_x();
-    const int out_bhk = static_cast<int>(block / num_n_blocks);
-    const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows + 64 * wg;
-    const int out_hk = out_bhk % p.Hk, out_b = out_bhk / p.Hk;
+    const KeyBlock out(p, ctaid_x(), num_n_blocks);
+    const int out_row0 = out.n_block * Tr::kRows + 64 * wg;
+    const int out_hk = out.bhk % p.Hk, out_b = out.bhk / p.Hk;
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 64 * wg, p.D, out_row0, out_hk,
                                             out_b);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 64 * wg, p.Dv, out_row0, out_hk,
@@ -848,10 +875,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
-  const std::int64_t bhk = blockIdx.x / num_n_blocks;
-  const int b = static_cast<int>(bhk / p.Hk), hk = static_cast<int>(bhk % p.Hk);
-  const int j0 = n_block * Tr::kRows;
+  const KeyBlock block(p, blockIdx.x, num_n_blocks);
+  const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
+  const int j0 = block.n_block * Tr::kRows;
   // Steps as in backward_dkdv_kernel: the group's query heads, for each the query blocks from
   // the first that sees a key of this block; none when every key of the block is padding.
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
@@ -1061,10 +1087,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   if (threadIdx.x == 128) {
     // The CTA's (b, k/v head) and key rows read again from the block index (not held across
     // the loop).
-    const unsigned block = ctaid_x();
-    const int out_bhk = static_cast<int>(block / num_n_blocks);
-    const int out_row0 = static_cast<int>(block % num_n_blocks) * Tr::kRows;
-    const int out_hk = out_bhk % p.Hk, out_b = out_bhk / p.Hk;
+    const KeyBlock out(p, ctaid_x(), num_n_blocks);
+    const int out_row0 = out.n_block * Tr::kRows;
+    const int out_hk = out.bhk % p.Hk, out_b = out.bhk / p.Hk;
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 0, p.D, out_row0, out_hk, out_b);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 0, p.Dv, out_row0, out_hk, out_b);
     bulk_commit();
