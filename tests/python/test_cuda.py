@@ -1492,22 +1492,22 @@ def test_hopper_backward_head_dim_256(dtype):
     kpm = torch.zeros(2, 150, dtype=torch.bool)
     kpm[0, 100:] = True
     kpm[1, :] = True  # every key padded: zero output and gradients
-    cases = [
-        (dict(B=1, Hq=2, Lq=1, Lk=300, D=256), {}),
-        (dict(B=2, Hq=2, Lq=64, Lk=1, D=256), {}),
-        (dict(B=1, Hq=3, Lq=65, Lk=64, D=256), {"is_causal": True}),
-        (dict(B=1, Hq=6, Hk=2, Lq=700, Lk=333, D=256), {}),
-        (dict(B=1, Hq=2, Lq=300, Lk=129, D=256), {"is_causal": True}),
-        (dict(B=1, Hq=2, Lq=129, Lk=300, D=256), {"is_causal": True}),
-        (dict(B=1, Hq=2, Lq=300, Lk=129, D=256), {"is_causal": True, "causal_alignment": "bottom_right"}),
-        (dict(B=2, Hq=2, Lq=90, Lk=150, D=256), {"key_padding_mask": kpm.to(DEV)}),
-        (dict(B=1, Hq=2, Lq=100, Lk=77, D=136, Dv=256), {}),
-        (dict(B=1, Hq=2, Lq=100, Lk=77, D=256, Dv=200), {"is_causal": True}),
-    ]  # fmt: skip
-    for shape, kwargs in cases:
-        q, k, v = qkv(dtype=dtype, **shape)
-        d, dv = q.shape[-1], v.shape[-1]
-        assert _ops.single_pass_backward(q, d, dv, None, 0.0), shape
+    bottom_right = {"is_causal": True, "causal_alignment": "bottom_right"}
+    cases = [  # (B, Hq, Hk, Lq, Lk, D, Dv), kwargs
+        ((1, 2, 2, 1, 300, 256, 256), {}),
+        ((2, 2, 2, 64, 1, 256, 256), {}),
+        ((1, 3, 3, 65, 64, 256, 256), {"is_causal": True}),
+        ((1, 6, 2, 700, 333, 256, 256), {}),
+        ((1, 2, 2, 300, 129, 256, 256), {"is_causal": True}),
+        ((1, 2, 2, 129, 300, 256, 256), {"is_causal": True}),
+        ((1, 2, 2, 300, 129, 256, 256), bottom_right),
+        ((2, 2, 2, 90, 150, 256, 256), {"key_padding_mask": kpm.to(DEV)}),
+        ((1, 2, 2, 100, 77, 136, 256), {}),
+        ((1, 2, 2, 100, 77, 256, 200), {"is_causal": True}),
+    ]
+    for (B, Hq, Hk, Lq, Lk, D, Dv), kwargs in cases:
+        q, k, v = qkv(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype)
+        assert _ops.single_pass_backward(q, D, Dv, None, 0.0), (Lq, Lk, D, Dv)
         plan = memattn.explain(q, k, v, backward=True, **kwargs)
         assert plan["kernel"].startswith("cuda/sm90/") and plan["kernel"].endswith("/d256"), plan
         assert plan["backward_passes"] == 1, plan

@@ -322,8 +322,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                              : nullptr;
         };
         hand_dq_parts<0, Tr::kConsumers, Tr::kDqBytes>(
-            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end,
-            lane);
+            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end, lane);
       });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
@@ -923,8 +922,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.q_full(s), i0, h, b);
         mbar_wait(sm.grad_out_empty(), ring_parity<Tr::kGradOutStages>(it) ^ 1);
         mbar_arrive_expect_tx(sm.grad_out_full(), Tr::kQBytes);
-        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(), maps.grad_out, sm.grad_out_full(), i0,
-                                            h, b);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(), maps.grad_out, sm.grad_out_full(), i0, h,
+                                            b);
         ++it;
       });
     } else if (const int writer = threadIdx.x / 32 - 1; writer >= 0 && writer < Tr::kConsumers) {
@@ -1011,8 +1010,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       wgmma_wait<1>();
       fence_operands(st[0]);
       const ElementMasks<T> masks{p, b, h, keys};
-      const bool check =
-          sm80::block_needs_check(p, keys, i0 + query0, Tr::kQueries, j0, Tr::kRows);
+      const bool check = sm80::block_needs_check(p, keys, i0 + query0, Tr::kQueries, j0, Tr::kRows);
       sm80::mask_scores<sm80::Rows::keys, false>(st, masks, key_row0, i0 + query0, check, lane);
       const float* lse2 = sm.lse2(s) + query0;
       const float* delta = sm.delta(s) + query0;
@@ -1061,7 +1059,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       const auto stage_dq = [&](float(&part)[1][kC][4]) {
         named_barrier_sync(Tr::kDqEmpty + wg, Tr::kDqSync);
 #pragma unroll
-        for (int n = 0; n < kC; ++n) st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), part[0][n]);
+        for (int n = 0; n < kC; ++n)
+          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), part[0][n]);
         fence_async_shared();
         named_barrier_arrive(Tr::kDqFull + wg, Tr::kDqSync);
       };
@@ -1112,10 +1111,10 @@ void launch_backward_split_d(const DeviceParams& p, cudaStream_t stream) {
       make_tile_map(p.grad_k, kBf16, p.B, p.Hk, p.Lk, p.D, p.grad_k_st, Tr::kRows),
       make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, Tr::kRows)};
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
-  check_cuda(cudaMemsetAsync(p.dq_accum, 0,
-                             q_tiles * (Tr::kHeadDim / kChunkCols) * kDqTileElems * sizeof(float),
-                             stream),
-             "cudaMemsetAsync(dq_accum)");
+  check_cuda(
+      cudaMemsetAsync(p.dq_accum, 0,
+                      q_tiles * (Tr::kHeadDim / kChunkCols) * kDqTileElems * sizeof(float), stream),
+      "cudaMemsetAsync(dq_accum)");
   const int num_n_blocks = (p.Lk + Tr::kRows - 1) / Tr::kRows;
   launch_with_smem(&backward_split_d_kernel<T>, "memattn sm90 backward dK/dV/dQ kernel (D = 256)",
                    static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Tr::kThreads,

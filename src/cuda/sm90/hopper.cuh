@@ -109,8 +109,8 @@ __device__ __forceinline__ void st_shared_v4(std::uint32_t addr, const float (&v
 // dst[0..3] += v (fp32, 16-byte aligned global memory) as one vector reduction in the L2: no
 // return value, so the thread does not wait for it.
 __device__ __forceinline__ void red_add_v4(float* dst, const float (&v)[4]) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]),
-               "f"(v[1]), "f"(v[2]), "f"(v[3])
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]), "f"(v[1]),
+               "f"(v[2]), "f"(v[3])
                : "memory");
 }
 
