@@ -35,8 +35,9 @@ template <class T, int kHeadDim>
 void sm80_backward(const DeviceParams& p, cudaStream_t stream);
 
 // Hopper kernels (wgmma, TMA, warp-specialized; sm_90a only, built when MEMATTN_HAVE_SM90) for
-// fp16/bf16. kHeadDim is 64, 128 or 256 for the forward, 64 or 128 for the backward: any D,
-// Dv <= kHeadDim that are multiples of 8, with 16-byte aligned rows and data (TMA's rules).
+// fp16/bf16. kHeadDim is 64, 128 or 256: any D, Dv <= kHeadDim that are multiples of 8, with
+// 16-byte aligned rows and data (TMA's rules). sm90_backward<T, 256> serves calls without
+// features given the dQ scratch (DeviceParams::dq_accum) and runs sm80_backward for the others.
 template <class T, int kHeadDim>
 void sm90_forward(const DeviceParams& p, cudaStream_t stream);
 
