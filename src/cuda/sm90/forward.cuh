@@ -82,9 +82,13 @@ struct ForwardTraits {
   // accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
   static constexpr int kCtasPerSm = kShape == TileShape::short_keys ? 3 : kConsumers == 1 ? 2 : 1;
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kShape == TileShape::short_keys ? 80  // keys per stage
+  // Keys per stage. D = 256 without features: 80 (FA3's choice at hdim 256; m64n80 products of
+  // Q K^T, and two stages of K and V still fit next to the 64 KB Q tile); with features 64 (at
+  // 80 the mask and dropout code spilled 24 bytes).
+  static constexpr int kBlockN = kShape == TileShape::short_keys ? 80
                                  : kHeadDim <= 128               ? 128
-                                                                 : 64;
+                                 : kFeatures                     ? 64
+                                                                 : 80;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   // Tile coordinates (Tile::at) in 32-bit arithmetic, a few instructions per division where
