@@ -1,18 +1,23 @@
-// The sm90 forward's tile orders (src/cuda/sm90/tile_order.h), checked on the host: each a
-// bijection of the snake walk's positions onto the tiles; the paired order's two tiles of each
-// full round's unit on one CTA, the light tiles after the full ones, and the balance of the work
-// that makes each worth having.
+// The sm90 forward's tile orders and the backward's key-block order (src/cuda/sm90/tile_order.h),
+// checked on the host: each a bijection (of the snake walk's positions onto the tiles, of the
+// dK/dV CTAs onto the key blocks); the paired order's two tiles of each full round's unit on one
+// CTA, the light tiles after the full ones, causal key blocks heaviest first within groups of
+// CTAs, and the balance of the work that makes each worth having.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <numeric>
+#include <queue>
 #include <vector>
 
 #include "cuda/sm90/tile_order.h"
 
 namespace {
 
+using memattn::cuda::sm90::kCausalGroupCtas;
+using memattn::cuda::sm90::key_block_of;
 using memattn::cuda::sm90::light_tiles_last;
 using memattn::cuda::sm90::paired_tile;
 
@@ -166,6 +171,74 @@ TEST(Sm90TileOrder, LightTilesLastBalanceWhereTheSnakeDoesNot) {
   }
   EXPECT_GT(busiest_over_mean_light(256, 11, 132, 2.0 / 3, false), 1.06);
   EXPECT_LT(busiest_over_mean_light(256, 11, 132, 2.0 / 3, true), 1.04);
+}
+
+// ---- the backward's dK/dV key-block order ----
+
+TEST(Sm90KeyBlockOrder, EveryKeyBlockOnce) {
+  for (const bool causal : {false, true})
+    for (const int bh : {1, 3, 8, 64, 100, 129})
+      for (const int n : {1, 2, 15, 16, 32, 64, 127, 128, 129, 300}) {
+        std::vector<int> seen(static_cast<std::size_t>(bh) * n, 0);
+        for (unsigned block = 0; block < static_cast<unsigned>(bh * n); ++block) {
+          const auto kb = key_block_of(block, n, bh, causal);
+          ASSERT_TRUE(kb.n_block >= 0 && kb.n_block < n && kb.bhk >= 0 && kb.bhk < bh)
+              << block << " " << bh << " " << n << " " << causal;
+          ++seen[static_cast<std::size_t>(kb.bhk) * n + kb.n_block];
+        }
+        EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }))
+            << "bh " << bh << ", blocks " << n << ", causal " << causal;
+      }
+}
+
+TEST(Sm90KeyBlockOrder, NonCausalTakesOneBhkAfterAnother) {
+  for (unsigned block = 0; block < 7u * 33u; ++block) {
+    const auto kb = key_block_of(block, 33, 7, false);
+    EXPECT_EQ(kb.n_block, static_cast<int>(block % 33));
+    EXPECT_EQ(kb.bhk, static_cast<int>(block / 33));
+  }
+}
+
+TEST(Sm90KeyBlockOrder, CausalGroupsTakeHeavyBlocksFirst) {
+  for (const int bh : {1, 5, 64, 100})
+    for (const int n : {1, 16, 32, 64, 128, 200}) {
+      const int group = std::max(1, kCausalGroupCtas / n);
+      const unsigned group_ctas = static_cast<unsigned>(group) * n;
+      for (unsigned block = 1; block < static_cast<unsigned>(bh * n); ++block) {
+        const auto kb = key_block_of(block, n, bh, true),
+                   prev = key_block_of(block - 1, n, bh, true);
+        const int first = static_cast<int>(block / group_ctas) * group;
+        ASSERT_TRUE(kb.bhk >= first && kb.bhk < first + group) << block;  // the group's bhk
+        if (block % group_ctas != 0) {
+          EXPECT_GE(kb.n_block, prev.n_block) << block << " " << n;
+        }
+      }
+    }
+}
+
+// The hardware's in-order dispatch of the dK/dV CTAs onto 132 multiprocessors, each CTA to the
+// first one free; a CTA of a top-left causal call with Lq = Lk costs 87 + 34 per query block it
+// sees (the fit of the D = 256 kernel's times, in 0.1 us: 8.7 us per CTA, 3.4 us per step).
+long makespan(int bh, int n, bool causal) {
+  std::priority_queue<long, std::vector<long>, std::greater<>> free_at;
+  for (int sm = 0; sm < 132; ++sm) free_at.push(0);
+  long end = 0;
+  for (unsigned block = 0; block < static_cast<unsigned>(bh * n); ++block) {
+    const auto kb = key_block_of(block, n, bh, causal);
+    const long start = free_at.top();
+    free_at.pop();
+    const long finish = start + 87 + 34L * (n - kb.n_block);
+    free_at.push(finish);
+    end = std::max(end, finish);
+  }
+  return end;
+}
+
+TEST(Sm90KeyBlockOrder, CausalOrderShortensTheSimulatedDispatch) {
+  // (bhk, key blocks): 2k, 4k and 8k queries at D = 256 (64 keys a CTA), 2k at D = 128.
+  for (const auto& [bh, n] : {std::pair{64, 32}, {32, 64}, {128, 16}})
+    EXPECT_LT(makespan(bh, n, true), 0.97 * makespan(bh, n, false)) << bh << " x " << n;
+  EXPECT_LE(makespan(16, 128, true), makespan(16, 128, false));  // one bhk a group: the same
 }
 
 }  // namespace

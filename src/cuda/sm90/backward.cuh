@@ -42,6 +42,7 @@
 #include "cuda/sm90/hopper.cuh"
 #include "cuda/sm90/mask_tile.cuh"
 #include "cuda/sm90/tensor_map.h"
+#include "cuda/sm90/tile_order.h"
 #include "cuda/sm90/tiles.cuh"
 
 namespace memattn::cuda::sm90 {
@@ -230,33 +231,11 @@ __device__ __forceinline__ void stage_key_rows(std::uint32_t tile, int row0, flo
   store_a_fragments<kTileRows, 8 * kD>(tile, row0, rows, lane);
 }
 
-// The key block (n_block) and (b, k/v head) index (bhk) of a dK/dV CTA, from its block index.
-// Other calls take one bhk's blocks after another, so the CTAs that run together read the same
-// Q and dO from the L2. Causal calls instead take groups of about one wave's worth of CTAs
-// (kCausalGroupCtas: `group` bhk of num_n_blocks blocks each) and, inside a group, every bhk's
-// block 0 before any block 1 and so on: a key block sees the queries from its first key on, so
-// the heavy blocks start first and the multiprocessors finish together (a simulation of the
-// hardware's in-order dispatch: 5-6% shorter at 2k-4k queries with 16-64 key blocks a bhk),
-// while the CTAs that run together still read a few bhk's Q and dO. (All bhk's blocks 0 first,
-// without groups, made the D = 256 causal backward 1.9x slower at 8 x 8 x 2048: L2 misses.)
-struct KeyBlock {
-  static constexpr int kCausalGroupCtas = 128;  // about a wave on an H100's 132 multiprocessors
-  int n_block;
-  int bhk;
-  __device__ __forceinline__ KeyBlock(const DeviceParams& p, unsigned block, int num_n_blocks) {
-    if (!p.causal) {
-      n_block = static_cast<int>(block % num_n_blocks);
-      bhk = static_cast<int>(block / num_n_blocks);
-      return;
-    }
-    const int group = max(1, kCausalGroupCtas / num_n_blocks);
-    const unsigned group_ctas = static_cast<unsigned>(group) * num_n_blocks;
-    const int first = static_cast<int>(block / group_ctas) * group;
-    const int size = min(group, p.B * p.Hk - first);  // the last group may be smaller
-    const int r = static_cast<int>(block % group_ctas);
-    n_block = r / size;
-    bhk = first + r % size;
-  }
+// The key block and (b, k/v head) index of a dK/dV CTA, in the order of key_block_of
+// (tile_order.h: causal calls take their heaviest blocks first within groups of CTAs).
+struct KeyBlock : KeyBlockIndex {
+  __device__ __forceinline__ KeyBlock(const DeviceParams& p, unsigned block, int num_n_blocks)
+      : KeyBlockIndex(key_block_of(block, num_n_blocks, p.B * p.Hk, p.causal)) {}
 };
 
 template <class T, int kHeadDim, DkvMasking kMasking, bool kFusedDq>
