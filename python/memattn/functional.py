@@ -225,7 +225,8 @@ def explain(
             )
         )
         plan["backward_passes"] = 1 if single else 2
-        if not single and plan["kernel"].startswith("cuda/sm90/") and max(d, dv) > 128:
+        wide = None not in (d, dv) and max(d, dv) > 128
+        if not single and wide and plan["kernel"].startswith("cuda/sm90/"):
             # The Hopper backward at head dims over 128 is a single pass only; without its dQ
             # scratch (deterministic mode) the core's sm90_backward runs the sm80 kernels.
             plan["kernel"] = plan["kernel"].replace("cuda/sm90/", "cuda/sm80/", 1)

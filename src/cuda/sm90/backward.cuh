@@ -774,11 +774,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 // writes those to shared memory; after a barrier of both it computes columns [128 g, 128 g +
 // 128) of dV += P^T dO, dK += dS^T Q (m64n128) and of the step's dQ = dS K (two m64n64 parts,
 // both operands from shared memory). Each dQ part is staged in shared memory and added to
-// dq_accum by a bulk reduction that the dQ writer warp issues (hand_dq_parts), as in
+// dq_accum by a bulk reduction that its warpgroup's dQ writer warp issues (hand_dq_parts), as in
 // backward_dkdv_kernel: per-thread vector reductions (red.global.add.v4.f32) from registers
-// instead made the kernel 1.49x slower (NOTES.md). Room for the two 16 KB staging buffers comes
-// from dO, which has one stage (FA3's choice at this head dim): it is freed once dV's product
-// has read it, early in the step, so its next load still overlaps the step's dQ and dK.
+// instead made the kernel 1.09-1.13x slower (NOTES.md, d1 / d2). Room for the two 16 KB staging
+// buffers comes from dO, which has one stage (FA3's choice at this head dim): it is freed once
+// dV's product has read it, early in the step, so its next load still overlaps the step's dQ
+// and dK.
 struct SplitDTraits : BackwardShape {
   static constexpr int kHeadDim = 256;
   static constexpr int kRows = 64;    // keys per CTA (hides BackwardShape's 128)
@@ -862,7 +863,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const KeyRange keys = key_range(p, b);
   const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
   // Runs step(h, i0) for the steps in that order (not unrolled: the producer's and the
-  // writer's 24 registers).
+  // writers' 24 registers).
   const auto for_each_step = [&](auto&& step) {
 #pragma unroll 1
     for (int h = h_begin; h < h_end; ++h)
@@ -883,7 +884,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   __syncthreads();
 
   const int warp_group = threadIdx.x / 128, lane = threadIdx.x % 32;
-  if (warp_group == 0) {  // producer: one thread issues every copy; warp 1: the dQ writer
+  if (warp_group == 0) {  // producer: one thread issues every copy; warps 1, 2: the dQ writers
     warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x == 0) {
       prefetch_tensor_map(maps.q);
