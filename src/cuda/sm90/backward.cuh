@@ -238,6 +238,39 @@ struct KeyBlock : KeyBlockIndex {
       : KeyBlockIndex(key_block_of(block, num_n_blocks, p.B * p.Hk, p.causal)) {}
 };
 
+// The steps of a dK/dV CTA whose keys start at j0: the group's query heads h_begin .. h_end, and
+// for each the query blocks of kBlockQ rows from first_step_row(...), the first that can see a
+// key of the block (i >= j0 - causal_offset). Every role walks them in the same order, counting
+// steps (ring stage and phase). A block whose keys are all padding has no steps (dK = dV = 0).
+template <int kBlockQ>
+__device__ __forceinline__ int first_step_row(const DeviceParams& p, int j0, const KeyRange& keys) {
+  return j0 < keys.end ? causal_query_begin(p, j0) / kBlockQ * kBlockQ : p.Lq;
+}
+// Runs step(h, i0) for those steps in that order. Not unrolled: unrolled, the producer thread's
+// and the dQ writers' loops spilled at their 24 registers. (The consumers spell the loops out: as
+// the body of a lambda their step compiled differently and spilled 28 bytes in the D = 64 single
+// pass.)
+template <int kBlockQ, class Step>
+__device__ __forceinline__ void for_each_step(const DeviceParams& p, int h_begin, int h_end,
+                                              int i_begin, Step&& step) {
+#pragma unroll 1
+  for (int h = h_begin; h < h_end; ++h)
+#pragma unroll 1
+    for (int i0 = i_begin; i0 < p.Lq; i0 += kBlockQ) step(h, i0);
+}
+
+// P^T = exp2(S^T unit - lse2) on a warp's key rows of masked scores st (score_unit units),
+// lse2 holding the row stats of the tile's query columns.
+template <int kQ>
+__device__ __forceinline__ void key_row_probabilities(float (&st)[1][kQ][4], const float* lse2,
+                                                      float unit, int lane) {
+#pragma unroll
+  for (int n = 0; n < kQ; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      st[0][n][e] = fast_exp2(st[0][n][e] * unit - lse2[sm80::c_col(n, e, lane)]);
+}
+
 template <class T, int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     backward_dkdv_kernel(const __grid_constant__ DeviceParams p,
@@ -251,26 +284,18 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const KeyBlock block(p, blockIdx.x, num_n_blocks);
   const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
   const int j0 = block.n_block * Tr::kRows;
-  // Steps: the group's query heads h_begin.. h_end, and for each the query blocks from
-  // i_begin, the first that can see a key of this block (i >= j0 - causal_offset). Every
-  // role walks them in the same order, counting steps in `it` (ring stage and phase).
-  // A block whose keys are all padding has no steps (dK = dV = 0).
+  // Steps: first_step_row's.
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const KeyRange keys = key_range(p, b);
-  const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
+  const int i_begin = first_step_row<Tr::kBlockQ>(p, j0, keys);
   // attn_mask tiles (a mask TMA can copy; always in the tiles kernel) come with each step's Q
   // and dO.
   const bool mask_tiles = kMasking != DkvMasking::lean && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
   };
-  // Runs step(h, i0) for the steps in that order. Not unrolled: unrolled, the producer thread's
-  // and the dQ writer's loops spilled at their 24 registers.
   const auto for_each_step = [&](auto&& step) {
-#pragma unroll 1
-    for (int h = h_begin; h < h_end; ++h)
-#pragma unroll 1
-      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) step(h, i0);
+    sm90::for_each_step<Tr::kBlockQ>(p, h_begin, h_end, i_begin, step);
   };
 
   if (threadIdx.x == 0) {
@@ -367,8 +392,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     named_barrier_sync(3, 256);
   }
   mbar_wait(sm.kv_full(), 0);
-  // The steps of for_each_step, spelled out here: as the body of a lambda, the consumers' step
-  // compiled differently and spilled 28 bytes in the D = 64 single pass.
+  // The steps of for_each_step, spelled out here (why: there).
   int it = 0;
   for (int h = h_begin; h < h_end; ++h)
     for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
@@ -431,11 +455,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       const float* lse2 = sm.lse2(stats_wg, s);
       const float* delta = sm.delta(stats_wg, s);
       if constexpr (kOverlapP) {
-#pragma unroll
-        for (int n = 0; n < kQ; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            st[0][n][e] = fast_exp2(st[0][n][e] * unit - lse2[sm80::c_col(n, e, lane)]);
+        key_row_probabilities(st, lse2, unit, lane);
         wgmma_wait<0>();
         fence_operands(dpt[0]);
       }
@@ -857,18 +877,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const KeyBlock block(p, blockIdx.x, num_n_blocks);
   const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
   const int j0 = block.n_block * Tr::kRows;
-  // Steps as in backward_dkdv_kernel: the group's query heads, for each the query blocks from
-  // the first that sees a key of this block; none when every key of the block is padding.
+  // Steps: first_step_row's.
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
   const KeyRange keys = key_range(p, b);
-  const int i_begin = j0 >= keys.end ? p.Lq : causal_query_begin(p, j0) / Tr::kBlockQ * Tr::kBlockQ;
-  // Runs step(h, i0) for the steps in that order (not unrolled: the producer's and the
-  // writers' 24 registers).
+  const int i_begin = first_step_row<Tr::kBlockQ>(p, j0, keys);
   const auto for_each_step = [&](auto&& step) {
-#pragma unroll 1
-    for (int h = h_begin; h < h_end; ++h)
-#pragma unroll 1
-      for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ) step(h, i0);
+    sm90::for_each_step<Tr::kBlockQ>(p, h_begin, h_end, i_begin, step);
   };
 
   if (threadIdx.x == 0) {
@@ -994,11 +1008,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       sm80::mask_scores<sm80::Rows::keys, false>(st, masks, key_row0, i0 + query0, check, lane);
       const float* lse2 = sm.lse2(s) + query0;
       const float* delta = sm.delta(s) + query0;
-#pragma unroll
-      for (int n = 0; n < kQ; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          st[0][n][e] = fast_exp2(st[0][n][e] * unit - lse2[sm80::c_col(n, e, lane)]);
+      key_row_probabilities(st, lse2, unit, lane);
       wgmma_wait<0>();
       fence_operands(dpt[0]);
 #pragma unroll
