@@ -22,8 +22,10 @@
 //     gradient sums (the CTA walks them, as in sm80); Q and dO are loaded once per (b, h), K/V
 //     blocks stream in. S = Q K^T and dP = dO V^T (SS), dS, dQ += dS K (RS); also writes the
 //     mask gradient.
-// Head-dim buckets 64 and 128: at 256 columns the dK and dV accumulators of 64 keys would not
-// fit a warpgroup's registers (the planner keeps the sm80 backward there).
+// Head-dim buckets 64 and 128 for both schemes. At 256 columns the dK and dV accumulators of 64
+// keys would not fit a warpgroup's registers: there lean calls take the single pass of
+// backward_split_d_kernel (both consumer warpgroups on one CTA's 64 keys, the head dim split
+// between them; below), and the others the sm80 backward (sm90_backward<T, 256>).
 #pragma once
 
 #include <cuda.h>
