@@ -220,24 +220,13 @@ class DeviceGuard {
 #if MEMATTN_HAVE_SM90
 template <class T>
 void run_sm90(bool backward, int bucket, const DeviceParams& p, cudaStream_t stream) {
-  const int sm90_bucket = sm90_head_dim_bucket(bucket);
-  if (backward) {
-    switch (sm90_bucket) {
-      case 64:
-        return sm90_backward<T, 64>(p, stream);
-      case 128:
-        return sm90_backward<T, 128>(p, stream);
-      default:
-        return sm90_backward<T, 256>(p, stream);
-    }
-  }
-  switch (sm90_bucket) {
+  switch (sm90_head_dim_bucket(bucket)) {  // as run_tensor_core's sm80 switch below
     case 64:
-      return sm90_forward<T, 64>(p, stream);
+      return backward ? sm90_backward<T, 64>(p, stream) : sm90_forward<T, 64>(p, stream);
     case 128:
-      return sm90_forward<T, 128>(p, stream);
+      return backward ? sm90_backward<T, 128>(p, stream) : sm90_forward<T, 128>(p, stream);
     default:
-      return sm90_forward<T, 256>(p, stream);
+      return backward ? sm90_backward<T, 256>(p, stream) : sm90_forward<T, 256>(p, stream);
   }
 }
 #endif

@@ -56,6 +56,9 @@ def _float_mask(shape, dtype):
     return (torch.randn(shape, dtype=torch.float64) * 2).to(DEV, dtype).requires_grad_()
 
 
+_BOTTOM_RIGHT = {"is_causal": True, "causal_alignment": "bottom_right"}
+
+
 def _bool_mask(shape, p_attend=0.7):
     return (torch.rand(shape) < p_attend).to(DEV)
 
@@ -83,14 +86,12 @@ def case_gqa_causal_top_left(dtype):
 
 def case_mqa_causal_bottom_right_dead_rows(dtype):
     q, k, v = _qkv(dtype, B=1, Hq=4, Hk=1, Lq=90, Lk=40, D=64)
-    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
-    check_against_reference(Inputs(q, k, v, kwargs=kwargs))
+    check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
 
 def case_causal_bottom_right_lq_lt_lk(dtype):
     q, k, v = _qkv(dtype, B=1, Hq=2, Lq=33, Lk=140, D=96)
-    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
-    check_against_reference(Inputs(q, k, v, kwargs=kwargs))
+    check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
 
 def case_bool_mask_broadcast_and_padding(dtype):
@@ -125,6 +126,21 @@ def case_many_tiles_per_cta(dtype):
     check_against_reference(Inputs(q, k, v))
 
 
+def _padding_with_a_fully_padded_entry(lk, pad_from):
+    """A key_padding_mask for B = 2: batch element 0 padded from key pad_from on, 1 entirely."""
+    kpm = torch.zeros(2, lk, dtype=torch.bool)
+    kpm[0, pad_from:] = True
+    kpm[1] = True
+    return kpm.to(DEV)
+
+
+def _check_padded_then_bottom_right(q, k, v, pad_from):
+    """q, k, v (B = 2) with _padding_with_a_fully_padded_entry, then causal bottom-right."""
+    kpm = _padding_with_a_fully_padded_entry(k.shape[2], pad_from)
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm}))
+    check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
+
+
 def case_wide_tiles_d64(dtype):
     """The Hopper forward's 192-row tiles of three consumer warpgroups (calls at D <= 64
     without masks, Lq >= 1024 (causal: 1536), Lk > 384: launch.h, sm90_wide_tiles), which end
@@ -133,39 +149,25 @@ def case_wide_tiles_d64(dtype):
     padded batch entry; causal (bottom-right, Lq > Lk: rows without a visible key), whose tiles
     go in pairs (paired_tile)."""
     q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=400, D=64)
-    kpm = torch.zeros(2, 400, dtype=torch.bool)
-    kpm[0, 350:] = True
-    kpm[1] = True
-    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
+    kpm = _padding_with_a_fully_padded_entry(400, 350)
+    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm}))
     q, k, v = _qkv(dtype, B=1, Hq=2, Hk=1, Lq=2100, Lk=1900, D=64)
-    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
-    check_against_reference(Inputs(q, k, v, kwargs=causal))
+    check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
 
 def case_short_keys_d64(dtype):
     """The Hopper forward's 80-key blocks (calls at D <= 64 without masks whose keys fit one
     block: launch.h, sm90_short_keys): Lk = 77 (three zero-filled keys), GQA, a partial last
     query tile, key padding with a fully padded batch entry, causal bottom-right with Lq > Lk."""
-    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=333, Lk=77, D=64)
-    kpm = torch.zeros(2, 77, dtype=torch.bool)
-    kpm[0, 40:] = True
-    kpm[1] = True
-    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
-    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
-    check_against_reference(Inputs(q, k, v, kwargs=causal))
+    _check_padded_then_bottom_right(*_qkv(dtype, B=2, Hq=4, Hk=2, Lq=333, Lk=77, D=64), 40)
 
 
 def case_backward_d256(dtype):
     """The Hopper D = 256 backward (both consumer warpgroups on 64 keys, the head dim split;
-    dQ by vector reductions): GQA with several query blocks per CTA, a partial last key block,
-    key padding with a fully padded batch entry; causal bottom-right with Lq > Lk."""
-    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=150, Lk=100, D=256)
-    kpm = torch.zeros(2, 100, dtype=torch.bool)
-    kpm[0, 70:] = True
-    kpm[1] = True
-    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}))
-    causal = {"is_causal": True, "causal_alignment": "bottom_right"}
-    check_against_reference(Inputs(q, k, v, kwargs=causal))
+    dQ parts by the copy engine's bulk reductions): GQA with several query blocks per CTA, a
+    partial last key block, key padding with a fully padded batch entry; causal bottom-right
+    with Lq > Lk."""
+    _check_padded_then_bottom_right(*_qkv(dtype, B=2, Hq=4, Hk=2, Lq=150, Lk=100, D=256), 70)
 
 
 def case_float_mask_grad_causal_padding(dtype):
@@ -217,7 +219,7 @@ def case_dropout(dtype):
     p, seed = 0.3, 1234
     B, Hq, Hk, Lq, Lk = 2, 4, 2, 40, 64
     q, k, v = _qkv(dtype, B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=64)
-    kwargs = {"is_causal": True, "causal_alignment": "bottom_right"}
+    kwargs = _BOTTOM_RIGHT
     eye = torch.eye(Lk, device=DEV).expand(B, Hk, Lk, Lk).contiguous()
     with torch.no_grad():
         probe = memattn.attention(
