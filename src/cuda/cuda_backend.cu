@@ -313,12 +313,12 @@ std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backwa
     const bool features =
         features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
     const TileShape shape = !backward && bucket == 64 && !features
-                                ? sm90_d64_tile_shape(s.Lq, s.Lk, a.is_causal)
+                                ? sm90_d64_tile_shape(s.B * s.Hq, s.Lq, s.Lk, a.is_causal)
                                 : TileShape::standard;
     return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" + std::to_string(bucket) +
-           (shape == TileShape::wide         ? "/wide"
-            : shape == TileShape::short_keys ? "/short_keys"
-                                             : "");
+           (shape == TileShape::standard
+                ? ""
+                : std::string("/") + kTileShapeNames[static_cast<int>(shape)]);
   }
   return std::string("cuda/sm80/") + dtype_short_name(a.q.dtype) + "/d" +
          std::to_string(head_dim_bucket(d));

@@ -5,8 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "cuda/common/params.h"
+#include "memattn/error.h"
 
 namespace memattn::cuda {
 
@@ -41,32 +45,59 @@ void sm80_backward(const DeviceParams& p, cudaStream_t stream);
 template <class T, int kHeadDim>
 void sm90_forward(const DeviceParams& p, cudaStream_t stream);
 
-// Whether sm90_forward runs a D = 64 call without features (has_features) on its wide tiles
-// (sm90/forward.cuh, ForwardTraits::kWide, 192 query rows of three consumer warpgroups): long
-// calls, where they measured faster (sm90/NOTES.md, w3: 4-17% from four 128-key blocks on;
-// w4: causal calls from Lq = 1536 on, once tiles end at Lq and are taken in pairs). Short
-// queries (causal: below 1536, where a tile has few blocks) and up to three key blocks keep the
-// 64-row tiles, whose second CTA per multiprocessor hides the fixed costs of each tile (its
-// first block alone, its last P V, the output; with two key blocks the wide tiles measured
-// 3-11% slower; causal at Lq = 1024 / 1200 1% / 3% slower, at 1536 5% faster) and which waste
-// less on Lq = 1.
-inline bool sm90_wide_tiles(std::int64_t Lq, std::int64_t Lk, bool causal) {
-  return Lq >= (causal ? 1536 : 1024) && Lk > 384;
+// Whether sm90_forward runs a D = 64 call without features (has_features) of bh = B * Hq heads
+// on its wide tiles (sm90/forward.cuh, ForwardTraits::kWide, 192 query rows of three consumer
+// warpgroups): long calls, where they measured faster (sm90/NOTES.md, w3: 4-17% from four
+// 128-key blocks on; w4: causal calls from Lq = 1536 on, once tiles end at Lq and are taken in
+// pairs; n1: non-causal calls from Lq = 768 on, 8% faster there, where four tiles of 192 rows
+// cover the queries). Short queries (non-causal: below 768, 5% slower at 512; causal: below
+// 1536, where a tile has few blocks) and up to three key blocks keep the 64-row tiles, whose
+// second CTA per multiprocessor hides the fixed costs of each tile (its first block alone, its
+// last P V, the output; with two key blocks the wide tiles measured 3-11% slower; causal at
+// Lq = 1024 / 1200 1% / 3% slower, at 1536 5% faster) and which waste less on Lq = 1. So do
+// non-causal calls of fewer than 256 wide tiles (about two per multiprocessor): there a CTA's
+// one or two tiles set the time, and with one CTA per multiprocessor the wide tiles ran up to
+// 1.7x the time of the 64-row ones (n1; causal calls take their wide tiles in pairs).
+inline bool sm90_wide_tiles(std::int64_t bh, std::int64_t Lq, std::int64_t Lk, bool causal) {
+  if (causal) return Lq >= 1536 && Lk > 384;
+  return Lq >= 768 && Lk > 384 && bh * ((Lq + 191) / 192) >= 256;
 }
 // Whether sm90_forward runs a D = 64 call without features on 64-row tiles with 80-key blocks
 // (sm90/forward.cuh, TileShape::short_keys): every key fits one such block, as in
 // cross-attention to the 77 tokens of CLIP's text encoder. (Lk <= 384 never takes the wide
 // tiles.)
 inline bool sm90_short_keys(std::int64_t Lk) { return Lk <= 80; }
+// Whether sm90_forward runs a D = 64 causal call without features that neither of the above
+// takes on 64-row tiles with 64-key blocks (TileShape::narrow): where the keys a row sees end at
+// its diagonal (no more keys than queries), a tile's last 128-key block was half -inf on every
+// other tile (sm90/NOTES.md, n1: 4-10% faster at Lq = Lk = 512-1024 with 8192 tiles). Only with
+// at least 4096 tiles of 64 rows (about ten per CTA on 132 multiprocessors): with 256-2048 the
+// longer chain of a tile's twice as many blocks ran 2-17% slower. Calls whose rows see more keys
+// than there are queries keep the 64 x 128 tiles, which run whole blocks faster.
+inline bool sm90_narrow_blocks(std::int64_t bh, std::int64_t Lq, std::int64_t Lk, bool causal) {
+  return causal && Lk <= Lq && bh * ((Lq + 63) / 64) >= 4096;
+}
 
 // The sm90 D = 64 forward's tile shapes without features (sm90/forward.cuh, ForwardTraits):
-// 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys).
-enum class TileShape : std::uint8_t { standard, wide, short_keys };
-// The shape sm90_forward runs a D = 64 call without features on (and explain names).
-inline TileShape sm90_d64_tile_shape(std::int64_t Lq, std::int64_t Lk, bool causal) {
-  return sm90_wide_tiles(Lq, Lk, causal) ? TileShape::wide
-         : sm90_short_keys(Lk)           ? TileShape::short_keys
-                                         : TileShape::standard;
+// 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys), 64 x 64 (narrow).
+enum class TileShape : std::uint8_t { standard, wide, short_keys, narrow };
+inline constexpr const char* kTileShapeNames[] = {"standard", "wide", "short_keys", "narrow"};
+// The shape sm90_forward runs a D = 64 call of bh = B * Hq heads without features on (and
+// explain names). MEMATTN_SM90_D64_TILES=standard|wide|short_keys|narrow in the environment
+// (read per call) runs every such call on that shape instead, to test or time a shape on calls
+// the rules above give another: each shape computes any call.
+inline TileShape sm90_d64_tile_shape(std::int64_t bh, std::int64_t Lq, std::int64_t Lk,
+                                     bool causal) {
+  if (const char* forced = std::getenv("MEMATTN_SM90_D64_TILES"); forced && *forced) {
+    for (int i = 0; i < 4; ++i)
+      if (std::strcmp(forced, kTileShapeNames[i]) == 0) return static_cast<TileShape>(i);
+    throw Error(ErrorKind::runtime, std::string("MEMATTN_SM90_D64_TILES=") + forced +
+                                        ": expected standard, wide, short_keys or narrow");
+  }
+  return sm90_wide_tiles(bh, Lq, Lk, causal)      ? TileShape::wide
+         : sm90_short_keys(Lk)                    ? TileShape::short_keys
+         : sm90_narrow_blocks(bh, Lq, Lk, causal) ? TileShape::narrow
+                                                  : TileShape::standard;
 }
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);

@@ -25,6 +25,7 @@ The file name does not match pytest's ``test_*.py``, so pytest never collects it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -141,16 +142,33 @@ def _check_padded_then_bottom_right(q, k, v, pad_from):
     check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
 
+@contextlib.contextmanager
+def _d64_tiles(shape):
+    """Runs the D = 64 forwards without features on `shape` (MEMATTN_SM90_D64_TILES), so that
+    calls small enough for the sanitizers take the shapes that launch.h's rules give larger
+    ones."""
+    before = os.environ.get("MEMATTN_SM90_D64_TILES")
+    os.environ["MEMATTN_SM90_D64_TILES"] = shape
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MEMATTN_SM90_D64_TILES"]
+        else:
+            os.environ["MEMATTN_SM90_D64_TILES"] = before
+
+
 def case_wide_tiles_d64(dtype):
     """The Hopper forward's 192-row tiles of three consumer warpgroups (calls at D <= 64
-    without masks, Lq >= 1024 (causal: 1536), Lk > 384: launch.h, sm90_wide_tiles), which end
+    without masks, Lq >= 768 (causal: 1536), Lk > 384: launch.h, sm90_wide_tiles), which end
     at Lq: a first query tile that starts before row 0 (taken after the full tiles,
     tile_order.h's light_tiles_last), a partial last key block, GQA, key padding with a fully
     padded batch entry; causal (bottom-right, Lq > Lk: rows without a visible key), whose tiles
     go in pairs (paired_tile)."""
     q, k, v = _qkv(dtype, B=2, Hq=2, Hk=1, Lq=1030, Lk=400, D=64)
     kpm = _padding_with_a_fully_padded_entry(400, 350)
-    check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm}))
+    with _d64_tiles("wide"):  # non-causal: 256 tiles and more take them
+        check_against_reference(Inputs(q, k, v, kwargs={"key_padding_mask": kpm}))
     q, k, v = _qkv(dtype, B=1, Hq=2, Hk=1, Lq=2100, Lk=1900, D=64)
     check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
@@ -160,6 +178,20 @@ def case_short_keys_d64(dtype):
     block: launch.h, sm90_short_keys): Lk = 77 (three zero-filled keys), GQA, a partial last
     query tile, key padding with a fully padded batch entry, causal bottom-right with Lq > Lk."""
     _check_padded_then_bottom_right(*_qkv(dtype, B=2, Hq=4, Hk=2, Lq=333, Lk=77, D=64), 40)
+
+
+def case_narrow_blocks_d64(dtype):
+    """The Hopper forward's 64-key blocks (causal calls at D <= 64 without masks whose rows see
+    no more keys than there are queries, with at least 4096 query tiles: launch.h,
+    sm90_narrow_blocks; here forced, as the call is smaller): GQA, partial last query and key
+    blocks, key padding with a fully padded batch entry, bottom-right with Lq > Lk."""
+    q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=333, Lk=300, D=64)
+    kpm = _padding_with_a_fully_padded_entry(300, 150)
+    with _d64_tiles("narrow"):  # 4096 query tiles and more take them
+        check_against_reference(
+            Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm})
+        )
+        check_against_reference(Inputs(q, k, v, kwargs=_BOTTOM_RIGHT))
 
 
 def case_backward_d256(dtype):
@@ -264,6 +296,7 @@ CASES: list[Callable] = [
     case_many_tiles_per_cta,
     case_wide_tiles_d64,
     case_short_keys_d64,
+    case_narrow_blocks_d64,
     case_backward_d256,
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,

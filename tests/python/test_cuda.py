@@ -1144,15 +1144,16 @@ def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 40], ids=str)
 def test_hopper_wide_tiles_d64(dtype, D):
-    """Calls of head dim <= 64 without masks or dropout with Lq >= 1024 (causal: 1536) and
-    Lk > 384 run the sm90 forward on 192-row tiles of three consumer warpgroups (launch.h,
-    sm90_wide_tiles; explain names the kernel ".../d64/wide"), which end at Lq: Lq = 1100 =
+    """Calls of head dim <= 64 without masks or dropout with Lq >= 768 (causal: 1536), Lk > 384
+    and (non-causal) at least 256 tiles of 192 rows run the sm90 forward on 192-row tiles of
+    three consumer warpgroups (launch.h, sm90_wide_tiles; explain names the kernel
+    ".../d64/wide"), which end at Lq: Lq = 1100 =
     5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0; those light
     tiles come after all full ones (tile_order.h, light_tiles_last), Lq = 1152 = 6 * 192 has
     none. More tiles than CTAs (a CTA reuses its Q buffer); Lk = 1000 a partial last key block;
     GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a
-    right-padded one. Lq < 1024 and Lk <= 384 keep the 64-row tiles. Outputs start from a
-    poisoned allocator cache."""
+    right-padded one. Lq < 768, Lk <= 384 and fewer tiles keep the 64-row tiles. Outputs start
+    from a poisoned allocator cache."""
     q, k, v = qkv(B=2, Hq=24, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].endswith("/d64/wide")
     check_cuda(Inputs(q, k, v), backward=False)
@@ -1167,7 +1168,10 @@ def test_hopper_wide_tiles_d64(dtype, D):
     assert torch.all(out[1] == 0)
     assert torch.all(lse[1] == -math.inf)
     assert not memattn.explain(q, k, v, is_causal=True)["kernel"].endswith("/wide")
-    assert not memattn.explain(q[:, :, :1000], k, v)["kernel"].endswith("/wide")
+    q768 = torch.empty(2, 32, 768, D, device=DEV, dtype=dtype)  # 64 bh x 4 tiles of 192 rows
+    assert memattn.explain(q768, k[:, :8], v[:, :8])["kernel"].endswith("/d64/wide")
+    assert not memattn.explain(q768[:, :, :767], k[:, :8], v[:, :8])["kernel"].endswith("/wide")
+    assert not memattn.explain(q768[:1], k[:1, :8], v[:1, :8])["kernel"].endswith("/wide")
     assert not memattn.explain(q, k[:, :, :384], v[:, :, :384])["kernel"].endswith("/wide")
     assert memattn.explain(q, k[:, :, :385], v[:, :, :385])["kernel"].endswith("/d64/wide")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/wide")
@@ -1226,6 +1230,104 @@ def test_hopper_short_keys_d64(dtype, D, Lk):
     k81, v81 = qkv(B=2, Hq=36, Hk=12, Lq=8, Lk=81, D=D, dtype=dtype, requires_grad=False)[1:]
     assert not memattn.explain(q, k81, v81)["kernel"].endswith("/short_keys")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/short_keys")
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 40], ids=str)
+@pytest.mark.parametrize(("Lq", "Lk"), [(700, 700), (1100, 1000), (128, 81), (130, 97)], ids=str)
+def test_hopper_narrow_blocks_d64(dtype, D, Lq, Lk, monkeypatch):
+    """The sm90 forward's 64-row tiles with 64-key blocks, three CTAs per multiprocessor
+    (TileShape::narrow), which causal calls of head dim <= 64 without masks or dropout take when
+    they are too short for the wide tiles, their rows see no more keys than there are queries
+    and they have at least 4096 query tiles of 64 rows (launch.h, sm90_narrow_blocks; explain
+    names the kernel ".../d64/narrow"). Run here through MEMATTN_SM90_D64_TILES=narrow on calls
+    small enough for the reference: Lq = 700, eleven query tiles, the last partial; Lq = 1100
+    with 48 and 24 bh, Lk = 1000 a partial last key block; Lq = 128 and 130: two and three query
+    tiles, Lk = 81 and 97 a second key block of 17 and 33 keys. GQA; both alignments
+    (bottom-right with Lq > Lk leaves rows without a key: 0, lse -inf); key padding with a fully
+    padded batch entry; non-causal. Outputs start from a poisoned allocator cache."""
+    monkeypatch.setenv("MEMATTN_SM90_D64_TILES", "narrow")
+    for Hq in (48, 24) if Lq == 1100 else (12,):
+        q, k, v = qkv(B=2, Hq=Hq, Hk=Hq // 3, Lq=Lq, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
+        for alignment in ("top_left", "bottom_right"):
+            causal = {"is_causal": True, "causal_alignment": alignment}
+            assert memattn.explain(q, k, v, **causal)["kernel"].endswith("/d64/narrow")
+            out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+            if alignment == "bottom_right" and Lq > Lk:
+                assert torch.all(out[:, :, : Lq - Lk] == 0)
+                assert torch.all(lse[:, :, : Lq - Lk] == -math.inf)
+    kpm = torch.zeros(2, Lk, dtype=torch.bool)
+    kpm[0] = True
+    kpm[1, Lk // 2 + 1 :] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
+        backward=False,
+    )
+    assert torch.all(out[0] == 0)
+    assert torch.all(lse[0] == -math.inf)
+    check_cuda(Inputs(q, k, v), backward=False)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_hopper_d64_tile_shape_rules(dtype, monkeypatch):
+    """Which tile shape a D = 64 forward without features runs on (launch.h,
+    sm90_d64_tile_shape), as explain names it: the narrow tiles for causal calls with Lk <= Lq,
+    Lq < 1536 and at least 4096 query tiles of 64 rows; MEMATTN_SM90_D64_TILES overrides the
+    rules for every such call, and a value that names no shape is an error."""
+    monkeypatch.delenv("MEMATTN_SM90_D64_TILES", raising=False)
+
+    def kernel(q, k, **kwargs):
+        return memattn.explain(q, k, k, **kwargs)["kernel"]
+
+    q = torch.empty(4, 64, 1024, 64, device=DEV, dtype=dtype)  # 4096 tiles of 64 rows
+    k = torch.empty(4, 16, 1024, 64, device=DEV, dtype=dtype)
+    assert kernel(q, k, is_causal=True).endswith("/d64/narrow")
+    assert kernel(q[:, :, :1000], k[:, :, :1000], is_causal=True).endswith("/d64/narrow")
+    assert kernel(q, k, is_causal=True, causal_alignment="bottom_right").endswith("/d64/narrow")
+    assert kernel(q[:3], k[:3], is_causal=True).endswith("/d64")  # 3072 tiles
+    assert kernel(q[:, :, :1000], k, is_causal=True).endswith("/d64")  # Lk > Lq
+    assert kernel(q, k).endswith("/d64/wide")
+    assert not kernel(q, k, is_causal=True, dropout_p=0.1).endswith("/narrow")
+    q_long = torch.empty(2, 32, 1536, 64, device=DEV, dtype=dtype)
+    assert kernel(q_long, k[:2, :8, :1536], is_causal=True).endswith("/d64/wide")
+    small = torch.empty(1, 2, 100, 64, device=DEV, dtype=dtype)
+    for shape in ("standard", "wide", "short_keys", "narrow"):
+        monkeypatch.setenv("MEMATTN_SM90_D64_TILES", shape)
+        suffix = "/d64" if shape == "standard" else f"/d64/{shape}"
+        assert kernel(small, small).endswith(suffix)
+    monkeypatch.setenv("MEMATTN_SM90_D64_TILES", "square")
+    with pytest.raises(RuntimeError, match="MEMATTN_SM90_D64_TILES=square: expected standard"):
+        memattn.attention(small, small, small)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape", ["standard", "wide", "short_keys", "narrow"], ids=str)
+def test_hopper_d64_tile_shapes_on_any_call(dtype, shape, monkeypatch):
+    """Each D = 64 forward tile shape computes any call, not only those its rule gives it
+    (MEMATTN_SM90_D64_TILES): queries shorter than a wide tile, keys past one 80-key block,
+    non-causal calls on the narrow tiles, causal ones with Lk > Lq; GQA, key padding with a
+    fully padded batch entry. Outputs start from a poisoned allocator cache."""
+    monkeypatch.setenv("MEMATTN_SM90_D64_TILES", shape)
+    for Lq, Lk in ((100, 300), (333, 200), (1, 500)):
+        q, k, v = qkv(B=2, Hq=6, Hk=2, Lq=Lq, Lk=Lk, D=64, dtype=dtype, requires_grad=False)
+        assert memattn.explain(q, k, v)["kernel"].split("/")[-1] == (
+            "d64" if shape == "standard" else shape
+        )
+        check_cuda(Inputs(q, k, v), backward=False)
+        for alignment in ("top_left", "bottom_right"):
+            causal = {"is_causal": True, "causal_alignment": alignment}
+            check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+        kpm = torch.zeros(2, Lk, dtype=torch.bool)
+        kpm[0] = True
+        kpm[1, Lk // 3 :] = True
+        out, lse, _ = check_cuda(
+            Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
+        )
+        assert torch.all(out[0] == 0)
+        assert torch.all(lse[0] == -math.inf)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")

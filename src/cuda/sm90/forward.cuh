@@ -63,6 +63,13 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // shapes fit two: there a tile is one block, a chain of Q K^T, softmax, P V and the output
 // whose latency more independent chains hide. (128-key blocks at three CTAs did not compile:
 // ptxas ran out of the 80 registers per thread of the launch allocation, C7602.)
+// TileShape::narrow (D = 64 causal calls without features too short for the wide tiles:
+// sm90_narrow_blocks): the 64-row tiles with 64-key blocks on three CTAs per multiprocessor. A
+// 64-row tile's causal limit ends its last 128-key block halfway on every other tile, so half
+// of that block was scores of -inf; 64-key blocks end at the limit, and their accumulators fit
+// three CTAs' 136 registers: 4-10% faster than the 64 x 128 tiles at Lq = 512-1024 with many
+// tiles (NOTES.md, n1), slower with few (a tile's chain of twice as many blocks) and on
+// non-causal calls, whose blocks are all whole.
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
@@ -78,14 +85,18 @@ struct ForwardTraits {
   // rows) then sit in a causal call's lightest tile of the bh (a key block or two), not in its
   // heaviest (all of them).
   static constexpr bool kEndAligned = kWide;
-  // CTAs per multiprocessor: independent chains of tiles. Three for the short-key tiles, whose
-  // accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
-  static constexpr int kCtasPerSm = kShape == TileShape::short_keys ? 3 : kConsumers == 1 ? 2 : 1;
+  // CTAs per multiprocessor: independent chains of tiles. Three for the short-key and narrow
+  // tiles, whose accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
+  static constexpr int kCtasPerSm = kShape == TileShape::short_keys || kShape == TileShape::narrow
+                                        ? 3
+                                    : kConsumers == 1 ? 2
+                                                      : 1;
   static constexpr int kBlockM = 64 * kConsumers;
   // Keys per stage. D = 256 without features: 80 (FA3's choice at hdim 256; m64n80 products of
   // Q K^T, and two stages of K and V still fit next to the 64 KB Q tile); with features 64 (at
   // 80 the mask and dropout code spilled 24 bytes).
   static constexpr int kBlockN = kShape == TileShape::short_keys ? 80
+                                 : kShape == TileShape::narrow   ? 64
                                  : kHeadDim <= 128               ? 128
                                  : kFeatures                     ? 64
                                                                  : 80;
@@ -101,11 +112,11 @@ struct ForwardTraits {
   // (kThreads kCtasPerSm), rounded down to a multiple of 8): setmaxnreg only moves registers
   // within it.
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = kCtasPerSm == 3   ? 136
-                                       : kConsumers == 1 ? 232
-                                       : kConsumers == 2 ? 240
-                                                         : 160;
+  // The consumers take what the launch allocation leaves them, up to setmaxnreg's 240 in steps
+  // of 8: 232 (D = 64, two CTAs), 240 (D = 128 / 256), 160 (wide), 136 (three CTAs).
   static constexpr int kLaunchRegs = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
+  static constexpr int kConsumerRegs =
+      std::min(240, (kLaunchRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
   static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kLaunchRegs * kThreads);
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
@@ -352,7 +363,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   }
   __syncthreads();
 
-  // The wide and short-key kernels (consumers at 160 and 136 registers) read their warp's
+  // The wide, short-key and narrow kernels (consumers at 160 and 136 registers) read their warp's
   // number through a shuffle, which ptxas knows to be the same in every lane: it then keeps what
   // derives from it (the warpgroup's rows and own blocks, the drain's loop) in uniform
   // registers. With the plain read the wide kernel spilled 116 bytes (56 with only the
@@ -669,12 +680,15 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
   if (has_features(p)) {
     sm90::launch_forward<T, kHeadDim, true>(p, stream);
   } else if constexpr (kHeadDim == 64) {
-    switch (sm90_d64_tile_shape(p.Lq, p.Lk, p.causal)) {
+    switch (sm90_d64_tile_shape(static_cast<std::int64_t>(p.B) * p.Hq, p.Lq, p.Lk, p.causal)) {
       case TileShape::wide:
         sm90::launch_forward<T, 64, false, TileShape::wide>(p, stream);
         break;
       case TileShape::short_keys:
         sm90::launch_forward<T, 64, false, TileShape::short_keys>(p, stream);
+        break;
+      case TileShape::narrow:
+        sm90::launch_forward<T, 64, false, TileShape::narrow>(p, stream);
         break;
       case TileShape::standard:
         sm90::launch_forward<T, 64, false>(p, stream);
