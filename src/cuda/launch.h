@@ -78,8 +78,19 @@ inline bool sm90_narrow_blocks(std::int64_t bh, std::int64_t Lq, std::int64_t Lk
   return causal && Lk <= Lq && bh * ((Lq + 63) / 64) >= 4096;
 }
 
-// The sm90 D = 64 forward's tile shapes without features (sm90/forward.cuh, ForwardTraits):
-// 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys), 64 x 64 (narrow).
+// Whether sm90_forward runs a D = 256 call without features on 64-key blocks (TileShape::narrow,
+// 128-row tiles as the standard ones) instead of 80-key ones: where the 80-key blocks' keys past
+// Lk (zeros from TMA, -inf scores) cost more than the 7% per key they save (sm90/NOTES.md, f80:
+// 0.92-0.94x of the time of 64-key blocks at L = 2k-16k, where at most one block is partial;
+// n2: 64-key blocks 0.97x of the time at Lk = 512, whose seventh 80-key block holds 32 keys):
+// the key columns computed, weighted 0.93 for 80-key blocks, decide.
+inline bool sm90_d256_narrow_blocks(std::int64_t Lk) {
+  return 100 * 64 * ((Lk + 63) / 64) < 93 * 80 * ((Lk + 79) / 80);
+}
+
+// The sm90 forward's tile shapes without features (sm90/forward.cuh, ForwardTraits), at D = 64:
+// 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys), 64 x 64 (narrow);
+// at D = 256: 128 x 80 (standard), 128 x 64 (narrow).
 enum class TileShape : std::uint8_t { standard, wide, short_keys, narrow };
 inline constexpr const char* kTileShapeNames[] = {"standard", "wide", "short_keys", "narrow"};
 // The shape sm90_forward runs a D = 64 call of bh = B * Hq heads without features on (and

@@ -198,7 +198,8 @@ def case_backward_d256(dtype):
     """The Hopper D = 256 backward (both consumer warpgroups on 64 keys, the head dim split;
     dQ parts by the copy engine's bulk reductions): GQA with several query blocks per CTA, a
     partial last key block, key padding with a fully padded batch entry; causal bottom-right
-    with Lq > Lk."""
+    with Lq > Lk. At Lk = 100 the forward runs 64-key blocks (launch.h,
+    sm90_d256_narrow_blocks), the second partial."""
     _check_padded_then_bottom_right(*_qkv(dtype, B=2, Hq=4, Hk=2, Lq=150, Lk=100, D=256), 70)
 
 

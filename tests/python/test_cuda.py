@@ -1271,6 +1271,43 @@ def test_hopper_narrow_blocks_d64(dtype, D, Lq, Lk, monkeypatch):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("Lk", [512, 100, 64], ids=str)
+def test_hopper_d256_narrow_blocks(dtype, Lk):
+    """The sm90 D = 256 forward without masks or dropout runs 64-key blocks instead of 80-key
+    ones where fewer key columns are computed that way (launch.h, sm90_d256_narrow_blocks;
+    explain names the kernel ".../d256/narrow"): Lk = 512 (eight blocks where 80-key blocks
+    take seven, the last with 32 keys), 100 (a second block of 36 keys), 64 (one block).
+    Lq = 300: three query tiles, the last partial; GQA; D = 200 (TMA's zero columns); both
+    causal alignments (bottom-right with Lq > Lk leaves rows without a key: 0, lse -inf); key
+    padding with a fully padded batch entry. Lk = 400 / 640 keep the 80-key blocks, and so do
+    masked calls. Outputs start from a poisoned allocator cache."""
+    for D in (200, 256):
+        q, k, v = qkv(B=2, Hq=6, Hk=2, Lq=300, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
+        assert memattn.explain(q, k, v)["kernel"].endswith("/d256/narrow")
+        check_cuda(Inputs(q, k, v), backward=False)
+    for alignment in ("top_left", "bottom_right"):
+        causal = {"is_causal": True, "causal_alignment": alignment}
+        out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+        if alignment == "bottom_right" and Lk < 300:
+            assert torch.all(out[:, :, : 300 - Lk] == 0)
+            assert torch.all(lse[:, :, : 300 - Lk] == -math.inf)
+    kpm = torch.zeros(2, Lk, dtype=torch.bool)
+    kpm[0] = True
+    kpm[1, Lk // 3 :] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
+    )
+    assert torch.all(out[0] == 0)
+    assert torch.all(lse[0] == -math.inf)
+    for other in (400, 640):
+        k_other = torch.empty(2, 2, other, 256, device=DEV, dtype=dtype)
+        assert memattn.explain(q, k_other, k_other)["kernel"].endswith("/d256")
+    mask = torch.ones(300, Lk, dtype=torch.bool, device=DEV)
+    assert memattn.explain(q, k, v, attn_mask=mask)["kernel"].endswith("/d256")
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_hopper_d64_tile_shape_rules(dtype, monkeypatch):
     """Which tile shape a D = 64 forward without features runs on (launch.h,
     sm90_d64_tile_shape), as explain names it: the narrow tiles for causal calls with Lk <= Lq,

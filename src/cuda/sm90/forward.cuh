@@ -77,7 +77,9 @@ template <int kHeadDim, bool kFeatures, TileShape kTileShape = TileShape::standa
 struct ForwardTraits {
   static constexpr TileShape kShape = kTileShape;
   static constexpr bool kWide = kShape == TileShape::wide;
-  static_assert(kShape == TileShape::standard || (kHeadDim == 64 && !kFeatures));
+  static_assert(kShape == TileShape::standard ||
+                (!kFeatures &&
+                 (kHeadDim == 64 || (kHeadDim == 256 && kShape == TileShape::narrow))));
   static constexpr int kHead = kHeadDim;
   static constexpr int kConsumers = kWide ? 3 : kHeadDim <= 64 ? 1 : 2;  // warpgroups of 64 rows
   // Wide tiles end at Lq (Tile::at): where 192 does not divide Lq, a bh's first tile starts
@@ -87,10 +89,10 @@ struct ForwardTraits {
   static constexpr bool kEndAligned = kWide;
   // CTAs per multiprocessor: independent chains of tiles. Three for the short-key and narrow
   // tiles, whose accumulators fit 136 registers (NOTES.md, k80: 8% faster than two at Lk = 77).
-  static constexpr int kCtasPerSm = kShape == TileShape::short_keys || kShape == TileShape::narrow
+  static constexpr int kCtasPerSm = kConsumers > 1 ? 1
+                                    : kShape == TileShape::short_keys || kShape == TileShape::narrow
                                         ? 3
-                                    : kConsumers == 1 ? 2
-                                                      : 1;
+                                        : 2;
   static constexpr int kBlockM = 64 * kConsumers;
   // Keys per stage. D = 256 without features: 80 (FA3's choice at hdim 256; m64n80 products of
   // Q K^T, and two stages of K and V still fit next to the 64 KB Q tile); with features 64 (at
@@ -363,14 +365,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   }
   __syncthreads();
 
-  // The wide, short-key and narrow kernels (consumers at 160 and 136 registers) read their warp's
-  // number through a shuffle, which ptxas knows to be the same in every lane: it then keeps what
-  // derives from it (the warpgroup's rows and own blocks, the drain's loop) in uniform
+  // The D = 64 wide, short-key and narrow kernels (consumers at 160 and 136 registers) read their
+  // warp's number through a shuffle, which ptxas knows to be the same in every lane: it then keeps
+  // what derives from it (the warpgroup's rows and own blocks, the drain's loop) in uniform
   // registers. With the plain read the wide kernel spilled 116 bytes (56 with only the
   // warpgroup shuffled, 48 now) and the short-key one 8 (its K/V block counter); the other
   // kernels keep the plain read, with which they have no spill (the shuffle gave the general
   // D = 128 kernel 60 bytes).
-  constexpr bool kUniformWarp = Tr::kShape != TileShape::standard;
+  constexpr bool kUniformWarp = Tr::kShape != TileShape::standard && Tr::kHead == 64;
   const int warp_id = kUniformWarp ? __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0)
                                    : static_cast<int>(threadIdx.x / 32);
   const int warp_group = warp_id / 4;
@@ -694,6 +696,11 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
         sm90::launch_forward<T, 64, false>(p, stream);
         break;
     }
+  } else if constexpr (kHeadDim == 256) {
+    if (sm90_d256_narrow_blocks(p.Lk))
+      sm90::launch_forward<T, 256, false, TileShape::narrow>(p, stream);
+    else
+      sm90::launch_forward<T, 256, false>(p, stream);
   } else {
     sm90::launch_forward<T, kHeadDim, false>(p, stream);
   }
