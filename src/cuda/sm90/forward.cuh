@@ -69,7 +69,9 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // of that block was scores of -inf; 64-key blocks end at the limit, and their accumulators fit
 // three CTAs' 136 registers: 4-10% faster than the 64 x 128 tiles at Lq = 512-1024 with many
 // tiles (NOTES.md, n1), slower with few (a tile's chain of twice as many blocks) and on
-// non-causal calls, whose blocks are all whole.
+// non-causal calls, whose blocks are all whole. At D = 256 (sm90_d256_narrow_blocks) the
+// standard 128-row tiles with 64-key blocks, for keys that would leave the last 80-key block
+// mostly empty (n2).
 // kFeatures: the general kernel (masks, dropout), which at D <= 128 also has room for attn_mask
 // tiles (mask_tile.cuh). Not at D = 256: next to its accumulators, the tile path and the
 // per-element path the kernel keeps for other masks spilled 44 bytes.
@@ -95,8 +97,8 @@ struct ForwardTraits {
                                         : 2;
   static constexpr int kBlockM = 64 * kConsumers;
   // Keys per stage. D = 256 without features: 80 (FA3's choice at hdim 256; m64n80 products of
-  // Q K^T, and two stages of K and V still fit next to the 64 KB Q tile); with features 64 (at
-  // 80 the mask and dropout code spilled 24 bytes).
+  // Q K^T, and two stages of K and V still fit next to the 64 KB Q tile), 64 on the narrow
+  // tiles; with features 64 (at 80 the mask and dropout code spilled 24 bytes).
   static constexpr int kBlockN = kShape == TileShape::short_keys ? 80
                                  : kShape == TileShape::narrow   ? 64
                                  : kHeadDim <= 128               ? 128
