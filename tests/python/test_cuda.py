@@ -97,6 +97,32 @@ def check_cuda(inputs: Inputs, *, backward: bool = True):
     return out, lse, grads
 
 
+def check_cuda_fully_padded_entry(q, k, v, pad_from: int, **kwargs):
+    """``check_cuda`` (forward) of q, k, v with B = 2 and a key_padding_mask that pads batch
+    entry 0 entirely (its output 0, lse -inf) and entry 1 from key ``pad_from`` on; ``kwargs``
+    go to the call."""
+    kpm = torch.zeros(2, k.shape[2], dtype=torch.bool)
+    kpm[0] = True
+    kpm[1, pad_from:] = True
+    out, lse, _ = check_cuda(
+        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV), **kwargs}), backward=False
+    )
+    assert torch.all(out[0] == 0)
+    assert torch.all(lse[0] == -math.inf)
+
+
+def check_cuda_both_alignments(q, k, v):
+    """``check_cuda`` (forward) of q, k, v, causal in both alignments; with Lq > Lk the first
+    Lq - Lk rows of the bottom-right call see no key (output 0, lse -inf)."""
+    for alignment in ("top_left", "bottom_right"):
+        causal = {"is_causal": True, "causal_alignment": alignment}
+        out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
+        blind = q.shape[2] - k.shape[2]
+        if alignment == "bottom_right" and blind > 0:
+            assert torch.all(out[:, :, :blind] == 0)
+            assert torch.all(lse[:, :, :blind] == -math.inf)
+
+
 def qkv(**kwargs):
     return make_qkv(device=DEV, **kwargs)
 
@@ -1190,12 +1216,7 @@ def test_hopper_causal_tiles_in_pairs(dtype, D):
     visible key (0, lse -inf). Outputs start from a poisoned allocator cache."""
     for Hq in (24, 40):
         q, k, v = qkv(B=2, Hq=Hq, Hk=8, Lq=1100, Lk=1000, D=D, dtype=dtype, requires_grad=False)
-        for alignment in ("top_left", "bottom_right"):
-            causal = {"is_causal": True, "causal_alignment": alignment}
-            out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
-            if alignment == "bottom_right":
-                assert torch.all(out[:, :, :100] == 0)
-                assert torch.all(lse[:, :, :100] == -math.inf)
+        check_cuda_both_alignments(q, k, v)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
@@ -1213,20 +1234,8 @@ def test_hopper_short_keys_d64(dtype, D, Lk):
     q, k, v = qkv(B=2, Hq=36, Hk=12, Lq=333, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
     assert memattn.explain(q, k, v)["kernel"].endswith("/d64/short_keys")
     check_cuda(Inputs(q, k, v), backward=False)
-    for alignment in ("top_left", "bottom_right"):
-        causal = {"is_causal": True, "causal_alignment": alignment}
-        out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
-        if alignment == "bottom_right":
-            assert torch.all(out[:, :, : 333 - Lk] == 0)
-            assert torch.all(lse[:, :, : 333 - Lk] == -math.inf)
-    kpm = torch.zeros(2, Lk, dtype=torch.bool)
-    kpm[0] = True
-    kpm[1, Lk // 2 + 1 :] = True
-    out, lse, _ = check_cuda(
-        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
-    )
-    assert torch.all(out[0] == 0)
-    assert torch.all(lse[0] == -math.inf)
+    check_cuda_both_alignments(q, k, v)
+    check_cuda_fully_padded_entry(q, k, v, Lk // 2 + 1)
     k81, v81 = qkv(B=2, Hq=36, Hk=12, Lq=8, Lk=81, D=D, dtype=dtype, requires_grad=False)[1:]
     assert not memattn.explain(q, k81, v81)["kernel"].endswith("/short_keys")
     assert not memattn.explain(q, k, v, dropout_p=0.1)["kernel"].endswith("/short_keys")
@@ -1250,22 +1259,9 @@ def test_hopper_narrow_blocks_d64(dtype, D, Lq, Lk, monkeypatch):
     monkeypatch.setenv("MEMATTN_SM90_D64_TILES", "narrow")
     for Hq in (48, 24) if Lq == 1100 else (12,):
         q, k, v = qkv(B=2, Hq=Hq, Hk=Hq // 3, Lq=Lq, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
-        for alignment in ("top_left", "bottom_right"):
-            causal = {"is_causal": True, "causal_alignment": alignment}
-            assert memattn.explain(q, k, v, **causal)["kernel"].endswith("/d64/narrow")
-            out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
-            if alignment == "bottom_right" and Lq > Lk:
-                assert torch.all(out[:, :, : Lq - Lk] == 0)
-                assert torch.all(lse[:, :, : Lq - Lk] == -math.inf)
-    kpm = torch.zeros(2, Lk, dtype=torch.bool)
-    kpm[0] = True
-    kpm[1, Lk // 2 + 1 :] = True
-    out, lse, _ = check_cuda(
-        Inputs(q, k, v, kwargs={"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
-        backward=False,
-    )
-    assert torch.all(out[0] == 0)
-    assert torch.all(lse[0] == -math.inf)
+        assert memattn.explain(q, k, v, is_causal=True)["kernel"].endswith("/d64/narrow")
+        check_cuda_both_alignments(q, k, v)
+    check_cuda_fully_padded_entry(q, k, v, Lk // 2 + 1, is_causal=True)
     check_cuda(Inputs(q, k, v), backward=False)
 
 
@@ -1285,20 +1281,8 @@ def test_hopper_d256_narrow_blocks(dtype, Lk):
         q, k, v = qkv(B=2, Hq=6, Hk=2, Lq=300, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
         assert memattn.explain(q, k, v)["kernel"].endswith("/d256/narrow")
         check_cuda(Inputs(q, k, v), backward=False)
-    for alignment in ("top_left", "bottom_right"):
-        causal = {"is_causal": True, "causal_alignment": alignment}
-        out, lse, _ = check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
-        if alignment == "bottom_right" and Lk < 300:
-            assert torch.all(out[:, :, : 300 - Lk] == 0)
-            assert torch.all(lse[:, :, : 300 - Lk] == -math.inf)
-    kpm = torch.zeros(2, Lk, dtype=torch.bool)
-    kpm[0] = True
-    kpm[1, Lk // 3 :] = True
-    out, lse, _ = check_cuda(
-        Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
-    )
-    assert torch.all(out[0] == 0)
-    assert torch.all(lse[0] == -math.inf)
+    check_cuda_both_alignments(q, k, v)
+    check_cuda_fully_padded_entry(q, k, v, Lk // 3)
     for other in (400, 640):
         k_other = torch.empty(2, 2, other, 256, device=DEV, dtype=dtype)
         assert memattn.explain(q, k_other, k_other)["kernel"].endswith("/d256")
@@ -1354,17 +1338,8 @@ def test_hopper_d64_tile_shapes_on_any_call(dtype, shape, monkeypatch):
             "d64" if shape == "standard" else shape
         )
         check_cuda(Inputs(q, k, v), backward=False)
-        for alignment in ("top_left", "bottom_right"):
-            causal = {"is_causal": True, "causal_alignment": alignment}
-            check_cuda(Inputs(q, k, v, kwargs=causal), backward=False)
-        kpm = torch.zeros(2, Lk, dtype=torch.bool)
-        kpm[0] = True
-        kpm[1, Lk // 3 :] = True
-        out, lse, _ = check_cuda(
-            Inputs(q, k, v, kwargs={"key_padding_mask": kpm.to(DEV)}), backward=False
-        )
-        assert torch.all(out[0] == 0)
-        assert torch.all(lse[0] == -math.inf)
+        check_cuda_both_alignments(q, k, v)
+        check_cuda_fully_padded_entry(q, k, v, Lk // 3)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
