@@ -4,9 +4,11 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 
 #include "cuda/common/params.h"
@@ -93,7 +95,9 @@ inline bool sm90_d256_narrow_blocks(std::int64_t Lk) {
 // 64 query rows x 128 keys (standard), 192 x 128 (wide), 64 x 80 (short_keys), 64 x 64 (narrow);
 // at D = 256: 128 x 80 (standard), 128 x 64 (narrow).
 enum class TileShape : std::uint8_t { standard, wide, short_keys, narrow };
+// Indexed by TileShape: explain's kernel-name suffixes and MEMATTN_SM90_D64_TILES's values.
 inline constexpr const char* kTileShapeNames[] = {"standard", "wide", "short_keys", "narrow"};
+static_assert(std::size(kTileShapeNames) == static_cast<std::size_t>(TileShape::narrow) + 1);
 // The shape sm90_forward runs a D = 64 call of bh = B * Hq heads without features on (and
 // explain names). MEMATTN_SM90_D64_TILES=standard|wide|short_keys|narrow in the environment
 // (read per call) runs every such call on that shape instead, to test or time a shape on calls
@@ -101,7 +105,7 @@ inline constexpr const char* kTileShapeNames[] = {"standard", "wide", "short_key
 inline TileShape sm90_d64_tile_shape(std::int64_t bh, std::int64_t Lq, std::int64_t Lk,
                                      bool causal) {
   if (const char* forced = std::getenv("MEMATTN_SM90_D64_TILES"); forced && *forced) {
-    for (int i = 0; i < 4; ++i)
+    for (std::size_t i = 0; i < std::size(kTileShapeNames); ++i)
       if (std::strcmp(forced, kTileShapeNames[i]) == 0) return static_cast<TileShape>(i);
     throw Error(ErrorKind::runtime, std::string("MEMATTN_SM90_D64_TILES=") + forced +
                                         ": expected standard, wide, short_keys or narrow");
