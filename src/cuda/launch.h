@@ -85,8 +85,7 @@ inline bool sm90_narrow_blocks(std::int64_t bh, std::int64_t Lq, std::int64_t Lk
 // Lk (zeros from TMA, -inf scores) cost more than the 7% per key they save (sm90/NOTES.md, f80:
 // 0.92-0.94x of the time of 64-key blocks at L = 2k-16k, where at most one block is partial;
 // n2: 64-key blocks 0.97-0.99x of the time at Lk = 512, whose seventh 80-key block holds 32
-// keys, 0.95x at 256):
-// the key columns computed, weighted 0.93 for 80-key blocks, decide.
+// keys, 0.95x at 256). The key columns computed, weighted 0.93 for 80-key blocks, decide.
 inline bool sm90_d256_narrow_blocks(std::int64_t Lk) {
   return 100 * 64 * ((Lk + 63) / 64) < 93 * 80 * ((Lk + 79) / 80);
 }
