@@ -240,26 +240,36 @@ struct KeyBlock : KeyBlockIndex {
       : KeyBlockIndex(key_block_of(block, num_n_blocks, p.B * p.Hk, p.causal)) {}
 };
 
-// The steps of a dK/dV CTA whose keys start at j0: the group's query heads h_begin .. h_end, and
-// for each the query blocks of kBlockQ rows from first_step_row(...), the first that can see a
-// key of the block (i >= j0 - causal_offset). Every role walks them in the same order, counting
-// steps (ring stage and phase). A block whose keys are all padding has no steps (dK = dV = 0).
-template <int kBlockQ>
-__device__ __forceinline__ int first_step_row(const DeviceParams& p, int j0, const KeyRange& keys) {
-  return j0 < keys.end ? causal_query_begin(p, j0) / kBlockQ * kBlockQ : p.Lq;
-}
-// Runs step(h, i0) for those steps in that order. Not unrolled: unrolled, the producer thread's
-// and the dQ writers' loops spilled at their 24 registers. (The consumers spell the loops out: as
-// the body of a lambda their step compiled differently and spilled 28 bytes in the D = 64 single
-// pass.)
-template <int kBlockQ, class Step>
-__device__ __forceinline__ void for_each_step(const DeviceParams& p, int h_begin, int h_end,
-                                              int i_begin, Step&& step) {
+// A dK/dV CTA's keys and steps: key block `block` of (b, k/v head hk), its kRows keys from j0;
+// the steps are the group's query heads h_begin .. h_end, and for each the query blocks of
+// kBlockQ rows from i_begin, the first that can see a key of the block (i >= j0 -
+// causal_offset). Every role walks them in the same order, counting steps (ring stage and
+// phase). A block whose keys are all padding has no steps (dK = dV = 0).
+template <int kRows, int kBlockQ>
+struct KeySteps {
+  int b, hk, j0, h_begin, h_end;
+  KeyRange keys;
+  int i_begin;
+  __device__ __forceinline__ KeySteps(const DeviceParams& p, const KeyBlock& block)
+      : b(block.bhk / p.Hk),
+        hk(block.bhk % p.Hk),
+        j0(block.n_block * kRows),
+        h_begin(hk * p.group),
+        h_end(h_begin + p.group),
+        keys(key_range(p, b)),
+        i_begin(j0 < keys.end ? causal_query_begin(p, j0) / kBlockQ * kBlockQ : p.Lq) {}
+  // Runs step(h, i0) for the steps in that order. Not unrolled: unrolled, the producer thread's
+  // and the dQ writers' loops spilled at their 24 registers. (The consumers spell the loops out:
+  // as the body of a lambda their step compiled differently and spilled 28 bytes in the D = 64
+  // single pass.)
+  template <class Step>
+  __device__ __forceinline__ void for_each(const DeviceParams& p, Step&& step) const {
 #pragma unroll 1
-  for (int h = h_begin; h < h_end; ++h)
+    for (int h = h_begin; h < h_end; ++h)
 #pragma unroll 1
-    for (int i0 = i_begin; i0 < p.Lq; i0 += kBlockQ) step(h, i0);
-}
+      for (int i0 = i_begin; i0 < p.Lq; i0 += kBlockQ) step(h, i0);
+  }
+};
 
 // P^T = exp2(S^T unit - lse2) on a warp's key rows of masked scores st (score_unit units),
 // lse2 holding the row stats of the tile's query columns.
@@ -283,21 +293,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const KeyBlock block(p, blockIdx.x, num_n_blocks);
-  const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
-  const int j0 = block.n_block * Tr::kRows;
-  // Steps: first_step_row's.
-  const int h_begin = hk * p.group, h_end = h_begin + p.group;
-  const KeyRange keys = key_range(p, b);
-  const int i_begin = first_step_row<Tr::kBlockQ>(p, j0, keys);
+  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, KeyBlock(p, blockIdx.x, num_n_blocks));
   // attn_mask tiles (a mask TMA can copy; always in the tiles kernel) come with each step's Q
   // and dO.
   const bool mask_tiles = kMasking != DkvMasking::lean && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
-  };
-  const auto for_each_step = [&](auto&& step) {
-    sm90::for_each_step<Tr::kBlockQ>(p, h_begin, h_end, i_begin, step);
   };
 
   if (threadIdx.x == 0) {
@@ -319,8 +320,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const auto write_dq_parts = [&] {
     if constexpr (kFusedDq) {  // (the two passes' kernels have no dQ parts: kQParts = 0 there)
       for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-      for_each_step([&](int h, int i0) {
-        const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      cta.for_each(p, [&](int h, int i0) {
+        const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
         const auto dst = [&](int g) -> float* {
           const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
           // dq_accum has ceil(Lq / 64) tiles of rows
@@ -328,7 +329,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                              : nullptr;
         };
         hand_dq_parts<0, Tr::kConsumers, Tr::kDqBytes>(
-            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end, lane);
+            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == cta.h_end,
+            lane);
       });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
@@ -341,14 +343,15 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       prefetch_tensor_map(maps.grad_out);
       if (mask_tiles) prefetch_tensor_map(maps.mask.map);
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
-      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
-      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), cta.j0, cta.hk, cta.b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), cta.j0, cta.hk, cta.b);
       int it = 0;
-      for_each_step([&](int h, int i0) {
+      cta.for_each(p, [&](int h, int i0) {
         const int s = stage_of<Tr>(it);
         load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
             p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s), mask_tiles,
-            maps.mask.map, i0, j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h, b);
+            maps.mask.map, i0, cta.j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h,
+            cta.b);
         ++it;
       });
     } else if (kFusedDq && threadIdx.x / 32 == 1 && p.dq_accum != nullptr) {
@@ -360,7 +363,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // Consumers: warpgroup wg owns keys [j0 + 64 wg, +64), warp w of it +16 w.
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4;
-  const int key_row0 = j0 + 64 * wg + 16 * warp;
+  const int key_row0 = cta.j0 + 64 * wg + 16 * warp;
   const float unit = sm80::score_unit<kMasking != DkvMasking::lean>(p);
   float acc_dk[1][kD][4], acc_dv[1][kD][4];
   sm80::zero(acc_dk);
@@ -381,8 +384,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int stats_row0 = kSharedStats ? kStatsRows * wg : 0;  // the step's first row loaded here
   const int stats_wg = kSharedStats ? 0 : wg;                 // whose buffers hold them
   sm80::RowStats next_stats{};
-  if (stats_row && i_begin < p.Lq)
-    next_stats = sm80::row_stats(p, b, h_begin, i_begin + stats_row0 + wg_thread);
+  if (stats_row && cta.i_begin < p.Lq)
+    next_stats = sm80::row_stats(p, cta.b, cta.h_begin, cta.i_begin + stats_row0 + wg_thread);
   const auto store_stats = [&](int s) {
     if (stats_row) {
       sm.lse2(stats_wg, s)[stats_row0 + wg_thread] = next_stats.lse2;
@@ -394,21 +397,21 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     named_barrier_sync(3, 256);
   }
   mbar_wait(sm.kv_full(), 0);
-  // The steps of for_each_step, spelled out here (why: there).
+  // The steps of KeySteps::for_each, spelled out here (why: there).
   int it = 0;
-  for (int h = h_begin; h < h_end; ++h)
-    for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+  for (int h = cta.h_begin; h < cta.h_end; ++h)
+    for (int i0 = cta.i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
       const int s = stage_of<Tr>(it);
-      const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
+      const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
       if constexpr (!kSharedStats) {
         store_stats(s);
         named_barrier_sync(1 + wg, 128);
       }
       const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
-      if (stats_row && !(last_block && h + 1 == h_end))
+      if (stats_row && !(last_block && h + 1 == cta.h_end))
         next_stats =
-            sm80::row_stats(p, b, last_block ? h + 1 : h,
-                            (last_block ? i_begin : i0 + Tr::kBlockQ) + stats_row0 + wg_thread);
+            sm80::row_stats(p, cta.b, last_block ? h + 1 : h,
+                            (last_block ? cta.i_begin : i0 + Tr::kBlockQ) + stats_row0 + wg_thread);
       mbar_wait(sm.step_full(s), parity_of<Tr>(it));
 
       // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
@@ -426,12 +429,13 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       fence_operands(st[0]);
       if constexpr (!kOverlapP) fence_operands(dpt[0]);
 
-      const ElementMasks<T> masks{p, b, h, keys};
+      const ElementMasks<T> masks{p, cta.b, h, cta.keys};
       const auto mask_from_tile = [&] {
         // Blocks that bounds and causality leave whole skip the per-element compares.
-        const bool check = sm80::block_needs_bounds_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
+        const bool check =
+            sm80::block_needs_bounds_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
         const MaskTile mt = mask_tile(s);
-        const int tile_key0 = key_row0 - j0;
+        const int tile_key0 = key_row0 - cta.j0;
         // Spelled out rather than through with_tile_flags (mask_tile.cuh, as the forward does):
         // with the helper here and in the dQ kernel ptxas allocated registers differently and
         // the D = 64 dQ kernel spilled 8 bytes; spelled out, the machine code is what was
@@ -450,7 +454,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       } else if (mask_tiles) {
         mask_from_tile();
       } else {
-        const bool check = sm80::block_needs_check(p, keys, i0, Tr::kBlockQ, j0, Tr::kRows);
+        const bool check = sm80::block_needs_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
         sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
       }
       // P^T, then dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
@@ -510,7 +514,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
         if (p.dq_accum == nullptr) {
           // One key block (direct_dq_backward): this part is the whole dQ of its rows; written
           // once, no scratch, no atomics.
-          sm80::store_rows<T>(static_cast<T*>(p.grad_q) + b * p.grad_q_st.b + h * p.grad_q_st.h,
+          sm80::store_rows<T>(static_cast<T*>(p.grad_q) + cta.b * p.grad_q_st.b + h * p.grad_q_st.h,
                               p.grad_q_st.l, dq_row0 + 16 * warp, p.Lq, kChunkCols * col_part, p.D,
                               acc_dq, p.scale, lane);
         } else {
@@ -876,16 +880,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const KeyBlock block(p, blockIdx.x, num_n_blocks);
-  const int b = block.bhk / p.Hk, hk = block.bhk % p.Hk;
-  const int j0 = block.n_block * Tr::kRows;
-  // Steps: first_step_row's.
-  const int h_begin = hk * p.group, h_end = h_begin + p.group;
-  const KeyRange keys = key_range(p, b);
-  const int i_begin = first_step_row<Tr::kBlockQ>(p, j0, keys);
-  const auto for_each_step = [&](auto&& step) {
-    sm90::for_each_step<Tr::kBlockQ>(p, h_begin, h_end, i_begin, step);
-  };
+  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, KeyBlock(p, blockIdx.x, num_n_blocks));
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -906,20 +901,20 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       prefetch_tensor_map(maps.q);
       prefetch_tensor_map(maps.grad_out);
       mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::kKVBytes);
-      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), j0, hk, b);
-      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), j0, hk, b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), cta.j0, cta.hk, cta.b);
+      load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), cta.j0, cta.hk, cta.b);
       // Q of a step once its stage is free (the end of the step two back), then dO once the
       // step before has read it (its dV product).
       int it = 0;
-      for_each_step([&](int h, int i0) {
+      cta.for_each(p, [&](int h, int i0) {
         const int s = stage_of<Tr>(it);
         mbar_wait(sm.q_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.q_full(s), Tr::kQBytes);
-        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.q_full(s), i0, h, b);
+        load_tile<Tr::kChunks, Tr::kBlockQ>(sm.q(s), maps.q, sm.q_full(s), i0, h, cta.b);
         mbar_wait(sm.grad_out_empty(), ring_parity<Tr::kGradOutStages>(it) ^ 1);
         mbar_arrive_expect_tx(sm.grad_out_full(), Tr::kQBytes);
         load_tile<Tr::kChunks, Tr::kBlockQ>(sm.grad_out(), maps.grad_out, sm.grad_out_full(), i0, h,
-                                            b);
+                                            cta.b);
         ++it;
       });
     } else if (const int writer = threadIdx.x / 32 - 1; writer >= 0 && writer < Tr::kConsumers) {
@@ -929,9 +924,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       // buffer).
       const auto write = [&]<int g>() {
         named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-        for_each_step([&](int h, int i0) {
-          const std::uint64_t bh = static_cast<std::uint64_t>(b) * p.Hq + h;
-          const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == h_end;
+        cta.for_each(p, [&](int h, int i0) {
+          const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
+          const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == cta.h_end;
 #pragma unroll
           for (int c = 0; c < Tr::kDqParts; ++c)
             hand_dq_parts<g, 1, Tr::kDqBytes>(
@@ -958,7 +953,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // +128) of dK, dV and dQ.
   warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int wg = warp_group - 1, warp = (threadIdx.x / 32) % 4, wg_thread = threadIdx.x % 128;
-  const int key_row0 = j0 + 16 * warp, query0 = Tr::kQueries * wg;
+  const int key_row0 = cta.j0 + 16 * warp, query0 = Tr::kQueries * wg;
   const std::uint32_t cols = Tr::kColsBytes * wg;
   const float unit = sm80::score_unit<false>(p);
   float acc_dk[1][2 * kC][4], acc_dv[1][2 * kC][4];
@@ -970,8 +965,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // the buffer's readers of two steps back have passed that barrier of the step before).
   const bool stats_row = wg_thread < Tr::kQueries;
   sm80::RowStats next_stats{};
-  if (stats_row && i_begin < p.Lq)
-    next_stats = sm80::row_stats(p, b, h_begin, i_begin + query0 + wg_thread);
+  if (stats_row && cta.i_begin < p.Lq)
+    next_stats = sm80::row_stats(p, cta.b, cta.h_begin, cta.i_begin + query0 + wg_thread);
   const auto store_stats = [&](int s) {
     if (stats_row) {
       sm.lse2(s)[query0 + wg_thread] = next_stats.lse2;
@@ -982,14 +977,14 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   named_barrier_sync(3, 256);
   mbar_wait(sm.kv_full(), 0);
   int it = 0;
-  for (int h = h_begin; h < h_end; ++h)
-    for (int i0 = i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
+  for (int h = cta.h_begin; h < cta.h_end; ++h)
+    for (int i0 = cta.i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
       const int s = stage_of<Tr>(it), buffer = it % 2;
       const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
-      if (stats_row && !(last_block && h + 1 == h_end))
+      if (stats_row && !(last_block && h + 1 == cta.h_end))
         next_stats =
-            sm80::row_stats(p, b, last_block ? h + 1 : h,
-                            (last_block ? i_begin : i0 + Tr::kBlockQ) + query0 + wg_thread);
+            sm80::row_stats(p, cta.b, last_block ? h + 1 : h,
+                            (last_block ? cta.i_begin : i0 + Tr::kBlockQ) + query0 + wg_thread);
 
       // S^T and dP^T of this warpgroup's queries in two groups; P^T's exponentials run while
       // dP^T is on the tensor cores.
@@ -1005,8 +1000,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();
       fence_operands(st[0]);
-      const ElementMasks<T> masks{p, b, h, keys};
-      const bool check = sm80::block_needs_check(p, keys, i0 + query0, Tr::kQueries, j0, Tr::kRows);
+      const ElementMasks<T> masks{p, cta.b, h, cta.keys};
+      const bool check =
+          sm80::block_needs_check(p, cta.keys, i0 + query0, Tr::kQueries, cta.j0, Tr::kRows);
       sm80::mask_scores<sm80::Rows::keys, false>(st, masks, key_row0, i0 + query0, check, lane);
       const float* lse2 = sm.lse2(s) + query0;
       const float* delta = sm.delta(s) + query0;
