@@ -312,11 +312,9 @@ std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backwa
     const int bucket = sm90_head_dim_bucket(d);
     const bool features =
         features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
-    TileShape shape = TileShape::standard;
-    if (!backward && !features && bucket == 64)
-      shape = sm90_d64_tile_shape(s.B * s.Hq, s.Lq, s.Lk, a.is_causal);
-    if (!backward && !features && bucket == 256 && sm90_d256_narrow_blocks(s.Lk))
-      shape = TileShape::narrow;
+    const TileShape shape = !backward && !features
+                                ? sm90_tile_shape(bucket, s.B * s.Hq, s.Lq, s.Lk, a.is_causal)
+                                : TileShape::standard;
     return std::string("cuda/sm90/") + dtype_short_name(a.q.dtype) + "/d" + std::to_string(bucket) +
            (shape == TileShape::standard
                 ? ""

@@ -14,7 +14,7 @@ namespace memattn::cuda {
 // capability (cached) only when the tensors are on a CUDA device.
 std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const ProblemShape& shape);
 // "cuda/sm90/bf16/d128" (Hopper kernels; "cuda/sm90/bf16/d64/wide", ".../short_keys",
-// ".../narrow": the D = 64 forward on another tile shape, launch.h's sm90_d64_tile_shape),
+// ".../narrow": the forward on another tile shape, launch.h's sm90_tile_shape),
 // "cuda/sm80/bf16/d128" (tensor cores) or "cuda/simt/f32": the kernel of the forward pass, or
 // of the backward pass if `backward`. Throws Error for an unknown MEMATTN_SM90_D64_TILES.
 std::string kernel_name(const ForwardArgs& args, const ProblemShape& shape, bool backward);

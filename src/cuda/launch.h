@@ -114,6 +114,14 @@ inline TileShape sm90_d64_tile_shape(std::int64_t bh, std::int64_t Lq, std::int6
          : sm90_narrow_blocks(bh, Lq, Lk, causal) ? TileShape::narrow
                                                   : TileShape::standard;
 }
+// The shape sm90_forward runs a call without features of head-dim bucket `bucket` (64, 128,
+// 256) and bh = B * Hq heads on, and explain names: the D = 64 rules above, the D = 256 64-key
+// blocks, the standard tiles otherwise.
+inline TileShape sm90_tile_shape(int bucket, std::int64_t bh, std::int64_t Lq, std::int64_t Lk,
+                                 bool causal) {
+  if (bucket == 64) return sm90_d64_tile_shape(bh, Lq, Lk, causal);
+  return bucket == 256 && sm90_d256_narrow_blocks(Lk) ? TileShape::narrow : TileShape::standard;
+}
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream);
 

@@ -15,6 +15,7 @@ namespace {
 using memattn::ErrorKind;
 using memattn::cuda::sm90_d256_narrow_blocks;
 using memattn::cuda::sm90_d64_tile_shape;
+using memattn::cuda::sm90_tile_shape;
 using memattn::cuda::TileShape;
 using memattn_test::ScopedEnv;
 using memattn_test::ThrowsError;
@@ -68,6 +69,20 @@ TEST(Sm90TileShapes, D256NarrowBlocksWhereEightyKeyBlocksComputeOver7PercentMore
   EXPECT_FALSE(sm90_d256_narrow_blocks(640));
   EXPECT_FALSE(sm90_d256_narrow_blocks(1024));
   for (std::int64_t lk = 577; lk <= 1 << 20; lk += 7) EXPECT_FALSE(sm90_d256_narrow_blocks(lk));
+}
+
+TEST(Sm90TileShapes, EachHeadDimBucketTakesItsOwnRules) {
+  const ScopedEnv none(kOverride, std::nullopt);
+  EXPECT_EQ(sm90_tile_shape(256, 32 * 8, 512, 512, false), TileShape::narrow);
+  EXPECT_EQ(sm90_tile_shape(256, 32 * 8, 1024, 1024, false), TileShape::standard);
+  EXPECT_EQ(sm90_tile_shape(64, 32 * 32, 512, 512, true), TileShape::narrow);
+  EXPECT_EQ(sm90_tile_shape(64, 256, 1024, 1024, false), TileShape::wide);
+  for (const std::int64_t lk : {1, 64, 77, 512, 4096})
+    EXPECT_EQ(sm90_tile_shape(128, 1024, 1024, lk, true), TileShape::standard);
+  const ScopedEnv forced(kOverride, "wide");  // the override is the D = 64 forward's only
+  EXPECT_EQ(sm90_tile_shape(128, 1, 1, 1000, false), TileShape::standard);
+  EXPECT_EQ(sm90_tile_shape(256, 1, 1, 1000, false), TileShape::standard);
+  EXPECT_EQ(sm90_tile_shape(64, 1, 1, 1000, false), TileShape::wide);
 }
 
 }  // namespace

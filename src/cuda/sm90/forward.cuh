@@ -683,8 +683,13 @@ template <class T, int kHeadDim>
 void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
   if (has_features(p)) {
     sm90::launch_forward<T, kHeadDim, true>(p, stream);
-  } else if constexpr (kHeadDim == 64) {
-    switch (sm90_d64_tile_shape(static_cast<std::int64_t>(p.B) * p.Hq, p.Lq, p.Lk, p.causal)) {
+    return;
+  }
+  // D = 128 has the standard tiles only; every path launches a kernel.
+  const TileShape shape =
+      sm90_tile_shape(kHeadDim, static_cast<std::int64_t>(p.B) * p.Hq, p.Lq, p.Lk, p.causal);
+  if constexpr (kHeadDim == 64) {
+    switch (shape) {
       case TileShape::wide:
         sm90::launch_forward<T, 64, false, TileShape::wide>(p, stream);
         break;
@@ -699,7 +704,7 @@ void sm90_forward(const DeviceParams& p, cudaStream_t stream) {
         break;
     }
   } else if constexpr (kHeadDim == 256) {
-    if (sm90_d256_narrow_blocks(p.Lk))
+    if (shape == TileShape::narrow)
       sm90::launch_forward<T, 256, false, TileShape::narrow>(p, stream);
     else
       sm90::launch_forward<T, 256, false>(p, stream);
