@@ -184,6 +184,7 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
                                         dtype_name(a.attn_mask.dtype));
     p.mask = a.attn_mask.data;
     for (int d = 0; d < 4; ++d) p.mask_st[d] = broadcast_stride(a.attn_mask, d);
+    p.batch_inner = p.B > 1 && p.mask_st[0] == 0 && p.mask_st[1] != 0;
   }
   if (a.key_padding_mask.present()) {
     p.key_padding = static_cast<const std::uint8_t*>(a.key_padding_mask.data);

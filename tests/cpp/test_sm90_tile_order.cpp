@@ -2,7 +2,8 @@
 // checked on the host: each a bijection (of the snake walk's positions onto the tiles, of the
 // dK/dV CTAs onto the key blocks); the paired order's two tiles of each full round's unit on one
 // CTA, the light tiles after the full ones, causal key blocks heaviest first within groups of
-// CTAs, and the balance of the work that makes each worth having.
+// CTAs, and the balance of the work that makes each worth having; the two orders of the (b, head)
+// pairs.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,12 +11,15 @@
 #include <functional>
 #include <numeric>
 #include <queue>
+#include <utility>
 #include <vector>
 
 #include "cuda/sm90/tile_order.h"
 
 namespace {
 
+using memattn::cuda::sm90::batch_head_at;
+using memattn::cuda::sm90::bh_of_pair;
 using memattn::cuda::sm90::kCausalGroupCtas;
 using memattn::cuda::sm90::key_block_of;
 using memattn::cuda::sm90::light_tiles_last;
@@ -242,3 +246,39 @@ TEST(Sm90KeyBlockOrder, CausalOrderShortensTheSimulatedDispatch) {
 }
 
 }  // namespace
+
+TEST(Sm90BatchHeadOrder, BothOrdersVisitEveryPairOnce) {
+  for (const bool batch_inner : {false, true})
+    for (const auto& [batch, heads] : {std::pair{1, 1}, {1, 7}, {5, 1}, {3, 4}, {8, 32}}) {
+      std::vector<int> seen(static_cast<std::size_t>(batch * heads), 0);
+      for (std::uint32_t pair = 0; pair < seen.size(); ++pair) {
+        const auto at = batch_head_at(pair, batch, heads, batch_inner);
+        ASSERT_GE(at.b, 0);
+        ASSERT_LT(at.b, batch);
+        ASSERT_GE(at.h, 0);
+        ASSERT_LT(at.h, heads);
+        ++seen[static_cast<std::size_t>(at.b * heads + at.h)];
+        // bh_of_pair names the same pair as a row b heads + h.
+        EXPECT_EQ(bh_of_pair(pair, batch, heads, batch_inner),
+                  static_cast<std::uint32_t>(at.b * heads + at.h));
+      }
+      EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }))
+          << batch << " x " << heads << ", batch_inner " << batch_inner;
+    }
+}
+
+TEST(Sm90BatchHeadOrder, BatchInnerTakesOneHeadsBatchElementsTogether) {
+  // b outer: pair = b heads + h (the layouts' order); b inner: pair = h batch + b, so the
+  // pairs that run together share a head (and a mask broadcast over b).
+  const int batch = 3, heads = 4;
+  for (std::int64_t pair = 0; pair < batch * heads; ++pair) {
+    const auto outer = batch_head_at(pair, batch, heads, false);
+    EXPECT_EQ(outer.b, pair / heads);
+    EXPECT_EQ(outer.h, pair % heads);
+    const auto inner = batch_head_at(pair, batch, heads, true);
+    EXPECT_EQ(inner.b, pair % batch);
+    EXPECT_EQ(inner.h, pair / batch);
+  }
+  EXPECT_EQ(bh_of_pair<std::int64_t>(5, batch, heads, false), 5);
+  EXPECT_EQ(bh_of_pair<std::int64_t>(5, batch, heads, true), 2 * heads + 1);  // b 2, h 1
+}

@@ -10,7 +10,8 @@ attn_testing.py. Meant to run under the sanitizer, where every kernel launch is 
 (for memcheck set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, so that every tensor is its own
 allocation and a read past its end is caught). The cases: fp16, bf16 (tensor-core kernels) and
 fp32 (SIMT) x {plain, cross with Dv != D, odd sizes and head dims, GQA / MQA, bool and float
-masks (broadcast, with gradient; also masks the Hopper kernels copy by tiles), key padding
+masks (broadcast, with gradient; also masks the Hopper kernels copy by tiles, and masks
+broadcast over b that reorder the Hopper grids), key padding
 (with masks; alone, skipping trailing key blocks; a fully padded batch entry), causal in both
 alignments (fully masked rows), [B, L, H, D] views, dropout, the Hopper forward's 192-row tiles
 and 80-key blocks, the Hopper D = 256 backward}.
@@ -234,6 +235,19 @@ def case_mask_tiles(dtype):
         check_against_reference(Inputs(q, k, v, _float_mask((2, 1, 1, 144), dtype)))
 
 
+def case_mask_broadcast_over_batch(dtype):
+    """Masks broadcast over b but not the heads: the Hopper grids take b inside each head
+    (batch_inner); bool tiles with causal and key padding, a float mask with its gradient
+    (summed over b), GQA 4:2, both head-dim buckets."""
+    for D in (64, 128):
+        q, k, v = _qkv(dtype, B=3, Hq=4, Hk=2, Lq=70, Lk=144, D=D)
+        kpm = torch.zeros(3, 144, dtype=torch.bool)
+        kpm[1, 100:] = True
+        kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
+        check_against_reference(Inputs(q, k, v, _bool_mask((1, 4, 70, 144)), kwargs=kwargs))
+        check_against_reference(Inputs(q, k, v, _float_mask((1, 4, 70, 144), dtype)))
+
+
 def case_bshd_views(dtype):
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(DEV, dtype).requires_grad_()
@@ -302,6 +316,7 @@ CASES: list[Callable] = [
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,
+    case_mask_broadcast_over_batch,
     case_bshd_views,
     case_dropout,
 ]

@@ -1468,6 +1468,36 @@ def _lean_backward_cases(dtype):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_hopper_mask_broadcast_over_batch(dtype, D):
+    """An attn_mask broadcast over the batch but not the heads ([1, H, Lq, Lk], [H, Lq, Lk])
+    makes the sm90 grids take the batch elements inside each head (params.h, batch_inner);
+    every kernel must still find its (b, h) pairs and write there: the forward (more tiles than
+    a wave), both backward passes and the single pass (bool tiles at D = 128), GQA 6:2, causal
+    in both alignments, key padding that differs per batch element, the additive mask's
+    gradient (summed over b), mask tiles and the per-element reads."""
+    Bm, Hq, Hk, Lq, Lk = 5, 6, 2, 1100, 208
+    q, k, v = qkv(B=Bm, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, dtype=dtype)
+    kpm = torch.zeros(Bm, Lk, dtype=torch.bool)
+    kpm[1, 150:] = True
+    kpm[3, 20:40] = True  # a hole: the per-element reads for this entry
+    kpm = kpm.to(DEV)
+    cases = (
+        (bool_mask((1, Hq, Lq, Lk)), {}),
+        (bool_mask((Hq, Lq, Lk)), {"is_causal": True, "key_padding_mask": kpm}),
+        (
+            rand_mask((1, Hq, Lq, Lk), dtype, requires_grad=False),
+            {"is_causal": True, "causal_alignment": "bottom_right"},
+        ),
+        (rand_mask((1, Hq, Lq, Lk), dtype), {"key_padding_mask": kpm}),  # grad summed over b
+        (rand_mask((1, Hq, 1, 1), dtype, requires_grad=False), {}),  # no tiles: per element
+    )
+    for mask, kwargs in cases:
+        check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
     """On Hopper a lean backward sums dQ with atomic adds (one pass); under
     torch.use_deterministic_algorithms it takes the two atomic-free passes, bit-identical run

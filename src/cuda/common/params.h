@@ -39,6 +39,12 @@ struct DeviceParams {
   MaskKind mask_kind = MaskKind::none;
   const void* mask = nullptr;
   std::int64_t mask_st[4] = {0, 0, 0, 0};
+  // The order in which the sm90 grids walk the (b, head) pairs (tile_order.h, batch_head_at):
+  // b outer, or with batch_inner (an attn_mask broadcast over b but not over heads) b inner, so
+  // that the CTAs running together read one head's mask tiles from the L2 rather than each
+  // batch element reading that head's whole mask from DRAM again. Layouts (lse, dropout's bh,
+  // scratch) keep bh = b * Hq + h either way. The sm80 kernels ignore it.
+  bool batch_inner = false;
 
   const std::uint8_t* key_padding = nullptr;  // bool [B, Lk], true = padding
   std::int64_t key_padding_st[2] = {0, 0};

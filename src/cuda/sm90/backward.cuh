@@ -235,9 +235,15 @@ __device__ __forceinline__ void stage_key_rows(std::uint32_t tile, int row0, flo
 
 // The key block and (b, k/v head) index of a dK/dV CTA, in the order of key_block_of
 // (tile_order.h: causal calls take their heaviest blocks first within groups of CTAs).
+// bhk counts the (b, k/v head) pairs in batch_head_at's order: p.batch_inner's in kernels that
+// take masks (kMasked), b outer in the others (their code stays as it was).
 struct KeyBlock : KeyBlockIndex {
   __device__ __forceinline__ KeyBlock(const DeviceParams& p, unsigned block, int num_n_blocks)
       : KeyBlockIndex(key_block_of(block, num_n_blocks, p.B * p.Hk, p.causal)) {}
+  template <bool kMasked>
+  __device__ __forceinline__ BatchHead batch_head(const DeviceParams& p) const {
+    return batch_head_at(bhk, p.B, p.Hk, kMasked && p.batch_inner);
+  }
 };
 
 // A dK/dV CTA's keys and steps: key block `block` of (b, k/v head hk), its kRows keys from j0;
@@ -250,9 +256,10 @@ struct KeySteps {
   int b, hk, j0, h_begin, h_end;
   KeyRange keys;
   int i_begin;
-  __device__ __forceinline__ KeySteps(const DeviceParams& p, const KeyBlock& block)
-      : b(block.bhk / p.Hk),
-        hk(block.bhk % p.Hk),
+  // at: block.batch_head<kMasked>(p).
+  __device__ __forceinline__ KeySteps(const DeviceParams& p, const KeyBlock& block, BatchHead at)
+      : b(at.b),
+        hk(at.h),
         j0(block.n_block * kRows),
         h_begin(hk * p.group),
         h_end(h_begin + p.group),
@@ -293,10 +300,12 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, KeyBlock(p, blockIdx.x, num_n_blocks));
+  constexpr bool kMasked = kMasking != DkvMasking::lean;
+  const KeyBlock block(p, blockIdx.x, num_n_blocks);
+  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, block, block.batch_head<kMasked>(p));
   // attn_mask tiles (a mask TMA can copy; always in the tiles kernel) come with each step's Q
   // and dO.
-  const bool mask_tiles = kMasking != DkvMasking::lean && maps.mask.rows > 0;
+  const bool mask_tiles = kMasked && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
   };
@@ -552,7 +561,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     // loop, one of them spilled in the D = 64 single pass.
     const KeyBlock out(p, ctaid_x(), num_n_blocks);
     const int out_row0 = out.n_block * Tr::kRows + 64 * wg;
-    const int out_hk = out.bhk % p.Hk, out_b = out.bhk / p.Hk;
+    const auto [out_b, out_hk] = out.batch_head<kMasked>(p);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 64 * wg, p.D, out_row0, out_hk,
                                             out_b);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 64 * wg, p.Dv, out_row0, out_hk,
@@ -645,12 +654,16 @@ struct DqSmem {
 };
 
 // The (b, h) pairs of a dQ CTA: one, or every pair whose mask gradient lands on the same
-// broadcast element (params.h: grad_mask_b_outer / grad_mask_h_outer).
+// broadcast element (params.h: grad_mask_b_outer / grad_mask_h_outer). `outer` counts the
+// (b_outer, h_outer) pairs in batch_head_at's order (batch_inner: p.batch_inner in kernels that
+// take masks, else false).
 struct DqRows {
   int b_outer, h_outer, b_count, h_count;
-  __device__ __forceinline__ DqRows(const DeviceParams& p, std::int64_t outer)
-      : b_outer(static_cast<int>(outer / p.grad_mask_h_outer)),
-        h_outer(static_cast<int>(outer % p.grad_mask_h_outer)),
+  __device__ __forceinline__ DqRows(const DeviceParams& p, std::int64_t outer, bool batch_inner)
+      : DqRows(p, batch_head_at(outer, p.grad_mask_b_outer, p.grad_mask_h_outer, batch_inner)) {}
+  __device__ __forceinline__ DqRows(const DeviceParams& p, BatchHead at)
+      : b_outer(at.b),
+        h_outer(at.h),
         b_count(p.B / p.grad_mask_b_outer),
         h_count(p.Hq / p.grad_mask_h_outer) {}
   __device__ __forceinline__ int pairs() const { return b_count * h_count; }
@@ -678,7 +691,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
   // Heavy (late, for causal) query blocks first.
   const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const DqRows rows(p, blockIdx.x / num_m_blocks);
+  const DqRows rows(p, blockIdx.x / num_m_blocks, kFeatures && p.batch_inner);
   const int i0 = m_block * Tr::kRows;
 
   if (threadIdx.x == 0) {
@@ -880,7 +893,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
 
-  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, KeyBlock(p, blockIdx.x, num_n_blocks));
+  const KeyBlock block(p, blockIdx.x, num_n_blocks);
+  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, block, block.batch_head<false>(p));
 
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 1);
@@ -1076,7 +1090,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
     // the loop).
     const KeyBlock out(p, ctaid_x(), num_n_blocks);
     const int out_row0 = out.n_block * Tr::kRows;
-    const int out_hk = out.bhk % p.Hk, out_b = out.bhk / p.Hk;
+    const auto [out_b, out_hk] = out.batch_head<false>(p);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_k, sm.k(), 0, p.D, out_row0, out_hk, out_b);
     store_tile_rows<Tr::kChunks, Tr::kRows>(maps.grad_v, sm.v(), 0, p.Dv, out_row0, out_hk, out_b);
     bulk_commit();

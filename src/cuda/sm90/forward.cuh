@@ -281,22 +281,26 @@ __device__ __forceinline__ int key_blocks_before_row(const DeviceParams& p, cons
   return visible_key_blocks<kBlockN>(p, keys, min(row_end, p.Lq) - 1);
 }
 
-// Tile t of a call is query block m of row bh = b * Hq + h: heavy (late, for causal) query
-// blocks first within each bh, consecutive tiles on one bh so concurrent CTAs share its K/V in
-// L2. Its key blocks stop at the causal limit and at b's last unpadded key. Query block m holds
-// rows [m kBlockM, +kBlockM), or with kEndAligned those that end (M - m) kBlockM rows before Lq
-// (M query blocks per bh; the first may start before row 0).
+// Tile t of a call is query block m of the (b, h) pair t / M in batch_head_at's order
+// (tile_order.h; row bh = b * Hq + h): heavy (late, for causal) query blocks first within each bh,
+// consecutive tiles on one bh so concurrent CTAs share its K/V in L2. Its key blocks stop at the
+// causal limit and at b's last unpadded key. Query block m holds rows [m kBlockM, +kBlockM), or
+// with kEndAligned those that end (M - m) kBlockM rows before Lq (M query blocks per bh; the first
+// may start before row 0).
 struct Tile {
   int b, h, hk, i0, num_n_blocks;
   std::int64_t bh;
   KeyRange keys;
   // Index: the type of the tile arithmetic (ForwardTraits::TileIndex).
   template <int kBlockM, int kBlockN, bool kEndAligned, class Index>
-  __device__ __forceinline__ static Tile at(const DeviceParams& p, Index t, int num_m_blocks) {
+  // batch_inner: the pairs' order (p.batch_inner where the kernel can take masks; else false).
+  __device__ __forceinline__ static Tile at(const DeviceParams& p, Index t, int num_m_blocks,
+                                            bool batch_inner) {
     Tile tile;
     const auto m_blocks = static_cast<Index>(num_m_blocks);
-    const Index bh = t / m_blocks, heads = static_cast<Index>(p.Hq);
-    const int m_block = num_m_blocks - 1 - static_cast<int>(t - bh * m_blocks);
+    const Index pair = t / m_blocks, heads = static_cast<Index>(p.Hq);
+    const int m_block = num_m_blocks - 1 - static_cast<int>(t - pair * m_blocks);
+    const Index bh = bh_of_pair(pair, p.B, p.Hq, batch_inner);
     tile.bh = static_cast<std::int64_t>(bh);
     tile.b = static_cast<int>(bh / heads);
     tile.h = static_cast<int>(bh - static_cast<Index>(tile.b) * heads);
@@ -343,7 +347,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       index = light_last
                   ? light_tiles_last(index, static_cast<Index>(num_tiles), num_m_blocks)
                   : paired_tile(index, static_cast<Index>(gridDim.x), num_m_blocks, num_pairs);
-    return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks);
+    return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks,
+                                                               kFeatures && p.batch_inner);
   };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {

@@ -59,6 +59,35 @@ MEMATTN_SM90_HOST_DEVICE Index light_tiles_last(Index t, Index num_tiles, int nu
   return num_tiles - 1 - (t - full) * m_blocks;         // bh B Hq - 1 - (t - full), number M - 1
 }
 
+// The (b, head) pair at position `pair` of a grid's walk over the batch x heads pairs: b outer
+// (pair = b heads + h), or b inner (pair = h batch + b) for calls whose attn_mask is broadcast
+// over b but not over the heads (params.h, batch_inner). A [1, H, L, L] additive mask in 16 bits
+// is L / (2 D) times the bytes of the K and V it is read with, and no bh's tiles reread it;
+// with b outer, the bh that run together are one b's heads, and every b read its heads' masks
+// from DRAM again (B x the mask's bytes; 2.1 GB at 8 x 32 x 2048 x 64).
+struct BatchHead {
+  int b;
+  int h;
+};
+template <class Index>
+MEMATTN_SM90_HOST_DEVICE BatchHead batch_head_at(Index pair, int batch, int heads,
+                                                 bool batch_inner) {
+  if (batch_inner) {
+    const Index h = pair / static_cast<Index>(batch);
+    return {static_cast<int>(pair - h * static_cast<Index>(batch)), static_cast<int>(h)};
+  }
+  const Index b = pair / static_cast<Index>(heads);
+  return {static_cast<int>(b), static_cast<int>(pair - b * static_cast<Index>(heads))};
+}
+
+// batch_head_at's pair as a row bh = b heads + h.
+template <class Index>
+MEMATTN_SM90_HOST_DEVICE Index bh_of_pair(Index pair, int batch, int heads, bool batch_inner) {
+  if (!batch_inner) return pair;
+  const Index h = pair / static_cast<Index>(batch);
+  return (pair - h * static_cast<Index>(batch)) * static_cast<Index>(heads) + h;
+}
+
 // The key block (n_block) and (b, k/v head) index (bhk) of the dK/dV CTA with block index
 // `block` (< num_n_blocks x bh_count). Other calls take one bhk's blocks after another, so the
 // CTAs that run together read the same Q and dO from the L2. Causal calls instead take groups of
