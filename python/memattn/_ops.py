@@ -304,16 +304,18 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
     return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
-def _single_pass_mask(mask: Tensor) -> bool:
-    """Whether the Hopper single pass can take this 4-D attn_mask: bool, copied by mask tiles
-    (contiguous keys, a 16-byte aligned start, strides of whole 16-byte units; size-1 dims are
-    broadcast and exempt). The rules of the core's make_mask_map (src/cuda/sm90/tensor_map.cu)
-    for bool masks, stated again here because Python allocates the single pass's scratch."""
-    if mask.dtype != torch.bool or mask.shape[-1] < 2 or mask.stride(-1) != 1:
+def _single_pass_mask(mask: Tensor, q: Tensor, mask_needs_grad: bool) -> bool:
+    """Whether the Hopper single pass can take this 4-D attn_mask: bool or q's dtype, with no
+    gradient to compute, copied by mask tiles (contiguous keys, a 16-byte aligned start, strides
+    of whole 16-byte units; size-1 dims are broadcast and exempt). The rules of the core's
+    make_mask_map (src/cuda/sm90/tensor_map.cu) and single_pass_serves_mask, stated again here
+    because Python allocates the single pass's scratch."""
+    if mask_needs_grad or mask.dtype not in (torch.bool, q.dtype):
         return False
-    if mask.data_ptr() % 16 != 0:
+    if mask.shape[-1] < 2 or mask.stride(-1) != 1 or mask.data_ptr() % 16 != 0:
         return False
-    return all(mask.shape[d] == 1 or mask.stride(d) % 16 == 0 for d in range(3))
+    unit = 16 // mask.element_size()  # elements per 16 bytes
+    return all(mask.shape[d] == 1 or mask.stride(d) % unit == 0 for d in range(3))
 
 
 def _hopper_lean_backward(
@@ -337,18 +339,22 @@ def single_pass_backward(
     attn_mask: Tensor | None,
     dropout_p: float,
     scale: float | None = None,
+    mask_needs_grad: bool = False,
 ) -> bool:
     """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
-    GPUs, not for calls it does not serve (dropout, scale <= 0, attn_mask other than a bool
-    mask the mask tiles can copy at head dims 65-128; ``attn_mask`` is the 4-D mask), and not
-    under ``torch.use_deterministic_algorithms(True)``: then the atomic-free two passes run
-    (at head dims over 128 the sm80 ones), bit-identical run to run. ``d``, ``dv``: the head
-    dims the kernels see (after any padding). (The core also needs the sm90 kernels built and
-    not disabled; it ignores the scratch otherwise.)"""
+    GPUs, not for calls it does not serve (dropout, scale <= 0, an attn_mask other than a bool
+    or q-dtype mask the mask tiles can copy at head dims 65-128, a mask gradient; ``attn_mask``
+    is the 4-D mask), and not under ``torch.use_deterministic_algorithms(True)``: then the
+    atomic-free two passes run (at head dims over 128 the sm80 ones), bit-identical run to run.
+    ``d``, ``dv``: the head dims the kernels see (after any padding). (The core also needs the
+    sm90 kernels built and not disabled; it ignores the scratch otherwise.)"""
     return (
         _hopper_lean_backward(q, d, dv, dropout_p, scale)
-        and (attn_mask is None or (64 < max(d, dv) <= 128 and _single_pass_mask(attn_mask)))
+        and (
+            attn_mask is None
+            or (64 < max(d, dv) <= 128 and _single_pass_mask(attn_mask, q, mask_needs_grad))
+        )
         and not torch.are_deterministic_algorithms_enabled()
     )
 
@@ -385,10 +391,11 @@ def _grad_q_accum_scratch(
     dv: int,
     attn_mask: Tensor | None,
     dropout_p: float,
-    scale: float | None = None,
+    scale: float | None,
+    mask_needs_grad: bool,
 ) -> Tensor | None:
     """The single pass's fp32 dQ scratch (``single_pass_backward``), or None: two passes."""
-    if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale):
+    if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad):
         return None
     B, Hq, Lq = q.shape[:3]
     columns = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
@@ -492,7 +499,9 @@ def _backward_impl(
             q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale
         )
         accum_scratch = (
-            None if direct else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p, scale)
+            None
+            if direct
+            else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad)
         )
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(

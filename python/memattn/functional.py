@@ -181,8 +181,8 @@ def explain(
     the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run; or, for
     calls whose keys fit one block of 128 without causal limit or key padding at head dims up
     to 128, dQ written directly, deterministic), 2 for
-    the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool mask with
-    16-byte-aligned rows at head dims 65-128, or under
+    the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool or q-dtype
+    mask with 16-byte-aligned rows at head dims 65-128, a mask that requires grad, or under
     ``torch.use_deterministic_algorithms(True)``; at head dims over 128 these are the sm80
     kernels). Other keyword arguments of ``attention``
     (``return_lse``, ``generator``) are accepted and ignored.
@@ -218,7 +218,15 @@ def explain(
             plan["kernel"].startswith("cuda/sm90/")
             and None not in (d, dv)
             and (
-                _ops.single_pass_backward(q, d, dv, mask4, float(dropout_p), scale)
+                _ops.single_pass_backward(
+                    q,
+                    d,
+                    dv,
+                    mask4,
+                    float(dropout_p),
+                    scale,
+                    mask4 is not None and mask4.requires_grad,
+                )
                 or _ops.direct_dq_backward(
                     q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
                 )

@@ -1541,10 +1541,11 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_hopper_backward_single_pass_bool_mask_tiles(dtype):
-    """A bool attn_mask the mask tiles can copy takes the single pass at head dims 65-128
-    (causal, key padding with holes, a row-broadcast mask); it matches float64 and the two
-    passes. Other masked calls keep two passes: D <= 64, unaligned rows, float masks, dropout."""
+def test_hopper_backward_single_pass_mask_tiles(dtype):
+    """A bool or q-dtype attn_mask the mask tiles can copy takes the single pass at head dims
+    65-128 (causal, key padding with holes, a row-broadcast mask, a mask broadcast over b); it
+    matches float64 and the two passes. Other masked calls keep two passes: D <= 64, unaligned
+    rows, a mask that needs its gradient, a float32 mask with 16-bit inputs, dropout."""
     from memattn import _ops
 
     def passes(q, k, v, mask, **kwargs):
@@ -1554,13 +1555,21 @@ def test_hopper_backward_single_pass_bool_mask_tiles(dtype):
     kpm = torch.zeros(2, 208, dtype=torch.bool)
     kpm[0, 50:60] = True
     kpm[1, 190:] = True
-    for D, mask_shape, kwargs in (
-        (128, (2, 1, 130, 208), {}),
-        (96, (2, 2, 130, 208), {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
-        (128, (2, 1, 1, 208), {"is_causal": True, "causal_alignment": "bottom_right"}),
+    for D, mask_shape, kind, kwargs in (
+        (128, (2, 1, 130, 208), "bool", {}),
+        (96, (2, 2, 130, 208), "bool", {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
+        (128, (2, 1, 1, 208), "bool", {"is_causal": True, "causal_alignment": "bottom_right"}),
+        (128, (2, 2, 130, 208), "additive", {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
+        (96, (1, 2, 130, 208), "additive", {}),
+        (128, (2, 1, 1, 208), "additive", {"is_causal": True, "causal_alignment": "bottom_right"}),
     ):
         q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=208, D=D, dtype=dtype)
-        mask = bool_mask(mask_shape)
+        if kind == "bool":
+            mask = bool_mask(mask_shape)
+        else:
+            mask = rand_mask(mask_shape, dtype, requires_grad=False)
+            if mask_shape[2] > 1:
+                mask[..., 5, :] = -math.inf  # a row the mask empties
         inputs = Inputs(q, k, v, mask, kwargs=kwargs)
         assert passes(q, k, v, mask, **kwargs) == 1
         check_cuda(inputs)
@@ -1582,7 +1591,13 @@ def test_hopper_backward_single_pass_bool_mask_tiles(dtype):
     unaligned = bool_mask((2, 1, 130, 200))  # rows of 200 bytes
     assert passes(q, k, v, unaligned) == 2
     check_cuda(Inputs(q, k, v, unaligned))
-    assert passes(q, k, v, rand_mask((2, 1, 130, 200), dtype)) == 2
+    assert passes(q, k, v, rand_mask((2, 1, 130, 200), dtype, requires_grad=False)) == 1
+    assert passes(q, k, v, rand_mask((2, 1, 130, 200), dtype)) == 2  # its gradient
+    unaligned = rand_mask((2, 1, 130, 204), dtype, requires_grad=False)[..., :200]  # 408 B rows
+    assert passes(q, k, v, unaligned) == 2
+    float32 = rand_mask((2, 1, 130, 200), torch.float32, requires_grad=False)
+    assert passes(q, k, v, float32) == 2
+    check_cuda(Inputs(q, k, v, float32))
     assert not _ops.single_pass_backward(q, 128, 128, bool_mask((2, 1, 130, 208)), 0.1)
 
 

@@ -149,7 +149,7 @@ enum class DkvMasking : std::uint8_t { lean, tiles, general };
 template <int kHeadDim, DkvMasking kMasking, bool kFusedDq>
 struct DkvTraits : BackwardShape {
   static_assert(kMasking != DkvMasking::general || !kFusedDq,
-                "the single pass serves lean calls and bool mask tiles only");
+                "the single pass serves lean calls and mask tiles only");
   static constexpr int kBlockQ =
       (kHeadDim <= 64 ? 128 : 64) / (kMasking == DkvMasking::general ? 2 : 1);
   static constexpr int kChunks = kHeadDim / kChunkCols;
@@ -163,11 +163,11 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kDsBytes = kFusedDq ? kRows * kBlockQ * 2 : 0;
   // Each consumer warpgroup's staged dQ part, fp32 (single pass only).
   static constexpr std::uint32_t kDqBytes = kFusedDq ? kDqTileElems * 4 : 0;
-  // A step's attn_mask tile, kBlockQ queries x the CTA's keys: any mask, or next to the single
-  // pass's dS^T and dQ buffers only a bool one (16-bit tiles would not fit at D = 128).
-  static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
-                                              : kFusedDq ? MaskTile::capacity<kBlockQ, kRows, 1>()
-                                                         : MaskTile::capacity<kBlockQ, kRows>();
+  // A step's attn_mask tile, kBlockQ queries x the CTA's keys, of any mask the tiles take. Next
+  // to the single pass's dS^T and dQ buffers at D = 128, 16-bit tiles fit with 984 bytes to
+  // spare since the layout needs no alignment slack (aligned_dynamic_smem).
+  static constexpr std::uint32_t kMaskBytes =
+      kMasking == DkvMasking::lean ? 0 : MaskTile::capacity<kBlockQ, kRows>();
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
   // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
@@ -177,8 +177,8 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kBarrierOffset =
       kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  static_assert(kSmemBytes <= kMaxSmemBytes);
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
+  static_assert(fits_on_sm(kSmemBytes, 1));
 };
 
 template <class Tr>
@@ -297,8 +297,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   using Tr = DkvTraits<kHeadDim, kMasking, kFusedDq>;
   constexpr bool kFeatures = kMasking == DkvMasking::general;
   constexpr int kQ = Tr::kBlockQ / 8, kD = kHeadDim / 8;
-  extern __shared__ unsigned char smem_raw[];
-  const DkvSmem<Tr> sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
+  const DkvSmem<Tr> sm{aligned_dynamic_smem()};
 
   constexpr bool kMasked = kMasking != DkvMasking::lean;
   const KeyBlock block(p, blockIdx.x, num_n_blocks);
@@ -311,6 +310,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   };
 
   if (threadIdx.x == 0) {
+    trap_unless_smem_aligned();
     mbar_init(sm.kv_full(), 1);
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(sm.step_full(s), 1);
@@ -624,8 +624,8 @@ struct DqTraits : BackwardShape {
   static constexpr std::uint32_t kMaskOffset = 2 * kQBytes + 2 * kStages * kKVBytes;
   static constexpr std::uint32_t kBarrierOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr int kBarriers = 2 + 2 * kStages;  // Q/dO full, empty; K/V full, empty
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;
-  static_assert(kSmemBytes <= kMaxSmemBytes);
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
+  static_assert(fits_on_sm(kSmemBytes, 1));
 };
 
 template <class Tr>
@@ -681,8 +681,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                        const __grid_constant__ BackwardMaps maps, int num_m_blocks) {
   using Tr = DqTraits<kHeadDim, kFeatures>;
   constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
-  extern __shared__ unsigned char smem_raw[];
-  const DqSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+  const DqSmem<Tr> sm{smem_u32(aligned_dynamic_smem())};
   // attn_mask tiles (general kernel, a mask TMA can copy) come with each step's K and V.
   const bool mask_tiles = kFeatures && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
@@ -695,6 +694,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const int i0 = m_block * Tr::kRows;
 
   if (threadIdx.x == 0) {
+    trap_unless_smem_aligned();
     mbar_init(sm.q_full(), 1);
     mbar_init(sm.q_empty(), Tr::kConsumerWarps);
     for (int s = 0; s < Tr::kStages; ++s) {
@@ -843,8 +843,8 @@ struct SplitDTraits : BackwardShape {
   static constexpr std::uint32_t kStatsOffset = kDqOffset + kConsumers * kDqBytes;
   static constexpr std::uint32_t kBarrierOffset = kStatsOffset + kStages * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages + 2;  // K/V full, Q full / empty, dO
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  static_assert(kSmemBytes <= kMaxSmemBytes);
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
+  static_assert(fits_on_sm(kSmemBytes, 1));
 };
 
 struct SplitDSmem {
@@ -890,13 +890,13 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                             const __grid_constant__ BackwardMaps maps, int num_n_blocks) {
   using Tr = SplitDTraits;
   constexpr int kQ = Tr::kQueries / 8, kC = kChunkCols / 8;
-  extern __shared__ unsigned char smem_raw[];
-  const SplitDSmem sm{smem_raw + ((1024u - smem_u32(smem_raw) % 1024u) % 1024u)};
+  const SplitDSmem sm{aligned_dynamic_smem()};
 
   const KeyBlock block(p, blockIdx.x, num_n_blocks);
   const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, block, block.batch_head<false>(p));
 
   if (threadIdx.x == 0) {
+    trap_unless_smem_aligned();
     mbar_init(sm.kv_full(), 1);
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(sm.q_full(s), 1);
@@ -1198,13 +1198,13 @@ inline bool direct_dq(const DeviceParams& p) {
   return p.Lk > 0 && p.Lk <= BackwardShape::kRows && !p.causal && p.key_padding == nullptr;
 }
 
-// Whether the single pass serves a masked call (its dQ scratch given): a bool mask that mask
-// tiles can copy, no dropout, no mask gradient, D = 128 (at D = 64 the tiles do not fit next to
-// its buffers). _ops.single_pass_backward (Python) states the same rules for the scratch.
+// Whether the single pass serves a masked call (its dQ scratch given): a mask that mask tiles
+// can copy (bool or q's dtype), no dropout, no mask gradient, D = 128 (at D = 64 the tiles do
+// not fit next to its buffers). _ops.single_pass_backward (Python) states the same rules for the
+// scratch.
 template <int kHeadDim>
 bool single_pass_serves_mask(const DeviceParams& p) {
-  return kHeadDim == 128 && p.mask_kind == MaskKind::boolean && !p.dropout &&
-         p.grad_mask == nullptr &&
+  return kHeadDim == 128 && !p.dropout && p.grad_mask == nullptr &&
          make_mask_map(p, DkvTraits<128, DkvMasking::tiles, true>::kBlockQ).rows > 0;
 }
 }  // namespace sm90

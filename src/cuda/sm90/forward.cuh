@@ -156,8 +156,8 @@ struct ForwardTraits {
   static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
   // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
   static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  static_assert(kSmemBytes * kCtasPerSm <= kMaxSmemBytes);
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
+  static_assert(fits_on_sm(kSmemBytes, kCtasPerSm));
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
 
@@ -338,8 +338,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
                    int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs,
                    bool light_last) {
   constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8;
-  extern __shared__ unsigned char smem_raw[];
-  const ForwardSmem<Tr> sm{(smem_u32(smem_raw) + 1023u) & ~1023u};
+  const ForwardSmem<Tr> sm{smem_u32(aligned_dynamic_smem())};
   const auto tile_at = [&](std::int64_t t) {
     using Index = typename Tr::TileIndex;
     auto index = static_cast<Index>(t);
@@ -356,6 +355,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   };
 
   if (threadIdx.x == 0) {
+    trap_unless_smem_aligned();
     for (int qs = 0; qs < Tr::kQStages; ++qs) {
       mbar_init(sm.q_full(qs), 1);
       mbar_init(sm.q_empty(qs), Tr::kConsumers * 4);  // one arrival per consumer warp

@@ -18,9 +18,40 @@ namespace memattn::cuda::sm90 {
 inline constexpr int kChunkCols = 64;             // 16-bit columns per 128-byte swizzle chunk
 inline constexpr int kRowBytes = 128;             // bytes per row of one chunk
 inline constexpr int kMaxSmemBytes = 227 * 1024;  // dynamic shared memory a CTA may opt in to
+// A multiprocessor's shared memory, of which each resident CTA also takes kReservedSmemBytes
+// for the system (cudaDevAttrReservedSharedMemoryPerBlock).
+inline constexpr int kSmemPerSmBytes = 228 * 1024;
+inline constexpr int kReservedSmemBytes = 1024;
+// Whether kCtas CTAs of kBytes dynamic shared memory each fit on one multiprocessor.
+constexpr bool fits_on_sm(int bytes, int ctas) {
+  return bytes <= kMaxSmemBytes && ctas * (bytes + kReservedSmemBytes) <= kSmemPerSmBytes;
+}
 
 __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The kernel's dynamic shared memory, whose start the 128-byte swizzle's tiles need 1024-byte
+// aligned (the swizzle follows the address's bits 7-9). The kernels have no static shared memory,
+// so the segment starts right after the CTA's reserved kilobyte, on a 1024-byte boundary
+// (FlashAttention-3's and CUTLASS's Hopper kernels lay out their tiles from the start the same
+// way), and the layouts have no slack to round it up (the slack left D = 128's single pass 40
+// bytes short of a 16-bit mask tile). Each kernel's first thread calls
+// trap_unless_smem_aligned, so that a start off the boundary stops the kernel rather than let TMA
+// write tiles in another swizzle phase; aligned_dynamic_smem's round-up is then zero. (Spelled
+// as a run-time round-up and checked in one thread: with the segment's constant address, or the
+// check in every thread, ptxas allocated registers differently and spilled 8-12 bytes in the
+// single-pass dK/dV and the general D = 128 forward kernels; so did `__align__(1024)`.)
+__device__ __forceinline__ unsigned char* dynamic_smem_segment() {
+  extern __shared__ unsigned char dynamic_smem[];
+  return dynamic_smem;
+}
+__device__ __forceinline__ unsigned char* aligned_dynamic_smem() {
+  unsigned char* segment = dynamic_smem_segment();
+  return segment + ((1024u - smem_u32(segment) % 1024u) % 1024u);
+}
+__device__ __forceinline__ void trap_unless_smem_aligned() {
+  if (smem_u32(dynamic_smem_segment()) % 1024u != 0) __trap();
 }
 
 // blockIdx.x read anew (volatile: not merged with earlier reads), for values a kernel would
