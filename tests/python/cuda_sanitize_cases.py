@@ -223,8 +223,9 @@ def case_float_mask_full_and_row_broadcast(dtype):
 
 def case_mask_tiles(dtype):
     """Masks the Hopper kernels copy by TMA tiles (rows of whole 16-byte units; partial tiles
-    at Lq = 70, Lk = 144): bool, float with gradient broadcast along queries, key padding with
-    a hole (those blocks read the mask per element), both head-dim buckets."""
+    at Lq = 70, Lk = 144): bool, float with gradient broadcast along queries, float without
+    gradient (at D = 128 the single pass, as the bool mask), key padding with a hole (those
+    blocks read the mask per element), both head-dim buckets."""
     for D in (64, 128):
         q, k, v = _qkv(dtype, B=2, Hq=2, Lq=70, Lk=144, D=D)
         kpm = torch.zeros(2, 144, dtype=torch.bool)
@@ -233,6 +234,8 @@ def case_mask_tiles(dtype):
         kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
         check_against_reference(Inputs(q, k, v, _bool_mask((2, 2, 70, 144)), kwargs=kwargs))
         check_against_reference(Inputs(q, k, v, _float_mask((2, 1, 1, 144), dtype)))
+        no_grad = _float_mask((2, 2, 70, 144), dtype).detach()
+        check_against_reference(Inputs(q, k, v, no_grad, kwargs=kwargs))
 
 
 def case_mask_broadcast_over_batch(dtype):
