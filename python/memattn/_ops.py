@@ -391,8 +391,8 @@ def _grad_q_accum_scratch(
     dv: int,
     attn_mask: Tensor | None,
     dropout_p: float,
-    scale: float | None,
-    mask_needs_grad: bool,
+    scale: float | None = None,
+    mask_needs_grad: bool = False,
 ) -> Tensor | None:
     """The single pass's fp32 dQ scratch (``single_pass_backward``), or None: two passes."""
     if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad):
