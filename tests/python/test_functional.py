@@ -546,20 +546,26 @@ def test_deterministic_run_to_run(threads):
 def test_single_pass_mask_rules():
     """The masks for which Python allocates the Hopper single pass's dQ scratch
     (``_ops._single_pass_mask``; the core's make_mask_map and single_pass_serves_mask state the
-    same rules): bool or q's dtype, no gradient to compute, contiguous keys, a 16-byte aligned
-    start, strides of whole 16-byte units on the dims that are not broadcast."""
+    same rules): bool up to head dim 128, q's dtype at head dims 65-128, no gradient to compute,
+    contiguous keys, a 16-byte aligned start, strides of whole 16-byte units on the dims that
+    are not broadcast."""
     from memattn import _ops
+
+    def takes(mask, head_dim=128, needs_grad=False):
+        return _ops._single_pass_mask(mask, q, head_dim, needs_grad)
 
     q = torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16)
     bf16 = torch.zeros(2, 2, 8, 208, dtype=torch.bfloat16)
-    assert _ops._single_pass_mask(torch.zeros(2, 1, 8, 208, dtype=torch.bool), q, False)
-    assert _ops._single_pass_mask(bf16, q, False)
-    assert _ops._single_pass_mask(bf16[:1, :, :1].expand(2, 2, 8, 208), q, False)  # broadcast
-    assert not _ops._single_pass_mask(bf16, q, True)  # its gradient: the two passes write it
-    assert not _ops._single_pass_mask(bf16.half(), q, False)  # not q's dtype
-    assert not _ops._single_pass_mask(bf16.float(), q, False)
-    assert not _ops._single_pass_mask(torch.zeros(2, 2, 8, 204, dtype=q.dtype)[..., :200], q, False)
-    assert _ops._single_pass_mask(torch.zeros(2, 2, 8, 208, dtype=q.dtype)[..., :200], q, False)
-    assert not _ops._single_pass_mask(torch.zeros(2, 2, 8, 200, dtype=torch.bool), q, False)
-    assert not _ops._single_pass_mask(bf16[..., 1:], q, False)  # start 2 bytes in
-    assert not _ops._single_pass_mask(bf16.transpose(2, 3), q, False)  # keys not contiguous
+    flags = torch.zeros(2, 1, 8, 208, dtype=torch.bool)
+    assert takes(flags) and takes(flags, 64) and takes(flags, 40)
+    assert not takes(flags, 256)
+    assert takes(bf16) and takes(bf16, 96)
+    assert not takes(bf16, 64)  # 16-bit tiles do not fit next to the D = 64 single pass
+    assert takes(bf16[:1, :, :1].expand(2, 2, 8, 208))  # broadcast dims
+    assert not takes(bf16, needs_grad=True)  # the two passes write the mask gradient
+    assert not takes(bf16.half()) and not takes(bf16.float())  # not q's dtype
+    assert not takes(torch.zeros(2, 2, 8, 204, dtype=q.dtype)[..., :200])  # 408-byte rows
+    assert takes(torch.zeros(2, 2, 8, 208, dtype=q.dtype)[..., :200])  # 416-byte rows
+    assert not takes(torch.zeros(2, 2, 8, 200, dtype=torch.bool))  # 200-byte rows
+    assert not takes(bf16[..., 1:])  # starts 2 bytes in
+    assert not takes(bf16.transpose(2, 3))  # keys not contiguous

@@ -166,8 +166,17 @@ struct DkvTraits : BackwardShape {
   // A step's attn_mask tile, kBlockQ queries x the CTA's keys, of any mask the tiles take. Next
   // to the single pass's dS^T and dQ buffers at D = 128, 16-bit tiles fit with 984 bytes to
   // spare since the layout needs no alignment slack (aligned_dynamic_smem).
-  static constexpr std::uint32_t kMaskBytes =
-      kMasking == DkvMasking::lean ? 0 : MaskTile::capacity<kBlockQ, kRows>();
+  static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
+                                              : kFusedDq && kHeadDim <= 64
+                                                  ? MaskTile::capacity<kBlockQ, kRows, 1>()
+                                                  : MaskTile::capacity<kBlockQ, kRows>();
+  // The row stats (backward_dkdv_kernel): one copy for both warpgroups where the single pass
+  // runs without masks; else a copy per warpgroup, in one buffer instead of one per stage where
+  // the single pass's bool tiles at D = 64 leave no room for two (one copy for both warpgroups
+  // spilled 12 bytes there).
+  static constexpr bool kSharedStats = kFusedDq && kMasking == DkvMasking::lean;
+  static constexpr int kStatsBuffers =
+      kFusedDq && kMasking != DkvMasking::lean && kHeadDim <= 64 ? 1 : kStages;
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
   // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
@@ -175,7 +184,7 @@ struct DkvTraits : BackwardShape {
   static constexpr std::uint32_t kMaskOffset = kDqOffset + kConsumers * kDqBytes;
   static constexpr std::uint32_t kStatsOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr std::uint32_t kBarrierOffset =
-      kStatsOffset + kConsumers * kStages * 2 * kBlockQ * 4;
+      kStatsOffset + (kSharedStats ? 1 : kConsumers) * kStatsBuffers * 2 * kBlockQ * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
   static_assert(fits_on_sm(kSmemBytes, 1));
@@ -205,7 +214,7 @@ struct DkvSmem {
   // Consumer warpgroup wg's copy of the row stats of the step in stage s.
   __device__ __forceinline__ float* lse2(int wg, int s) const {
     return reinterpret_cast<float*>(raw + Tr::kStatsOffset) +
-           (wg * Tr::kStages + s) * 2 * Tr::kBlockQ;
+           (wg * Tr::kStatsBuffers + (Tr::kStatsBuffers == 1 ? 0 : s)) * 2 * Tr::kBlockQ;
   }
   __device__ __forceinline__ float* delta(int wg, int s) const { return lse2(wg, s) + Tr::kBlockQ; }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
@@ -386,7 +395,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   // pair's barrier 3, which publishes it; the buffer's readers of two steps back have passed
   // that barrier of the step before), so no warpgroup barrier per step. (Next to mask tiles
   // at D = 128 that spilled 12 bytes.)
-  constexpr bool kSharedStats = kFusedDq && kMasking == DkvMasking::lean;
+  constexpr bool kSharedStats = Tr::kSharedStats;
   const int wg_thread = threadIdx.x % 128;
   constexpr int kStatsRows = kSharedStats ? Tr::kBlockQ / 2 : Tr::kBlockQ;  // per warpgroup
   const bool stats_row = wg_thread < kStatsRows;
@@ -413,6 +422,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       const int s = stage_of<Tr>(it);
       const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
       if constexpr (!kSharedStats) {
+        // One buffer: the warpgroup's reads of the step before come first.
+        if constexpr (Tr::kStatsBuffers == 1) named_barrier_sync(1 + wg, 128);
         store_stats(s);
         named_barrier_sync(1 + wg, 128);
       }
@@ -425,8 +436,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
       // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
       // tensor cores (not in the two passes' kernel: at D = 64 next to mask tiles the split
-      // spilled 72 bytes).
-      constexpr bool kOverlapP = kFusedDq;
+      // spilled 72 bytes; nor in the single pass with D = 64 mask tiles: 4 bytes).
+      constexpr bool kOverlapP = kFusedDq && !(kMasked && kHeadDim <= 64);
       float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
       wgmma_fence();
       gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
@@ -1199,13 +1210,14 @@ inline bool direct_dq(const DeviceParams& p) {
 }
 
 // Whether the single pass serves a masked call (its dQ scratch given): a mask that mask tiles
-// can copy (bool or q's dtype), no dropout, no mask gradient, D = 128 (at D = 64 the tiles do
-// not fit next to its buffers). _ops.single_pass_backward (Python) states the same rules for the
-// scratch.
+// can copy, no dropout, no mask gradient; at D = 128 bool or q's dtype, at D = 64 bool only
+// (16-bit tiles do not fit next to its buffers). _ops.single_pass_backward (Python) states the
+// same rules for the scratch.
 template <int kHeadDim>
 bool single_pass_serves_mask(const DeviceParams& p) {
-  return kHeadDim == 128 && !p.dropout && p.grad_mask == nullptr &&
-         make_mask_map(p, DkvTraits<128, DkvMasking::tiles, true>::kBlockQ).rows > 0;
+  return (kHeadDim == 128 || p.mask_kind == MaskKind::boolean) && !p.dropout &&
+         p.grad_mask == nullptr &&
+         make_mask_map(p, DkvTraits<kHeadDim, DkvMasking::tiles, true>::kBlockQ).rows > 0;
 }
 }  // namespace sm90
 
@@ -1221,9 +1233,8 @@ void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
   } else {
     launch_backward_delta<T>(p, stream);
     if (has_features(p)) {
-      if constexpr (kHeadDim == 128)
-        if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
-          return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
+      if (p.dq_accum != nullptr && sm90::single_pass_serves_mask<kHeadDim>(p))
+        return sm90::launch_backward<T, kHeadDim, true, true>(p, stream);
       sm90::launch_backward<T, kHeadDim, true, false>(p, stream);
     } else if (p.dq_accum != nullptr || sm90::direct_dq(p)) {
       sm90::launch_backward<T, kHeadDim, false, true>(p, stream);
