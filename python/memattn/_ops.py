@@ -306,14 +306,12 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
 
 def _single_pass_mask(mask: Tensor, q: Tensor, head_dim: int, mask_needs_grad: bool) -> bool:
     """Whether the Hopper single pass can take this 4-D attn_mask at this head dim (the larger
-    of the kernels' two): bool, or at head dims 65-128 also q's dtype, with no gradient to
-    compute, copied by mask tiles (contiguous keys, a 16-byte aligned start, strides of whole
-    16-byte units; size-1 dims are broadcast and exempt). The rules of the core's make_mask_map
+    of the kernels' two; up to 128): bool or q's dtype, with no gradient to compute, copied by
+    mask tiles (contiguous keys, a 16-byte aligned start, strides of whole 16-byte units; size-1
+    dims are broadcast and exempt). The rules of the core's make_mask_map
     (src/cuda/sm90/tensor_map.cu) and single_pass_serves_mask, stated again here because Python
     allocates the single pass's scratch."""
-    if head_dim > 128 or mask_needs_grad:
-        return False
-    if mask.dtype not in ((torch.bool,) if head_dim <= 64 else (torch.bool, q.dtype)):
+    if head_dim > 128 or mask_needs_grad or mask.dtype not in (torch.bool, q.dtype):
         return False
     if mask.shape[-1] < 2 or mask.stride(-1) != 1 or mask.data_ptr() % 16 != 0:
         return False
@@ -346,9 +344,9 @@ def single_pass_backward(
 ) -> bool:
     """Whether the CUDA backward may run the Hopper single pass, which sums dQ over key blocks
     with atomic adds into fp32 scratch (faster; dQ's last bits vary run to run). Not on other
-    GPUs, not for calls it does not serve (dropout, scale <= 0, an attn_mask other than one the
-    mask tiles can copy: bool up to head dim 128, q's dtype at head dims 65-128; a mask
-    gradient; ``attn_mask`` is the 4-D mask), and not under ``torch.use_deterministic_algorithms(True)``: then the
+    GPUs, not for calls it does not serve (dropout, scale <= 0, an attn_mask other than a bool
+    or q-dtype one the mask tiles can copy at head dims up to 128, a mask gradient;
+    ``attn_mask`` is the 4-D mask), and not under ``torch.use_deterministic_algorithms(True)``: then the
     atomic-free two passes run (at head dims over 128 the sm80 ones), bit-identical run to run.
     ``d``, ``dv``: the head dims the kernels see (after any padding). (The core also needs the
     sm90 kernels built and not disabled; it ignores the scratch otherwise.)"""

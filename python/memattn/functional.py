@@ -181,9 +181,8 @@ def explain(
     the Hopper single pass (dQ summed with atomic adds, its last bits vary run to run; or, for
     calls whose keys fit one block of 128 without causal limit or key padding at head dims up
     to 128, dQ written directly, deterministic), 2 for
-    the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a mask with
-    16-byte-aligned rows that is bool at head dims up to 128 or in q's dtype at head dims
-    65-128, a mask that requires grad, or under
+    the atomic-free passes (other GPUs, dropout, an ``attn_mask`` other than a bool or q-dtype
+    mask with 16-byte-aligned rows at head dims up to 128, a mask that requires grad, or under
     ``torch.use_deterministic_algorithms(True)``; at head dims over 128 these are the sm80
     kernels). Other keyword arguments of ``attention``
     (``return_lse``, ``generator``) are accepted and ignored.

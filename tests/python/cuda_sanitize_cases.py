@@ -223,9 +223,10 @@ def case_float_mask_full_and_row_broadcast(dtype):
 
 def case_mask_tiles(dtype):
     """Masks the Hopper kernels copy by TMA tiles (rows of whole 16-byte units; partial tiles
-    at Lq = 70, Lk = 144): bool (the single pass), float with gradient broadcast along queries
-    (two passes), float without gradient (at D = 128 the single pass, at D = 64 two passes), key
-    padding with a hole (those blocks read the mask per element), both head-dim buckets."""
+    at Lq = 70, Lk = 144): bool and float without gradient (the single pass; at D = 64 its
+    one mask buffer with barriers of its own), float with gradient broadcast along queries (two
+    passes), key padding with a hole (those blocks read the mask per element), both head-dim
+    buckets."""
     for D in (64, 128):
         q, k, v = _qkv(dtype, B=2, Hq=2, Lq=70, Lk=144, D=D)
         kpm = torch.zeros(2, 144, dtype=torch.bool)

@@ -1542,11 +1542,10 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_hopper_backward_single_pass_mask_tiles(dtype):
-    """An attn_mask the mask tiles can copy takes the single pass: bool up to head dim 128, q's
-    dtype at head dims 65-128 (causal, key padding with holes, a row-broadcast mask, a mask
-    broadcast over b); it matches float64 and the two passes. Other masked calls keep two
-    passes: 16-bit masks at D <= 64, unaligned rows, a mask that needs its gradient, a float32
-    mask with 16-bit inputs, dropout."""
+    """A bool or q-dtype attn_mask the mask tiles can copy takes the single pass at head dims
+    up to 128 (causal, key padding with holes, a row-broadcast mask, a mask broadcast over b);
+    it matches float64 and the two passes. Other masked calls keep two passes: unaligned rows,
+    a mask that needs its gradient, a float32 mask with 16-bit inputs, dropout."""
     from memattn import _ops
 
     def passes(q, k, v, mask, **kwargs):
@@ -1566,6 +1565,8 @@ def test_hopper_backward_single_pass_mask_tiles(dtype):
         (64, (2, 1, 130, 208), "bool", {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
         (40, (1, 2, 130, 208), "bool", {}),
         (64, (2, 1, 1, 208), "bool", {"is_causal": True, "causal_alignment": "bottom_right"}),
+        (64, (1, 2, 130, 208), "additive", {"is_causal": True, "key_padding_mask": kpm.to(DEV)}),
+        (32, (2, 2, 130, 208), "additive", {}),
     ):
         q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=208, D=D, dtype=dtype)
         if kind == "bool":
@@ -1589,8 +1590,6 @@ def test_hopper_backward_single_pass_mask_tiles(dtype):
             torch.use_deterministic_algorithms(False)
         for name, a, b in zip("qkv", single, two_pass, strict=True):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=f"grad {name}")
-    q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=208, D=64, dtype=dtype)
-    assert passes(q, k, v, rand_mask((2, 1, 130, 208), dtype, requires_grad=False)) == 2
     q, k, v = qkv(B=2, Hq=2, Lq=130, Lk=200, D=128, dtype=dtype)
     unaligned = bool_mask((2, 1, 130, 200))  # rows of 200 bytes
     assert passes(q, k, v, unaligned) == 2

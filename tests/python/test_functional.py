@@ -546,9 +546,9 @@ def test_deterministic_run_to_run(threads):
 def test_single_pass_mask_rules():
     """The masks for which Python allocates the Hopper single pass's dQ scratch
     (``_ops._single_pass_mask``; the core's make_mask_map and single_pass_serves_mask state the
-    same rules): bool up to head dim 128, q's dtype at head dims 65-128, no gradient to compute,
-    contiguous keys, a 16-byte aligned start, strides of whole 16-byte units on the dims that
-    are not broadcast."""
+    same rules): bool or q's dtype at head dims up to 128, no gradient to compute, contiguous
+    keys, a 16-byte aligned start, strides of whole 16-byte units on the dims that are not
+    broadcast."""
     from memattn import _ops
 
     def takes(mask, head_dim=128, needs_grad=False):
@@ -559,8 +559,8 @@ def test_single_pass_mask_rules():
     flags = torch.zeros(2, 1, 8, 208, dtype=torch.bool)
     assert takes(flags) and takes(flags, 64) and takes(flags, 40)
     assert not takes(flags, 256)
-    assert takes(bf16) and takes(bf16, 96)
-    assert not takes(bf16, 64)  # 16-bit tiles do not fit next to the D = 64 single pass
+    assert takes(bf16) and takes(bf16, 96) and takes(bf16, 64)
+    assert not takes(bf16, 200)
     assert takes(bf16[:1, :, :1].expand(2, 2, 8, 208))  # broadcast dims
     assert not takes(bf16, needs_grad=True)  # the two passes write the mask gradient
     assert not takes(bf16.half()) and not takes(bf16.float())  # not q's dtype

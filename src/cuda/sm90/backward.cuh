@@ -166,26 +166,31 @@ struct DkvTraits : BackwardShape {
   // A step's attn_mask tile, kBlockQ queries x the CTA's keys, of any mask the tiles take. Next
   // to the single pass's dS^T and dQ buffers at D = 128, 16-bit tiles fit with 984 bytes to
   // spare since the layout needs no alignment slack (aligned_dynamic_smem).
-  static constexpr std::uint32_t kMaskBytes = kMasking == DkvMasking::lean ? 0
-                                              : kFusedDq && kHeadDim <= 64
-                                                  ? MaskTile::capacity<kBlockQ, kRows, 1>()
-                                                  : MaskTile::capacity<kBlockQ, kRows>();
+  static constexpr std::uint32_t kMaskBytes =
+      kMasking == DkvMasking::lean ? 0 : MaskTile::capacity<kBlockQ, kRows>();
+  // Mask tiles: one per stage, counted on the step's barriers; in the single pass at D = 64,
+  // where two do not fit (16-bit tiles of 128 queries take 32 KB), one with barriers of its own
+  // (kOwnMaskBarriers): the consumers free it once S^T is masked, early in the step, and the
+  // producer loads the next step's tile while the rest of the step runs.
+  static constexpr bool kOwnMaskBarriers =
+      kFusedDq && kMasking != DkvMasking::lean && kHeadDim <= 64;
+  static constexpr int kMaskStages = kOwnMaskBarriers ? 1 : kStages;
   // The row stats (backward_dkdv_kernel): one copy for both warpgroups where the single pass
   // runs without masks; else a copy per warpgroup, in one buffer instead of one per stage where
-  // the single pass's bool tiles at D = 64 leave no room for two (one copy for both warpgroups
+  // the single pass's mask tile at D = 64 leaves no room for two (one copy for both warpgroups
   // spilled 12 bytes there).
   static constexpr bool kSharedStats = kFusedDq && kMasking == DkvMasking::lean;
-  static constexpr int kStatsBuffers =
-      kFusedDq && kMasking != DkvMasking::lean && kHeadDim <= 64 ? 1 : kStages;
-  // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kStages] |
-  // stats[kConsumers][kStages][lse2, delta][kBlockQ] | mbarriers.
+  static constexpr int kStatsBuffers = kOwnMaskBarriers ? 1 : kStages;
+  // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kMaskStages] |
+  // stats[kConsumers or 1][kStatsBuffers][lse2, delta][kBlockQ] | mbarriers.
   static constexpr std::uint32_t kDsOffset = 2 * kKVBytes + 2 * kStages * kQBytes;
   static constexpr std::uint32_t kDqOffset = kDsOffset + 2 * kDsBytes;
   static constexpr std::uint32_t kMaskOffset = kDqOffset + kConsumers * kDqBytes;
-  static constexpr std::uint32_t kStatsOffset = kMaskOffset + kStages * kMaskBytes;
+  static constexpr std::uint32_t kStatsOffset = kMaskOffset + kMaskStages * kMaskBytes;
   static constexpr std::uint32_t kBarrierOffset =
       kStatsOffset + (kSharedStats ? 1 : kConsumers) * kStatsBuffers * 2 * kBlockQ * 4;
-  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full, step full, step empty
+  // K/V full, step full, step empty (, mask full, mask empty)
+  static constexpr int kBarriers = 1 + 2 * kStages + (kOwnMaskBarriers ? 2 : 0);
   static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
   static_assert(fits_on_sm(kSmemBytes, 1));
 };
@@ -209,7 +214,7 @@ struct DkvSmem {
     return base() + Tr::kDqOffset + wg * Tr::kDqBytes;
   }
   __device__ __forceinline__ std::uint32_t mask(int s) const {
-    return base() + Tr::kMaskOffset + s * Tr::kMaskBytes;
+    return base() + Tr::kMaskOffset + (Tr::kMaskStages == 1 ? 0 : s) * Tr::kMaskBytes;
   }
   // Consumer warpgroup wg's copy of the row stats of the step in stage s.
   __device__ __forceinline__ float* lse2(int wg, int s) const {
@@ -225,6 +230,8 @@ struct DkvSmem {
   __device__ __forceinline__ std::uint32_t step_empty(int s) const {
     return bar(1 + Tr::kStages + s);
   }
+  __device__ __forceinline__ std::uint32_t mask_full() const { return bar(1 + 2 * Tr::kStages); }
+  __device__ __forceinline__ std::uint32_t mask_empty() const { return bar(2 + 2 * Tr::kStages); }
 };
 
 // A warp's 16 rows of dK or dV accumulators (acc, scaled by mul) written as 16-bit values into
@@ -325,6 +332,10 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       mbar_init(sm.step_full(s), 1);
       mbar_init(sm.step_empty(s), Tr::kConsumerWarps);
     }
+    if constexpr (Tr::kOwnMaskBarriers) {
+      mbar_init(sm.mask_full(), 1);
+      mbar_init(sm.mask_empty(), Tr::kConsumerWarps);
+    }
     mbar_init_fence();
   }
   __syncthreads();
@@ -367,9 +378,16 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       cta.for_each(p, [&](int h, int i0) {
         const int s = stage_of<Tr>(it);
         load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
-            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s), mask_tiles,
-            maps.mask.map, i0, cta.j0, h, sm.q(s), maps.q, sm.grad_out(s), maps.grad_out, i0, h,
-            cta.b);
+            p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s),
+            mask_tiles && !Tr::kOwnMaskBarriers, maps.mask.map, i0, cta.j0, h, sm.q(s), maps.q,
+            sm.grad_out(s), maps.grad_out, i0, h, cta.b);
+        if constexpr (Tr::kOwnMaskBarriers) {  // (the tiles kernel: mask_tiles holds)
+          const MaskTile tile = mask_tile(s);
+          mbar_wait(sm.mask_empty(), (it & 1) ^ 1);
+          mbar_arrive_expect_tx(sm.mask_full(), tile.bytes<Tr::kRows>());
+          tile.load<Tr::kRows>(maps.mask.map, sm.mask_full(), i0, cta.j0, mask_h(p, h),
+                               mask_b(p, cta.b));
+        }
         ++it;
       });
     } else if (kFusedDq && threadIdx.x / 32 == 1 && p.dq_accum != nullptr) {
@@ -470,7 +488,9 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
           mask_key_rows_from_tile<false, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
       };
       if constexpr (kMasking == DkvMasking::tiles) {
+        if constexpr (Tr::kOwnMaskBarriers) mbar_wait(sm.mask_full(), it & 1);
         mask_from_tile();
+        if constexpr (Tr::kOwnMaskBarriers) release(sm.mask_empty(), lane);
       } else if (mask_tiles) {
         mask_from_tile();
       } else {
@@ -1210,13 +1230,11 @@ inline bool direct_dq(const DeviceParams& p) {
 }
 
 // Whether the single pass serves a masked call (its dQ scratch given): a mask that mask tiles
-// can copy, no dropout, no mask gradient; at D = 128 bool or q's dtype, at D = 64 bool only
-// (16-bit tiles do not fit next to its buffers). _ops.single_pass_backward (Python) states the
-// same rules for the scratch.
+// can copy (bool or q's dtype), no dropout, no mask gradient. _ops.single_pass_backward (Python)
+// states the same rules for the scratch.
 template <int kHeadDim>
 bool single_pass_serves_mask(const DeviceParams& p) {
-  return (kHeadDim == 128 || p.mask_kind == MaskKind::boolean) && !p.dropout &&
-         p.grad_mask == nullptr &&
+  return !p.dropout && p.grad_mask == nullptr &&
          make_mask_map(p, DkvTraits<kHeadDim, DkvMasking::tiles, true>::kBlockQ).rows > 0;
 }
 }  // namespace sm90
