@@ -31,7 +31,11 @@ struct Plan {
 
 // Picks a backend for a validated call. Never throws for "no backend": the returned plan
 // then has an empty `backend` and the verdicts say why; forward()/backward() raise.
-Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward);
+// grad_q_accum_scratch (backward plans): whether the call gives
+// BackwardArgs::grad_q_accum_scratch, which the Hopper backward's single pass needs at head dims
+// over 128 (without it those calls run the sm80 backward).
+Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward,
+          bool grad_q_accum_scratch = false);
 
 // Validates, plans and runs. Throws memattn::Error on bad input or when no backend applies.
 void forward(const ForwardArgs& args, const ExecContext& ctx);

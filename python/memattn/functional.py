@@ -201,6 +201,21 @@ def explain(
         specs.append(spec)
         if note is not None:
             copies.append(f"{name}: {note}")
+    d, dv = specs[0][1][-1], specs[2][1][-1]  # None: a symbolic size while tracing
+    # The scratch the backward would give the core (_ops.backward): the Hopper single pass's.
+    accum_scratch = (
+        backward
+        and None not in (d, dv)
+        and _ops.single_pass_backward(
+            q,
+            d,
+            dv,
+            mask4,
+            float(dropout_p),
+            scale,
+            mask4 is not None and mask4.requires_grad,
+        )
+    )
     plan = _memattn.plan(
         *specs,
         None if mask4 is None else _ops.tensor_spec(mask4),
@@ -210,34 +225,20 @@ def explain(
         dropout_p=float(dropout_p),
         scale=None if scale is None else float(scale),
         backward=backward,
+        grad_q_accum_scratch=bool(accum_scratch),
     )
     plan["layout_copies"] = copies
     if backward and plan["backend"] == "cuda":
-        d, dv = specs[0][1][-1], specs[2][1][-1]  # None: a symbolic size while tracing
-        single = (
-            plan["kernel"].startswith("cuda/sm90/")
-            and None not in (d, dv)
-            and (
-                _ops.single_pass_backward(
-                    q,
-                    d,
-                    dv,
-                    mask4,
-                    float(dropout_p),
-                    scale,
-                    mask4 is not None and mask4.requires_grad,
-                )
-                or _ops.direct_dq_backward(
+        single = plan["kernel"].startswith("cuda/sm90/") and (
+            bool(accum_scratch)
+            or (
+                None not in (d, dv)
+                and _ops.direct_dq_backward(
                     q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
                 )
             )
         )
         plan["backward_passes"] = 1 if single else 2
-        wide = None not in (d, dv) and max(d, dv) > 128
-        if not single and wide and plan["kernel"].startswith("cuda/sm90/"):
-            # The Hopper backward at head dims over 128 is a single pass only; without its dQ
-            # scratch (deterministic mode) the core's sm90_backward runs the sm80 kernels.
-            plan["kernel"] = plan["kernel"].replace("cuda/sm90/", "cuda/sm80/", 1)
     if copies and plan["backend"]:
         plan["reason"] += "; copied first: " + "; ".join(copies)
     return plan

@@ -50,7 +50,7 @@ void forward(const ForwardArgs& args, const ExecContext& ctx) {
 
 void backward(const BackwardArgs& args, const ExecContext& ctx) {
   const ProblemShape shape = validate_backward(args);
-  const Plan p = plan(args.fwd, shape, /*backward=*/true);
+  const Plan p = plan(args.fwd, shape, /*backward=*/true, args.grad_q_accum_scratch.present());
   chosen(p).backward(args, shape, normalized(ctx));
 }
 

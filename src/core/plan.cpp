@@ -22,11 +22,11 @@ std::vector<std::string> cuda_reasons(const ForwardArgs& args, const ProblemShap
     reasons.push_back(std::string("tensors are on ") + device_name(args.q.device) + ", not cuda");
   return reasons;
 }
-std::string no_kernel(const ForwardArgs&, const ProblemShape&, bool) { return ""; }
+std::string no_kernel(const ForwardArgs&, const ProblemShape&, bool, bool) { return ""; }
 constexpr Backend kCuda = {"cuda", &cuda_reasons, &no_kernel, nullptr, nullptr};
 #endif
 
-std::string cpu_kernel_name(const ForwardArgs& a, const ProblemShape&, bool) {
+std::string cpu_kernel_name(const ForwardArgs& a, const ProblemShape&, bool, bool) {
   return cpu::kernel_name(a);
 }
 void cpu_forward(const ForwardArgs& a, const ProblemShape& s, const ExecContext& ctx) {
@@ -58,7 +58,8 @@ std::string cuda_build_summary() { return ""; }
 
 }  // namespace core
 
-Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward) {
+Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward,
+          bool grad_q_accum_scratch) {
   Plan p;
   for (const core::Backend& b : core::backends()) {
     BackendVerdict verdict{b.name, b.unsupported_reasons(args, shape)};
@@ -67,7 +68,7 @@ Plan plan(const ForwardArgs& args, const ProblemShape& shape, bool backward) {
       verdict.reasons.push_back("no kernel for this pass");
     if (verdict.reasons.empty() && p.backend.empty()) {
       p.backend = b.name;
-      p.kernel = b.kernel_name(args, shape, backward);
+      p.kernel = b.kernel_name(args, shape, backward, grad_q_accum_scratch);
       p.reason = std::string("first backend in priority order that supports this call (") +
                  device_name(args.q.device) + ", " + dtype_name(args.q.dtype) + ")";
     }

@@ -13,8 +13,9 @@ namespace memattn::core {
 struct Backend {
   const char* name;
   std::vector<std::string> (*unsupported_reasons)(const ForwardArgs&, const ProblemShape&);
-  std::string (*kernel_name)(const ForwardArgs&, const ProblemShape&,
-                             bool backward);  // for explain()
+  // for explain(); grad_q_accum_scratch as for plan()
+  std::string (*kernel_name)(const ForwardArgs&, const ProblemShape&, bool backward,
+                             bool grad_q_accum_scratch);
   void (*forward)(const ForwardArgs&, const ProblemShape&, const ExecContext&);
   void (*backward)(const BackwardArgs&, const ProblemShape&, const ExecContext&);
 };

@@ -64,16 +64,16 @@ float scale_log2(const ProblemShape& s) { return static_cast<float>(s.scale * 1.
 
 // The Hopper kernels (sm90/) run fp16/bf16 calls on compute capability 9.0 when they were
 // built: every forward, the backward up to 128 head-dim columns, and beyond that the lean
-// backward (no attn_mask, no dropout, scale > 0: sm90/backward.cuh's head-dim-split single
-// pass, which also needs the dQ scratch; without it, under deterministic mode, sm90_backward
-// runs the sm80 backward). MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends
-// those calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are
-// 64, 128 and 256 (96 runs in the 128 kernels: TMA reads the missing columns as zeros).
-bool use_sm90(const ForwardArgs& a, const ProblemShape& s, bool backward) {
+// backward given the dQ scratch (dq_scratch; no attn_mask, no dropout, scale > 0:
+// sm90/backward.cuh's head-dim-split single pass; the Python layer gives no scratch under
+// deterministic mode). MEMATTN_DISABLE_SM90=1 in the environment (read per call) sends those
+// calls to the sm80 kernels instead, e.g. to compare the two. Their head-dim buckets are 64, 128
+// and 256 (96 runs in the 128 kernels: TMA reads the missing columns as zeros).
+bool use_sm90(const ForwardArgs& a, const ProblemShape& s, bool backward, bool dq_scratch) {
 #if MEMATTN_HAVE_SM90
   if (!uses_tensor_cores(a.q.dtype)) return false;
   if (backward && max_head_dim(a) > 128 &&
-      features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s)))
+      (!dq_scratch || features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s))))
     return false;
   const DeviceCaps caps = device_caps(a.q.device_index);
   if (caps.error != cudaSuccess || caps.major != 9 || caps.minor != 0) return false;
@@ -83,6 +83,7 @@ bool use_sm90(const ForwardArgs& a, const ProblemShape& s, bool backward) {
   (void)a;
   (void)s;
   (void)backward;
+  (void)dq_scratch;
   return false;
 #endif
 }
@@ -256,7 +257,7 @@ void run(bool backward, const ForwardArgs& a, const ProblemShape& s, const Devic
          cudaStream_t stream) {
   launch_key_ranges(p, stream);
   const int bucket = head_dim_bucket(s.D > s.Dv ? s.D : s.Dv);
-  const bool sm90 = use_sm90(a, s, backward);
+  const bool sm90 = use_sm90(a, s, backward, p.dq_accum != nullptr);
   switch (a.q.dtype) {
     case DType::f16:
       return run_tensor_core<__half>(backward, bucket, p, stream, sm90);
@@ -306,10 +307,11 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& a, const Problem
   return reasons;
 }
 
-std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backward) {
+std::string kernel_name(const ForwardArgs& a, const ProblemShape& s, bool backward,
+                        bool grad_q_accum_scratch) {
   if (!uses_tensor_cores(a.q.dtype)) return std::string("cuda/simt/") + dtype_short_name(a.q.dtype);
   const std::int64_t d = max_head_dim(a);
-  if (use_sm90(a, s, backward)) {
+  if (use_sm90(a, s, backward, grad_q_accum_scratch)) {
     const int bucket = sm90_head_dim_bucket(d);
     const bool features =
         features_of(a.attn_mask.present(), a.dropout_p > 0.0, scale_log2(s));  // has_features
@@ -367,7 +369,7 @@ void backward(const BackwardArgs& a, const ProblemShape& s, const ExecContext& c
     p.grad_mask_b_outer = g.sizes[0] == 1 ? 1 : p.B;
     p.grad_mask_h_outer = g.sizes[1] == 1 ? 1 : p.Hq;
   }
-  if (a.grad_q_accum_scratch.present() && use_sm90(a.fwd, s, /*backward=*/true))
+  if (a.grad_q_accum_scratch.present() && use_sm90(a.fwd, s, /*backward=*/true, true))
     p.dq_accum = dq_accum_words(a.grad_q_accum_scratch, a.fwd, s);
   DeviceGuard guard(a.fwd.q.device_index);
   run(/*backward=*/true, a.fwd, s, p, static_cast<cudaStream_t>(ctx.stream));

@@ -16,8 +16,10 @@ std::vector<std::string> unsupported_reasons(const ForwardArgs& args, const Prob
 // "cuda/sm90/bf16/d128" (Hopper kernels; "cuda/sm90/bf16/d64/wide", ".../short_keys",
 // ".../narrow": the forward on another tile shape, launch.h's sm90_tile_shape),
 // "cuda/sm80/bf16/d128" (tensor cores) or "cuda/simt/f32": the kernel of the forward pass, or
-// of the backward pass if `backward`. Throws Error for an unknown MEMATTN_SM90_D64_TILES.
-std::string kernel_name(const ForwardArgs& args, const ProblemShape& shape, bool backward);
+// of the backward pass if `backward` (grad_q_accum_scratch: whether that call gives the dQ
+// scratch; memattn::plan). Throws Error for an unknown MEMATTN_SM90_D64_TILES.
+std::string kernel_name(const ForwardArgs& args, const ProblemShape& shape, bool backward,
+                        bool grad_q_accum_scratch);
 
 // Launch on ctx.stream (the caller's current stream) and return without synchronizing.
 void forward(const ForwardArgs& args, const ProblemShape& shape, const ExecContext& ctx);

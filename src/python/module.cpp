@@ -225,16 +225,18 @@ NB_MODULE(_memattn, m) {
          const std::optional<TensorSpec>& attn_mask,
          const std::optional<TensorSpec>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::optional<double> scale,
-         bool backward) {
+         bool backward, bool grad_q_accum_scratch) {
         memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         set_options(a, is_causal, causal_alignment, dropout_p, 0, scale);
         const auto shape = memattn::validate_forward(a);
-        return plan_dict(memattn::plan(a, shape, backward));
+        return plan_dict(memattn::plan(a, shape, backward, grad_q_accum_scratch));
       },
       "q"_a, "k"_a, "v"_a, "attn_mask"_a.none(), "key_padding_mask"_a.none(), nb::kw_only(),
       "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "scale"_a.none(), "backward"_a = false,
+      "grad_q_accum_scratch"_a = false,
       "Validates a call from metadata and returns the plan: chosen backend, kernel, reason, and "
-      "every backend's list of reasons it was not taken.");
+      "every backend's list of reasons it was not taken. grad_q_accum_scratch (backward plans): "
+      "whether the backward call would get the Hopper single pass's dQ scratch.");
 
   m.def(
       "forward",

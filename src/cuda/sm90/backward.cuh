@@ -1242,10 +1242,12 @@ bool single_pass_serves_mask(const DeviceParams& p) {
 template <class T, int kHeadDim>
 void sm90_backward(const DeviceParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim == 256) {
-    // The head-dim-split single pass serves lean calls given the dQ scratch (use_sm90 sends no
-    // others here but those under deterministic mode, which come without it: the sm80
-    // backward runs them).
-    if (has_features(p) || p.dq_accum == nullptr) return sm80_backward<T, 256>(p, stream);
+    // The head-dim-split single pass serves lean calls given the dQ scratch; use_sm90
+    // (cuda_backend.cu) sends the others to the sm80 backward.
+    if (has_features(p) || p.dq_accum == nullptr)
+      throw Error(ErrorKind::runtime,
+                  "memattn sm90 backward at head dims over 128: called for a call with masks, "
+                  "dropout or no dQ scratch, which the sm80 backward runs");
     launch_backward_delta<T>(p, stream);
     sm90::launch_backward_split_d<T>(p, stream);
   } else {
