@@ -202,10 +202,19 @@ def explain(
         if note is not None:
             copies.append(f"{name}: {note}")
     d, dv = specs[0][1][-1], specs[2][1][-1]  # None: a symbolic size while tracing
-    # The scratch the backward would give the core (_ops.backward): the Hopper single pass's.
+    # How the backward (_ops.backward, same order) would get dQ from the Hopper single pass:
+    # written directly, or summed in the fp32 scratch it gives the core.
+    direct = (
+        backward
+        and None not in (d, dv)
+        and _ops.direct_dq_backward(
+            q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
+        )
+    )
     accum_scratch = (
         backward
         and None not in (d, dv)
+        and not direct
         and _ops.single_pass_backward(
             q,
             d,
@@ -229,15 +238,7 @@ def explain(
     )
     plan["layout_copies"] = copies
     if backward and plan["backend"] == "cuda":
-        single = plan["kernel"].startswith("cuda/sm90/") and (
-            bool(accum_scratch)
-            or (
-                None not in (d, dv)
-                and _ops.direct_dq_backward(
-                    q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
-                )
-            )
-        )
+        single = plan["kernel"].startswith("cuda/sm90/") and bool(direct or accum_scratch)
         plan["backward_passes"] = 1 if single else 2
     if copies and plan["backend"]:
         plan["reason"] += "; copied first: " + "; ".join(copies)
