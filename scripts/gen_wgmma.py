@@ -15,7 +15,7 @@ from pathlib import Path
 HEADER = Path(__file__).resolve().parent.parent / "src/cuda/sm90/wgmma_ops.cuh"
 DTYPES = {"__half": "f16", "__nv_bfloat16": "bf16"}
 SS_N = (32, 64, 80, 128)  # S = Q K^T: N = keys (queries for S^T) per block
-RS_N = (64, 128, 256)  # O += P V: N = head-dim bucket
+RS_N = (64, 72, 128, 256)  # O += P V: N = head-dim bucket (72: D = 64 with the row sums' 8 columns)
 SS_MN_N = (64, 128)  # dQ += dS K in the single-pass backwards: N = head-dim columns per warpgroup
 SS_BT_N = (128,)  # dV += P^T dO, dK += dS^T Q from shared memory (D = 256 backward): N = columns
 

@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     }
 
     float rescale[kM][2];
-    softmax_update<false>(s, row_max, row_sum, rescale, unit);
+    softmax_update<false, true>(s, row_max, row_sum, rescale, unit);
     rescale_rows(acc_o, rescale);
     if constexpr (kFeatures)
       if (p.dropout) apply_dropout<Rows::queries>(s, p, bh, i0 + warp_row0, j0, lane);
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(ForwardTraits<kHeadDim>::kThreads)
     gemm_rs<kM, kD, Tr::kBlockN>(acc_o, pf, v_tile, 0, lane);
   }
 
-  store_out_lse<T>(p, b, h, i0 + warp_row0, acc_o, row_max, row_sum, unit, lane);
+  store_out_lse<T, false>(p, b, h, i0 + warp_row0, acc_o, row_max, row_sum, unit, lane);
 }
 
 template <class T, int kHeadDim, bool kFeatures>

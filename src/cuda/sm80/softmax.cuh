@@ -23,7 +23,9 @@ inline constexpr float kRescaleThreshold = 8.f;
 // Folds one block of masked scores s (in score_unit units, unit > 0) into the running row
 // maxima (kLazyRescale: reference maxima) and sums, turns s into exp2(s * unit - max) and returns
 // in `rescale` the factor the output accumulator's rows must be multiplied by (rescale_rows).
-template <bool kLazyRescale, int kM, int kN>
+// kRowSums false: row_sum is left alone, for kernels whose P V product sums the rows (the sm90
+// D = 64 forward's column of ones, forward.cuh).
+template <bool kLazyRescale, bool kRowSums, int kM, int kN>
 __device__ __forceinline__ void softmax_update(float (&s)[kM][kN][4], float (&row_max)[kM][2],
                                                float (&row_sum)[kM][2], float (&rescale)[kM][2],
                                                float unit) {
@@ -58,9 +60,9 @@ __device__ __forceinline__ void softmax_update(float (&s)[kM][kN][4], float (&ro
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
           s[m][n][e] = fast_exp2(s[m][n][e] * unit - shift);
-          sum += s[m][n][e];
+          if constexpr (kRowSums) sum += s[m][n][e];
         }
-      row_sum[m][r] = sum;
+      if constexpr (kRowSums) row_sum[m][r] = sum;
     }
 }
 
@@ -101,25 +103,27 @@ __device__ __forceinline__ float& lse_at(const DeviceParams& p, int b, int h, in
 }
 
 // out = acc / sum (0 for fully masked rows) and lse for the warp's rows starting at query row0
-// of (b, h).
-template <class T, int kM, int kD>
+// of (b, h). row_sum: the partial sums of the thread's rows, or with kSumsInAcc unused: acc's last
+// 8 columns then hold the rows' whole sums (the P V product summed them; forward.cuh).
+template <class T, bool kSumsInAcc, int kM, int kD>
 __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int h, int row0,
                                               const float (&acc)[kM][kD][4],
                                               const float (&row_max)[kM][2],
                                               const float (&row_sum)[kM][2], float unit, int lane) {
   T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+  constexpr int kOutD = kSumsInAcc ? kD - 1 : kD;
 #pragma unroll
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(row_sum[m][r]);
+      const float sum = kSumsInAcc ? acc[m][kD - 1][2 * r] : quad_sum(row_sum[m][r]);
       const int i = row0 + c_row(m, 2 * r, lane);
       // rows before 0 (the sm90 forward's tiles that end at Lq) or past Lq: no output
       if (static_cast<unsigned>(i) >= static_cast<unsigned>(p.Lq)) continue;
       const float inv = out_scale(sum);
       T* out_row = out + i * p.out_st.l;
 #pragma unroll
-      for (int d = 0; d < kD; ++d) {
+      for (int d = 0; d < kOutD; ++d) {
         const int col = c_col(d, 0, lane);
         if (col < p.Dv)
           *reinterpret_cast<std::uint32_t*>(out_row + col) =

@@ -53,9 +53,9 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // 64-row tiles on long non-causal calls (NOTES.md, w3), 5-15% on causal ones from Lq = 1536 on
 // (w4: tiles that end at Lq, taken in pairs, each warpgroup computing only its rows' blocks);
 // slower where a tile's fixed costs, which no second CTA hides, weigh more (short queries,
-// decoding, few key blocks). At 160 registers ptxas spills 48 bytes here: the row sums (two
-// loads and stores per block) and values of the per-element masking path; the spills cost less
-// than the blocks the warpgroups' own block counts skip (w4).
+// decoding, few key blocks). At 160 registers ptxas spills 52 bytes here (48 before the row sums
+// moved to the tensor cores, r1): values of the per-element masking path among them; the spills
+// cost less than the blocks the warpgroups' own block counts skip (w4).
 // TileShape::short_keys (D = 64 without features, every key in one block of 80:
 // sm90_short_keys): the 64-row tiles with 80-key blocks, so that the scores, the softmax and
 // P V of a call such as cross-attention to CLIP's 77 text tokens cover 80 columns instead of
@@ -124,7 +124,22 @@ struct ForwardTraits {
   static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= kLaunchRegs * kThreads);
   static constexpr int kChunks = kHeadDim / kChunkCols;  // 64-column swizzle chunks per row
   static constexpr std::uint32_t kQBytes = kBlockM * kHeadDim * 2;
+  // Row sums on the tensor cores (D = 64 without features): each V stage is followed by a
+  // 64-column chunk of ones, read as V's columns 64-71, so P V also writes each row's sum of P
+  // into 8 more accumulator columns (an m64n72 product), and the softmax drops its 64 adds per
+  // thread and block (about a sixth of its instructions) for 6% more tensor-core work:
+  // 1-1.4% faster on most D = 64 rows, the rest unchanged (NOTES.md, r1). The sums are of the
+  // 16-bit P that P V weighs V with. Not on the short-key tiles (8 bytes of spills at their 136
+  // registers, 3% slower at Lk = 77); not with features, whose mask tiles leave no room for the
+  // ones next to two CTAs per multiprocessor; not at D = 128 / 256, whose shared memory is full.
+  static constexpr bool kSumsOnTensorCores =
+      kHeadDim == 64 && !kFeatures && kTileShape != TileShape::short_keys;
+  static constexpr int kSumTiles = kSumsOnTensorCores ? 1 : 0;  // 8-column accumulator tiles
   static constexpr std::uint32_t kKVBytes = kBlockN * kHeadDim * 2;
+  // A V stage and, with kSumsOnTensorCores, its chunk of ones (the chunk stride of V's
+  // N-major reads, gemm_rs)
+  static constexpr std::uint32_t kOnesBytes = kSumsOnTensorCores ? kBlockN * kRowBytes : 0;
+  static constexpr std::uint32_t kVStageBytes = kKVBytes + kOnesBytes;
   static constexpr bool kMaskTiles = kFeatures && kHeadDim <= 128;
   // Conditional rescaling of the output (sm80::softmax_update) where it is widest: at D = 256 a
   // rescale is 128 multiplies per thread and block. Measured (NOTES.md, o6): D = 256 5% faster,
@@ -148,10 +163,11 @@ struct ForwardTraits {
   // every time (NOTES.md, s7, s13, s14), nor for the wide tiles, where two Q buffers and turns
   // across tiles measured 1-4% slower (NOTES.md, w3).
   static constexpr int kQStages = kStageOut ? 2 : 1;
-  // Layout: Q[kQStages] | K[kStages] | V[kStages] | mask[kStages] | out | mbarriers; every tile
-  // 1024-byte aligned.
+  // Layout: Q[kQStages] | K[kStages] | (V | ones)[kStages] | mask[kStages] | out | mbarriers;
+  // every tile 1024-byte aligned.
   static constexpr std::uint32_t kKVOffset = kQStages * kQBytes;
-  static constexpr std::uint32_t kMaskOffset = kKVOffset + 2 * kStages * kKVBytes;
+  static constexpr std::uint32_t kVOffset = kKVOffset + kStages * kKVBytes;
+  static constexpr std::uint32_t kMaskOffset = kVOffset + kStages * kVStageBytes;
   static constexpr std::uint32_t kOutOffset = kMaskOffset + kStages * kMaskBytes;
   static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
   // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
@@ -170,8 +186,9 @@ struct ForwardSmem {
     return base + Tr::kKVOffset + s * Tr::kKVBytes;
   }
   __device__ __forceinline__ std::uint32_t v(int s) const {
-    return base + Tr::kKVOffset + (Tr::kStages + s) * Tr::kKVBytes;
+    return base + Tr::kVOffset + s * Tr::kVStageBytes;
   }
+  __device__ __forceinline__ std::uint32_t ones(int s) const { return v(s) + Tr::kKVBytes; }
   __device__ __forceinline__ std::uint32_t mask(int s) const {
     return base + Tr::kMaskOffset + s * Tr::kMaskBytes;
   }
@@ -208,7 +225,7 @@ struct ForwardSmem {
 template <class T, class Tr>
 struct GemmIssue {
   static constexpr int kHeadDim = Tr::kHead;
-  static constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8;
+  static constexpr int kN = Tr::kBlockN / 8, kD = kHeadDim / 8 + Tr::kSumTiles;
   ForwardSmem<Tr> sm;
   int wg;
 
@@ -218,10 +235,10 @@ struct GemmIssue {
     wgmma_commit();
   }
 
-  // O += P V over stage s.
+  // O += P V over stage s (with kSumsOnTensorCores, V's columns past kHeadDim are its ones).
   __device__ __forceinline__ void values(float (&acc_o)[1][kD][4],
                                          const std::uint32_t (&pf)[1][kN / 2][4], int s) const {
-    gemm_rs<T, kHeadDim, Tr::kBlockN>(acc_o[0], pf, sm.v(s));
+    gemm_rs<T, 8 * kD, Tr::kBlockN>(acc_o[0], pf, sm.v(s));
     wgmma_commit();
   }
 };
@@ -337,7 +354,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     forward_kernel(const __grid_constant__ DeviceParams p, const __grid_constant__ ForwardMaps maps,
                    int num_m_blocks, std::int64_t num_tiles, std::int64_t num_pairs,
                    bool light_last) {
-  constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8;
+  // kD: O's 8-column accumulator tiles, and the row sums' (kSumsOnTensorCores)
+  constexpr int kN = Tr::kBlockN / 8, kD = Tr::kHead / 8 + Tr::kSumTiles;
   const ForwardSmem<Tr> sm{smem_u32(aligned_dynamic_smem())};
   const auto tile_at = [&](std::int64_t t) {
     using Index = typename Tr::TileIndex;
@@ -370,15 +388,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     mbar_init_fence();
   }
+  if constexpr (Tr::kSumsOnTensorCores) {  // the ones, for the wgmmas (async proxy) to read
+    const float two_ones =                 // the bits of two 16-bit ones of T
+        __uint_as_float(std::is_same_v<T, __nv_bfloat16> ? 0x3f803f80u : 0x3c003c00u);
+    const float units[4] = {two_ones, two_ones, two_ones, two_ones};
+    for (std::uint32_t i = 16 * threadIdx.x; i < Tr::kOnesBytes; i += 16 * Tr::kThreads)
+      for (int s = 0; s < Tr::kStages; ++s) st_shared_v4(sm.ones(s) + i, units);
+    fence_async_shared();
+  }
   __syncthreads();
 
   // The D = 64 wide, short-key and narrow kernels (consumers at 160 and 136 registers) read their
   // warp's number through a shuffle, which ptxas knows to be the same in every lane: it then keeps
   // what derives from it (the warpgroup's rows and own blocks, the drain's loop) in uniform
   // registers. With the plain read the wide kernel spilled 116 bytes (56 with only the
-  // warpgroup shuffled, 48 now) and the short-key one 8 (its K/V block counter); the other
-  // kernels keep the plain read, with which they have no spill (the shuffle gave the general
-  // D = 128 kernel 60 bytes).
+  // warpgroup shuffled, 48 with both, 52 since r1's row sums) and the short-key one 8 (its K/V
+  // block counter); the other kernels keep the plain read, with which they have no spill (the
+  // shuffle gave the general D = 128 kernel 60 bytes).
   constexpr bool kUniformWarp = Tr::kShape != TileShape::standard && Tr::kHead == 64;
   const int warp_id = kUniformWarp ? __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 32), 0)
                                    : static_cast<int>(threadIdx.x / 32);
@@ -444,7 +470,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
                                 const float(&row_max)[1][2], const float(&row_sum)[1][2],
                                 float unit) {
     if (Tr::kOut == OutStaging::registers || (kQHalf && tile.num_n_blocks == 0)) {
-      sm80::store_out_lse<T>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum, unit, lane);
+      sm80::store_out_lse<T, Tr::kSumsOnTensorCores>(p, tile.b, tile.h, warp_row0, acc_o, row_max,
+                                                     row_sum, unit, lane);
       return;
     }
     float inv[1][2];
@@ -521,7 +548,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         const bool check = sm80::block_needs_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
         sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
       }
-      sm80::softmax_update<Tr::kLazyRescale>(sc, row_max, row_sum, rescale, unit);
+      sm80::softmax_update<Tr::kLazyRescale, !Tr::kSumsOnTensorCores>(sc, row_max, row_sum, rescale,
+                                                                      unit);
     };
     // Dropout on the probabilities, then P as the A operand of the next P V.
     const auto to_operand = [&](int nb) {
