@@ -1,6 +1,7 @@
 // The forward kernels' online softmax over a warp's C tiles (rows g and g + 8 of each m-tile,
 // spread over the 4 threads of a quad) and the epilogues; the sm80 and sm90 kernels share
-// them, so the two produce the same numbers.
+// them, so the two compute the same function (the sm90 D = 64 forward sums its rows' 16-bit P
+// in P V: softmax_update's kRowSums, store_out_lse's kSumsInAcc).
 #pragma once
 
 #include <cstdint>
