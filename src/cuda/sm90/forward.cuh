@@ -157,6 +157,9 @@ struct ForwardTraits {
                                                                       : OutStaging::q_half;
   static constexpr bool kStageOut = kOut == OutStaging::own_tile;
   static constexpr std::uint32_t kOutBytes = kStageOut ? kBlockM * kHeadDim * 2 : 0;
+  // Staged outputs divide by the FADD sums (store_lse); the tensor-core sums are read by the
+  // register path only (store_out_lse's kSumsInAcc).
+  static_assert(!kSumsOnTensorCores || kOut == OutStaging::registers);
   // Q buffers: with two, the producer loads the next tile's Q while the consumers still read
   // this one's, so a tile's first product need not wait for its Q. Where the output is staged
   // (it fits there: 224 KB); not at D = 64, which more shared memory per CTA has made slower
