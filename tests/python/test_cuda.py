@@ -1336,7 +1336,9 @@ def test_hopper_d64_tile_shapes_on_any_call(dtype, shape, monkeypatch):
     """Each D = 64 forward tile shape computes any call, not only those its rule gives it
     (MEMATTN_SM90_D64_TILES): queries shorter than a wide tile, keys past one 80-key block,
     non-causal calls on the narrow tiles, causal ones with Lk > Lq; GQA, key padding with a
-    fully padded batch entry. Outputs start from a poisoned allocator cache."""
+    fully padded batch entry, and causal calls with key padding that has holes (padded keys
+    before unpadded ones, read per key) or none (the wide tiles' row key ends). Outputs start
+    from a poisoned allocator cache."""
     monkeypatch.setenv("MEMATTN_SM90_D64_TILES", shape)
     for Lq, Lk in ((100, 300), (333, 200), (1, 500)):
         q, k, v = qkv(B=2, Hq=6, Hk=2, Lq=Lq, Lk=Lk, D=64, dtype=dtype, requires_grad=False)
@@ -1346,6 +1348,14 @@ def test_hopper_d64_tile_shapes_on_any_call(dtype, shape, monkeypatch):
         check_cuda(Inputs(q, k, v), backward=False)
         check_cuda_both_alignments(q, k, v)
         check_cuda_fully_padded_entry(q, k, v, Lk // 3)
+        kpm = torch.zeros(2, Lk, dtype=torch.bool)
+        kpm[0, Lk // 4 : Lk // 2] = True  # a hole
+        kpm[1, Lk // 2 :] = True
+        for alignment in ("top_left", "bottom_right"):
+            kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
+            check_cuda(
+                Inputs(q, k, v, kwargs={**kwargs, "causal_alignment": alignment}), backward=False
+            )
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")

@@ -85,6 +85,32 @@ __device__ __forceinline__ void hide_elements(float (&acc)[kM][kN][4], Hidden hi
         if (hidden(m, n, e)) acc[m][n][e] = -INFINITY;
 }
 
+// Key ends of a warp tile with query rows (forward, dQ) and no holes in the key padding: each
+// of the thread's rows sees the keys before min(its causal limit, the range's end), none for
+// rows past Lq; `end` holds that bound relative to the tile's first key col0. Bounds and
+// causality then cost one compare per element against a per-row value, where mask_elements
+// tests each element's bounds (64-bit causal compares among them).
+template <int kM>
+__device__ __forceinline__ void query_row_key_ends(int (&end)[kM][2], const DeviceParams& p,
+                                                   const KeyRange& keys, int row0, int col0,
+                                                   int lane) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = row0 + c_row(m, 2 * half, lane);
+      const int causal_end = causal_key_end(p, i);
+      end[m][half] = (i < p.Lq ? min(causal_end, keys.end) : 0) - col0;
+    }
+}
+
+// -inf in every element at or past its row's key end (query_row_key_ends).
+template <int kM, int kN>
+__device__ __forceinline__ void mask_query_row_ends(float (&acc)[kM][kN][4],
+                                                    const int (&end)[kM][2], int lane) {
+  hide_elements(acc, [&](int m, int n, int e) { return c_col(n, e, lane) >= end[m][e / 2]; });
+}
+
 // The two cheap cases of a warp tile whose queries all exist and whose keys need no padding
 // read, each one compare per element against a per-thread value instead of mask_elements'
 // bounds, causality and range tests (a short-key forward spent as long on those as on its
@@ -115,10 +141,15 @@ __device__ __forceinline__ void mask_causal_diagonal(float (&acc)[kM][kN][4], in
 // score_unit for the units). row0/col0: global index of the tile's first row/column. `check`
 // false promises that every element is attendable and unmasked (block interior). kMasks false
 // promises no attn_mask: only bounds, causality and key padding are checked, which keeps the
-// common kernels free of the mask code's registers.
-template <Rows kRows, bool kMasks, class T, int kM, int kN>
+// common kernels free of the mask code's registers. kRowKeyEnds (query rows, no attn_mask):
+// every block whose keys need no padding read takes its rows' key ends (query_row_key_ends),
+// one path where the others pick among the cheap cases and the general loop: with those three
+// next to its accumulators the wide D = 64 forward spilled 52 bytes; in the D = 128 forward the
+// one path measured 3% slower (sm90/NOTES.md, "Spills").
+template <Rows kRows, bool kMasks, bool kRowKeyEnds = false, class T, int kM, int kN>
 __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const ElementMasks<T>& masks,
                                             int row0, int col0, bool check, int lane) {
+  static_assert(!kRowKeyEnds || (kRows == Rows::queries && !kMasks));
   if (!check) {  // block interior: nothing to mask, one uniform branch for the whole tile
     if constexpr (kMasks)
 #pragma unroll
@@ -146,14 +177,23 @@ __device__ __forceinline__ void mask_scores(float (&acc)[kM][kN][4], const Eleme
     // cases; the others (a missing query row, both bounds at once) the general loop.
     const bool holes = keys.dense_end < keys.end && j0 + nj > keys.dense_end && j0 < keys.end;
     const bool cheap = i0 + ni <= p.Lq && !holes;
-    if (cheap && causal_allows(p, i0, j0 + nj - 1))
+    if constexpr (kRowKeyEnds) {
+      if (!holes) {
+        int end[kM][2];
+        query_row_key_ends(end, p, keys, row0, col0, lane);
+        mask_query_row_ends(acc, end, lane);
+      } else {
+        mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
+      }
+    } else if (cheap && causal_allows(p, i0, j0 + nj - 1)) {
       mask_key_end<kRows>(acc, keys.end - j0, lane);
-    else if (kQueryRows && cheap && j0 + nj <= keys.dense_end)
+    } else if (kQueryRows && cheap && j0 + nj <= keys.dense_end) {
       mask_causal_diagonal<kRows>(acc, causal_limit(p, i0, j0, ni, nj), lane);
-    else if (kQueryRows && !holes)
+    } else if (kQueryRows && !holes) {
       mask_elements<kRows, kMasks, false>(acc, masks, row0, col0, lane);
-    else
+    } else {
       mask_elements<kRows, kMasks, true>(acc, masks, row0, col0, lane);
+    }
   }
 }
 

@@ -53,9 +53,8 @@ enum class OutStaging : std::uint8_t { registers, own_tile, q_half };
 // 64-row tiles on long non-causal calls (NOTES.md, w3), 5-15% on causal ones from Lq = 1536 on
 // (w4: tiles that end at Lq, taken in pairs, each warpgroup computing only its rows' blocks);
 // slower where a tile's fixed costs, which no second CTA hides, weigh more (short queries,
-// decoding, few key blocks). At 160 registers ptxas spills 52 bytes here (48 before the row sums
-// moved to the tensor cores, r1): values of the per-element masking path among them; the spills
-// cost less than the blocks the warpgroups' own block counts skip (w4).
+// decoding, few key blocks). 160 registers hold it without spills since the blocks that bounds
+// or causality cut take one masking path (kRowKeyEnds; 52 bytes of spills before).
 // TileShape::short_keys (D = 64 without features, every key in one block of 80:
 // sm90_short_keys): the 64-row tiles with 80-key blocks, so that the scores, the softmax and
 // P V of a call such as cross-attention to CLIP's 77 text tokens cover 80 columns instead of
@@ -145,6 +144,10 @@ struct ForwardTraits {
   // rescale is 128 multiplies per thread and block. Measured (NOTES.md, o6): D = 256 5% faster,
   // D = 128 unchanged, D = 64 3-6% slower.
   static constexpr bool kLazyRescale = kHeadDim == 256;
+  // Blocks that bounds or causality cut hide keys past each row's key end (sm80::mask_scores'
+  // kRowKeyEnds), one path for every such block: the wide tiles, where the three paths of the
+  // other kernels spilled 52 bytes next to the accumulators (NOTES.md, "Spills").
+  static constexpr bool kRowKeyEnds = kWide;
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
   // Where a tile's output waits for its TMA stores (forward_kernel's store_output; NOTES.md,
@@ -549,7 +552,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         release(sm.mask_empty(s), lane);
       } else {
         const bool check = sm80::block_needs_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
-        sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, check, lane);
+        sm80::mask_scores<sm80::Rows::queries, kFeatures, Tr::kRowKeyEnds>(sc, masks, warp_row0, j0,
+                                                                           check, lane);
       }
       sm80::softmax_update<Tr::kLazyRescale, !Tr::kSumsOnTensorCores>(sc, row_max, row_sum, rescale,
                                                                       unit);
