@@ -28,6 +28,7 @@ key_padding_mask [B, Lk].
 """
 
 import functools
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -383,18 +384,32 @@ def direct_dq_backward(
     )
 
 
-def _grad_q_accum_scratch(
+def dq_path(
     q: Tensor,
+    k: Tensor,
     d: int,
     dv: int,
     attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
     dropout_p: float,
-    scale: float | None = None,
-    mask_needs_grad: bool = False,
-) -> Tensor | None:
-    """The single pass's fp32 dQ scratch (``single_pass_backward``), or None: two passes."""
-    if not single_pass_backward(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad):
-        return None
+    scale: float | None,
+    mask_needs_grad: bool,
+) -> Literal["direct", "accumulated"] | None:
+    """How the CUDA backward of this call gets dQ: from the Hopper single pass, written
+    directly (``direct_dq_backward``) or summed with atomic adds in the fp32 scratch that
+    ``_grad_q_accum_scratch`` allocates (``single_pass_backward``), or None: two passes. The one
+    rule for the backward, which allocates the scratch, and ``memattn.explain``."""
+    if direct_dq_backward(q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale):
+        return "direct"
+    if single_pass_backward(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad):
+        return "accumulated"
+    return None
+
+
+def _grad_q_accum_scratch(q: Tensor, d: int, dv: int) -> Tensor:
+    """The single pass's fp32 dQ scratch (``dq_path`` "accumulated"): 64-row blocks of each
+    (b, h) pair's queries, as many columns as the kernels' head-dim bucket."""
     B, Hq, Lq = q.shape[:3]
     columns = 64 if max(d, dv) <= 64 else 128 if max(d, dv) <= 128 else 256
     return q.new_empty((B * Hq * (-(-Lq // 64)) * 64 * columns,), dtype=torch.float32)
@@ -493,14 +508,11 @@ def _backward_impl(
         B, Hq, Lq, _ = q.shape
         scratch = q.new_empty((B * Hq * Lq,), dtype=torch.float32)
         d, dv = tensors[1].shape[-1], tensors[3].shape[-1]
-        direct = direct_dq_backward(
-            q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale
+        path = dq_path(
+            q, k, d, dv, attn_mask, key_padding_mask, is_causal, dropout_p, scale, mask_needs_grad
         )
-        accum_scratch = (
-            None
-            if direct
-            else _grad_q_accum_scratch(q, d, dv, attn_mask, dropout_p, scale, mask_needs_grad)
-        )
+        if path == "accumulated":
+            accum_scratch = _grad_q_accum_scratch(q, d, dv)
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(
                 attn_mask, grad_mask, Lq, k.shape[2]

@@ -202,28 +202,22 @@ def explain(
         if note is not None:
             copies.append(f"{name}: {note}")
     d, dv = specs[0][1][-1], specs[2][1][-1]  # None: a symbolic size while tracing
-    # How the backward (_ops.backward, same order) would get dQ from the Hopper single pass:
-    # written directly, or summed in the fp32 scratch it gives the core.
-    direct = (
-        backward
-        and None not in (d, dv)
-        and _ops.direct_dq_backward(
-            q, k, d, dv, mask4, key_padding_mask, is_causal, float(dropout_p), scale
-        )
-    )
-    accum_scratch = (
-        backward
-        and None not in (d, dv)
-        and not direct
-        and _ops.single_pass_backward(
+    # How the backward would get dQ from the Hopper single pass (_ops.dq_path, its rule).
+    dq_path = (
+        _ops.dq_path(
             q,
+            k,
             d,
             dv,
             mask4,
+            key_padding_mask,
+            is_causal,
             float(dropout_p),
             scale,
             mask4 is not None and mask4.requires_grad,
         )
+        if backward and None not in (d, dv)
+        else None
     )
     plan = _memattn.plan(
         *specs,
@@ -234,11 +228,11 @@ def explain(
         dropout_p=float(dropout_p),
         scale=None if scale is None else float(scale),
         backward=backward,
-        grad_q_accum_scratch=bool(accum_scratch),
+        grad_q_accum_scratch=dq_path == "accumulated",
     )
     plan["layout_copies"] = copies
     if backward and plan["backend"] == "cuda":
-        single = plan["kernel"].startswith("cuda/sm90/") and bool(direct or accum_scratch)
+        single = plan["kernel"].startswith("cuda/sm90/") and dq_path is not None
         plan["backward_passes"] = 1 if single else 2
     if copies and plan["backend"]:
         plan["reason"] += "; copied first: " + "; ".join(copies)

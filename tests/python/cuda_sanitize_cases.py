@@ -120,10 +120,12 @@ def case_many_tiles_per_cta(dtype):
     """More query tiles than the Hopper forward's persistent grid has CTAs (240 at D = 128), so
     each CTA reuses its output staging rows (ForwardTraits::kOut): the lean D = 128 kernel's own
     staging tile, then the Q buffer's halves of D = 256 and of the masked (general) D = 128
-    kernel; a partial last tile."""
+    kernel, next to its mask tiles (bool, then 16-bit) over the CTA's tiles of two key
+    blocks; a partial last tile."""
     q, k, v = _qkv(dtype, B=2, Hq=40, Lq=300, Lk=130, D=128)
     check_against_reference(Inputs(q, k, v))
     check_against_reference(Inputs(q, k, v, _bool_mask((300, 130))))
+    check_against_reference(Inputs(q, k, v, _float_mask((300, 130), dtype).detach()))
     q, k, v = _qkv(dtype, B=2, Hq=40, Lq=300, Lk=130, D=256)
     check_against_reference(Inputs(q, k, v))
 

@@ -1558,7 +1558,7 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
 
     for inputs in _lean_backward_cases(dtype):
         q, v = inputs.q, inputs.v
-        assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is not None
+        assert _ops.single_pass_backward(q, q.shape[-1], v.shape[-1], None, 0.0)
         plan = memattn.explain(q, inputs.k, v, backward=True, **inputs.kwargs)
         assert plan["backward_passes"] == 1, plan
         check_cuda(inputs)
@@ -1566,7 +1566,7 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
         single = grads(inputs, grad_out)
         torch.use_deterministic_algorithms(True)
         try:
-            assert _ops._grad_q_accum_scratch(q, q.shape[-1], v.shape[-1], None, 0.0) is None
+            assert not _ops.single_pass_backward(q, q.shape[-1], v.shape[-1], None, 0.0)
             plan = memattn.explain(q, inputs.k, v, backward=True, **inputs.kwargs)
             assert plan["backward_passes"] == 2, plan
             check_cuda(inputs)
@@ -1578,12 +1578,12 @@ def test_hopper_backward_single_pass_and_deterministic_mode(dtype):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=f"grad {name}")
     q = qkv(B=1, Hq=2, Lq=10, D=64, dtype=dtype, requires_grad=False)[0]
     mask = rand_mask((1, 2, 10, 10), dtype)
-    assert _ops._grad_q_accum_scratch(q, 64, 64, mask, 0.0) is None
+    assert not _ops.single_pass_backward(q, 64, 64, mask, 0.0)
     assert memattn.explain(q, q, q, attn_mask=mask, backward=True)["backward_passes"] == 2
-    assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.1) is None
-    assert _ops._grad_q_accum_scratch(q, 256, 256, mask, 0.0) is None  # masks: sm80 at D > 128
+    assert not _ops.single_pass_backward(q, 64, 64, None, 0.1)
+    assert not _ops.single_pass_backward(q, 256, 256, mask, 0.0)  # masks: sm80 at D > 128
     # scale <= 0 runs the general kernels' two passes
-    assert _ops._grad_q_accum_scratch(q, 64, 64, None, 0.0, -0.5) is None
+    assert not _ops.single_pass_backward(q, 64, 64, None, 0.0, -0.5)
     assert memattn.explain(q, q, q, scale=-0.5, backward=True)["backward_passes"] == 2
 
 
@@ -1667,6 +1667,7 @@ def test_hopper_backward_direct_dq_for_one_key_block(dtype):
     ):
         q, k, v = qkv(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, dtype=dtype)
         assert _ops.direct_dq_backward(q, k, D, D, None, None, False, 0.0, None)
+        assert _ops.dq_path(q, k, D, D, None, None, False, 0.0, None, False) == "direct"
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
             try:
@@ -1686,8 +1687,13 @@ def test_hopper_backward_direct_dq_for_one_key_block(dtype):
     kpm = torch.zeros(1, 77, dtype=torch.bool, device=DEV)
     assert not _ops.direct_dq_backward(q, k, 64, 64, None, kpm, False, 0.0, None)
     assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, False, 0.0, -1.0)
+    assert _ops.dq_path(q, k, 64, 64, None, None, True, 0.0, None, False) == "accumulated"
     q, k, v = qkv(B=1, Hq=2, Lq=70, Lk=129, D=64, dtype=dtype)
     assert not _ops.direct_dq_backward(q, k, 64, 64, None, None, False, 0.0, None)
+    assert _ops.dq_path(q, k, 64, 64, None, None, False, 0.0, None, False) == "accumulated"
+    mask = rand_mask((1, 2, 70, 129), dtype)  # its gradient: two passes
+    assert _ops.dq_path(q, k, 64, 64, mask, None, False, 0.0, None, True) is None
+    assert memattn.explain(q, k, v, attn_mask=mask, backward=True)["backward_passes"] == 2
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
