@@ -68,6 +68,13 @@ __device__ __forceinline__ KeyRange key_range(const DeviceParams& p, int b) {
   return {p.key_ranges[2 * b], p.key_ranges[2 * b + 1]};
 }
 
+// Keys [0, end) that query row i may see: its causal limit and b's range end bound them (holes
+// in the padding aside); none for rows past Lq.
+__device__ __forceinline__ int query_key_end(const DeviceParams& p, const KeyRange& keys, int i) {
+  const int causal_end = causal_key_end(p, i);
+  return i < p.Lq ? (causal_end < keys.end ? causal_end : keys.end) : 0;
+}
+
 // How many blocks of kBlockN keys the queries up to i_last of a batch element with key range
 // `keys` loop over: the keys up to the causal limit and the last unpadded key, so the loops skip
 // trailing padded blocks as well as causally hidden ones.

@@ -97,11 +97,8 @@ __device__ __forceinline__ void query_row_key_ends(int (&end)[kM][2], const Devi
 #pragma unroll
   for (int m = 0; m < kM; ++m)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int i = row0 + c_row(m, 2 * half, lane);
-      const int causal_end = causal_key_end(p, i);
-      end[m][half] = (i < p.Lq ? min(causal_end, keys.end) : 0) - col0;
-    }
+    for (int half = 0; half < 2; ++half)
+      end[m][half] = query_key_end(p, keys, row0 + c_row(m, 2 * half, lane)) - col0;
 }
 
 // -inf in every element at or past its row's key end (query_row_key_ends).

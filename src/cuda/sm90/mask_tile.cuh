@@ -183,10 +183,8 @@ __device__ __forceinline__ void mask_query_rows_from_tile(float (&acc)[1][kN][4]
   const std::uint32_t lane_byte = 2u * static_cast<std::uint32_t>(lane % 4) * kElem;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int r = sm80::c_row(0, 2 * half, lane), i = row0 + r;
-    const int end = causal_key_end(p, i);
-    const int key_end = masks.keys.end;
-    row_end[half] = i < p.Lq ? (end < key_end ? end : key_end) : 0;
+    const int r = sm80::c_row(0, 2 * half, lane);
+    row_end[half] = query_key_end(p, masks.keys, row0 + r);
     const std::uint32_t row = tile.rows == 1 ? 0u : static_cast<std::uint32_t>(tile_row0 + r);
 #pragma unroll
     for (int c = 0; c < kChunks; ++c)
