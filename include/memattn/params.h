@@ -44,6 +44,11 @@ struct ForwardArgs {
   // + 1) so its kernels skip fully padded key blocks; without it they check every key. Ignored
   // by the CPU backend.
   TensorView key_range_scratch;
+  // CUDA only, optional, used with attn_mask: contiguous 4-byte scratch (a float32 tensor) of at
+  // least mask_block_scratch_words(...) elements. The Hopper forward writes there which key
+  // blocks of each query tile the mask leaves any key visible in, and skips the others; without
+  // it, it runs every block. Ignored elsewhere.
+  TensorView mask_block_scratch;
 };
 
 struct BackwardArgs {

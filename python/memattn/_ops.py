@@ -305,6 +305,23 @@ def _key_range_scratch(q: Tensor, key_padding_mask: Tensor | None) -> Tensor | N
     return q.new_empty((2 * q.shape[0],), dtype=torch.float32)
 
 
+def _mask_block_scratch(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> Tensor | None:
+    """Scratch for the Hopper forward's lists of the key blocks a 4-D ``attn_mask`` leaves
+    visible (the core's MaskBlockList), with which it skips the blocks the mask hides; None
+    where no kernel takes them (no mask, not a compute capability 9.0 GPU). Sized for the
+    smallest tiles (64 query rows, 64 keys): a count and an entry per key block, and the list's
+    length, for each query tile of each (b, h) the mask does not broadcast, and a flag."""
+    if attn_mask is None or not q.is_cuda or _capability(q.device.index) != (9, 0):
+        return None
+    B, Hq, Lq = q.shape[:3]
+    Lk = k.shape[2]
+    mask_b = B if attn_mask.shape[0] != 1 else 1
+    mask_h = Hq if attn_mask.shape[1] != 1 else 1
+    tiles = -(-Lq // 64) if attn_mask.shape[2] != 1 else 1
+    words = 1 + mask_b * mask_h * tiles * (2 * -(-Lk // 64) + 1)
+    return q.new_empty((words,), dtype=torch.float32)
+
+
 def _single_pass_mask(mask: Tensor, q: Tensor, head_dim: int, mask_needs_grad: bool) -> bool:
     """Whether the Hopper single pass can take this 4-D attn_mask at this head dim (the larger
     of the kernels' two; up to 128): bool or q's dtype, with no gradient to compute, copied by
@@ -463,6 +480,7 @@ def _forward_impl(
         scale=_default_scale(q, scale),
         num_threads=torch.get_num_threads(),
         key_range_scratch=_dl(_key_range_scratch(q, key_padding_mask)),
+        mask_block_scratch=_dl(_mask_block_scratch(q, k, attn_mask)),
         stream=_stream(q),
     )
     return _into(out, kout), lse

@@ -186,6 +186,12 @@ DeviceParams make_params(const ForwardArgs& a, const ProblemShape& s) {
     p.mask = a.attn_mask.data;
     for (int d = 0; d < 4; ++d) p.mask_st[d] = broadcast_stride(a.attn_mask, d);
     p.batch_inner = p.B > 1 && p.mask_st[0] == 0 && p.mask_st[1] != 0;
+    if (a.mask_block_scratch.present()) {
+      const TensorView& t = a.mask_block_scratch;
+      p.mask_blocks = static_cast<std::int32_t*>(
+          checked_scratch(t, "mask_block_scratch", "1", 1, a));  // launch_mask_blocks: the rest
+      p.mask_block_words = t.sizes[0];
+    }
   }
   if (a.key_padding_mask.present()) {
     p.key_padding = static_cast<const std::uint8_t*>(a.key_padding_mask.data);

@@ -27,6 +27,15 @@ void launch_backward_delta(const DeviceParams& p, cudaStream_t stream);
 // without p.key_ranges.
 void launch_key_ranges(const DeviceParams& p, cudaStream_t stream);
 
+// Fills p.mask_blocks with the lists of key blocks (MaskBlockList) of query tiles of
+// `tile_rows` rows and key blocks of `block_keys` keys (64 or 128) of p's attn_mask (bf16: a
+// 16-bit additive mask is bfloat16, not float16), and returns where they are; returns an empty
+// list (every block runs) without p.mask_blocks or with more key blocks than one CTA's shared
+// memory holds a byte each of. Throws memattn::Error where p.mask_block_words are fewer than
+// the lists need.
+MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block_keys, bool bf16,
+                                 cudaStream_t stream);
+
 // SIMT kernels (no tensor cores) for float32 inputs: any D, Dv <= 256, exact fp32 accumulation.
 // Backward computes delta itself and writes grad_q, grad_k, grad_v (and grad_mask if set).
 void simt_forward(const DeviceParams& p, cudaStream_t stream);

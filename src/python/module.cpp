@@ -246,11 +246,13 @@ NB_MODULE(_memattn, m) {
          const std::optional<nb::ndarray<>>& key_padding_mask, bool is_causal,
          const std::string& causal_alignment, double dropout_p, std::uint64_t dropout_seed,
          std::optional<double> scale, int num_threads,
-         const std::optional<nb::ndarray<>>& key_range_scratch, std::uintptr_t stream) {
+         const std::optional<nb::ndarray<>>& key_range_scratch,
+         const std::optional<nb::ndarray<>>& mask_block_scratch, std::uintptr_t stream) {
         memattn::ForwardArgs a = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.out = view_of(out, "out");
         a.lse = view_of(lse, "lse");
         a.key_range_scratch = view_of(key_range_scratch, "key_range_scratch");
+        a.mask_block_scratch = view_of(mask_block_scratch, "mask_block_scratch");
         set_options(a, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         memattn::ExecContext ctx;
         ctx.num_threads = num_threads;
@@ -260,11 +262,15 @@ NB_MODULE(_memattn, m) {
       },
       "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "attn_mask"_a.none(), "key_padding_mask"_a.none(),
       nb::kw_only(), "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a,
-      "scale"_a.none(), "num_threads"_a, "key_range_scratch"_a.none() = nb::none(), "stream"_a = 0,
+      "scale"_a.none(), "num_threads"_a, "key_range_scratch"_a.none() = nb::none(),
+      "mask_block_scratch"_a.none() = nb::none(), "stream"_a = 0,
       "Runs the forward pass into the caller's `out` [B, Hq, Lq, Dv] and `lse` [B, Hq, Lq] "
       "(float32). CUDA calls are queued on `stream` (a cudaStream_t as an integer, 0 = the "
       "default stream) and not synchronized; with a key_padding_mask they skip fully padded "
-      "key blocks when given `key_range_scratch`, float32 [>= 2*B] on the same device.");
+      "key blocks when given `key_range_scratch`, float32 [>= 2*B] on the same device; with an "
+      "attn_mask the Hopper kernels skip the key blocks it hides when given "
+      "`mask_block_scratch`, float32 on the same device, of the size Python's "
+      "_ops._mask_block_scratch gives.");
 
   m.def(
       "backward",

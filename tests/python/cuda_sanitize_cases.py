@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -241,6 +242,27 @@ def case_mask_tiles(dtype):
         check_against_reference(Inputs(q, k, v, no_grad, kwargs=kwargs))
 
 
+def case_structured_mask_blocks(dtype):
+    """Masks whose key blocks the Hopper forward skips or runs without mask reads (the block
+    lists of mask_blocks.cu): a causal bool mask and a per-batch one (one batch element sees
+    nothing, one a single key) with partial tiles and blocks (Lq = 150, Lk = 300), an additive
+    window mask with causal and key padding, every head-dim bucket."""
+    i = torch.arange(150)[:, None]
+    j = torch.arange(300)[None, :]
+    per_batch = torch.ones(2, 1, 150, 300, dtype=torch.bool)
+    per_batch[1] = False
+    per_batch[1, 0, 40, 200] = True
+    window = torch.zeros(150, 300).masked_fill((i - j).abs() > 60, -math.inf)
+    kpm = torch.zeros(2, 300, dtype=torch.bool)
+    kpm[1, 250:] = True
+    for D in (64, 128, 256):
+        q, k, v = _qkv(dtype, B=2, Hq=2, Lq=150, Lk=300, D=D)
+        check_against_reference(Inputs(q, k, v, (j <= i).to(DEV)))
+        check_against_reference(Inputs(q, k, v, per_batch.to(DEV)), backward=False)
+        kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
+        check_against_reference(Inputs(q, k, v, window.to(DEV, dtype), kwargs=kwargs))
+
+
 def case_mask_broadcast_over_batch(dtype):
     """Masks broadcast over b but not the heads: the Hopper grids take b inside each head
     (batch_inner); bool tiles with causal and key padding, a float mask with its gradient
@@ -322,6 +344,7 @@ CASES: list[Callable] = [
     case_float_mask_grad_causal_padding,
     case_float_mask_full_and_row_broadcast,
     case_mask_tiles,
+    case_structured_mask_blocks,
     case_mask_broadcast_over_batch,
     case_bshd_views,
     case_dropout,

@@ -50,6 +50,7 @@ from attn_testing import (
 )
 from memattn import convert
 from memattn import nn as mnn
+from memattn.reference import attention_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -1542,6 +1543,110 @@ def test_hopper_mask_broadcast_over_batch(dtype, D):
     )
     for mask, kwargs in cases:
         check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+# Structured masks at the kernels' block scale: Lq = 300, Lk = 520 leave partial query tiles and
+# key blocks at every tile shape (64- or 128-row tiles, 64- or 128-key blocks).
+STRUCT_LQ, STRUCT_LK = 300, 520
+
+
+def _structured_bool_masks() -> dict:
+    """Bool masks (CPU) whose blocks are mostly all hidden or all visible, and per batch element
+    ([4, 1, Lq, Lk]) the edge cases of the block classes: everything visible, nothing visible,
+    one visible element in a hidden block, one hidden element in each of two visible blocks."""
+    i = torch.arange(STRUCT_LQ)[:, None]
+    j = torch.arange(STRUCT_LK)[None, :]
+    per_batch = torch.ones(4, 1, STRUCT_LQ, STRUCT_LK, dtype=torch.bool)
+    per_batch[1] = False
+    per_batch[2] = False
+    per_batch[2, 0, 37, 300] = True
+    per_batch[3, 0, 5, 260] = False
+    per_batch[3, 0, 200, 10] = False
+    return {
+        "causal": j <= i,
+        "window": (i - j).abs() < 80,
+        "documents": torch.bucketize(i, torch.tensor([90, 230]))
+        == torch.bucketize(j, torch.tensor([100, 350])),
+        "per_batch": per_batch,
+        "key_ranges": (j < 140) | (j >= 390),  # [Lk] hidden keys 140..389 for every query
+    }
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("name", list(_structured_bool_masks()), ids=str)
+def test_hopper_structured_masks(dtype, D, kind, name):
+    """Masks whose key blocks the Hopper forward skips (all hidden) or runs without reading the
+    mask (all visible; the core's MaskBlockList): results against float64, fully masked rows
+    (output 0, lse -inf); as additive masks (0 / -inf) with one small nonzero value in a zero
+    block and one finite value in a -inf block; with causal and key padding; backward too."""
+    bool_mask_ = _structured_bool_masks()[name]
+    if name == "key_ranges":
+        bool_mask_ = bool_mask_[0]
+    B_ = 4 if name == "per_batch" else 2
+    q, k, v = qkv(B=B_, Hq=2, Lq=STRUCT_LQ, Lk=STRUCT_LK, D=D, dtype=dtype)
+    if kind == "bool":
+        mask = bool_mask_.to(DEV)
+    else:
+        additive = torch.zeros(bool_mask_.shape, dtype=torch.float64)
+        additive.masked_fill_(~bool_mask_, -math.inf)
+        if name == "per_batch":
+            additive[3, 0, 100, 400] = 0.5  # not whole: the mask changes a score
+            additive[1, 0, 150, 450] = -1.0  # not hidden: one key visible
+        mask = additive.to(DEV, dtype)
+    out, lse, _ = check_cuda(Inputs(q, k, v, mask))
+    if name == "per_batch":  # batch element 1 sees nothing (as a float mask: one key, row 150)
+        dead = torch.ones(STRUCT_LQ, dtype=torch.bool)
+        if kind == "float":
+            dead[150] = False
+        assert torch.all(out[1][:, dead] == 0) and torch.all(lse[1][:, dead] == -math.inf)
+    kpm = torch.zeros(B_, STRUCT_LK, dtype=torch.bool)
+    kpm[0, 450:] = True
+    kpm[-1, 100:] = True
+    for alignment in ("top_left", "bottom_right"):
+        kwargs = {"is_causal": True, "causal_alignment": alignment, "key_padding_mask": kpm.to(DEV)}
+        check_cuda(Inputs(q, k, v, mask, kwargs=kwargs), backward=False)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 256])
+def test_hopper_forward_never_reads_hidden_key_blocks(dtype, D):
+    """The blocks a mask hides are skipped, not computed and zeroed: with NaN in the keys and
+    values that the mask hides from every query (128..255: whole blocks at every block size),
+    the forward's output is exactly that of finite values there (a computed block would give
+    0 * NaN = NaN in P V). Also with dropout, whose draws must follow each block's real keys:
+    its keep mask, recovered from an unmasked call, drives the reference. Not at D = 128, whose
+    general kernel runs every block (ForwardTraits::kListedBlocks)."""
+    Lk = 256  # recover_keep_mask's identity v: Dv = Lk
+    q, k, v = qkv(B=2, Hq=2, Lq=STRUCT_LQ, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
+    mask = torch.rand(2, 1, STRUCT_LQ, Lk) < 0.8
+    mask[..., 128:] = False
+    mask = mask.to(DEV)
+    finite = check_cuda(Inputs(q, k, v, mask), backward=False)[0]
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 128:] = math.nan
+    v_nan[:, :, 128:] = math.nan
+    with torch.no_grad():
+        out = memattn.attention(q, k_nan, v_nan, attn_mask=mask)
+    assert torch.equal(out, finite)
+
+    p, seed = 0.3, 5
+    keep = recover_keep_mask(q, k, p, seed)
+    with torch.no_grad():
+        got = memattn.attention(
+            q, k, v, attn_mask=mask, dropout_p=p, generator=seeded_generator(seed)
+        )
+
+    def reference(compute_dtype):
+        q_, k_, v_ = (t.cpu().to(compute_dtype) for t in (q, k, v))
+        return attention_reference(
+            q_, k_, v_, attn_mask=mask.cpu(), dropout_p=p, dropout_mask=keep, dtype=compute_dtype
+        )
+
+    assert_close_policy("out", got, reference(torch.float64), reference(dtype), dtype)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")

@@ -54,6 +54,12 @@ struct DeviceParams {
   // blocks before the first padded key.
   int* key_ranges = nullptr;
 
+  // Optional, with attn_mask: 4-byte words of scratch (mask_block_words of them) for the lists
+  // of key blocks that launch_mask_blocks writes before the sm90 general forward
+  // (MaskBlockList). Without it that kernel runs every block the bounds leave.
+  std::int32_t* mask_blocks = nullptr;
+  std::int64_t mask_block_words = 0;
+
   // Dropout: key (i, j) of row bh = b * Hq + h is kept iff
   // philox::dropout_draws(seed, bh, i, j >> 2).x[j & 3] >= dropout_threshold.
   bool dropout = false;
@@ -80,6 +86,32 @@ struct DeviceParams {
   std::int64_t grad_mask_st[4] = {0, 0, 0, 0};
   int grad_mask_b_outer = 0;  // B, or 1 when grad_mask's b dim is summed
   int grad_mask_h_outer = 0;  // Hq, or 1 when grad_mask's h dim is summed
+};
+
+// Which key blocks of each query tile an attn_mask leaves any key visible in (launch_mask_blocks,
+// mask_blocks.cu), for the sm90 general forward to skip the others: attention that a structured
+// mask (a causal, sliding-window or block-diagonal mask, padding given as a mask) hides costs
+// nothing, as with is_causal or key_padding_mask. The list of tile (b, h, m) starts at
+// at(b, h, m) = words + b st[0] + h st[1] + m st[2] (0 along the dims the mask broadcasts, as
+// mask_st): key_blocks + 1 counts, the c-th of them how many listed blocks come before key block
+// c (so the last is the list's length, and a tile that runs only the blocks before n runs the
+// first at(..)[n] entries), then the entries in increasing key order, key block << 1 | whole,
+// where whole says that the mask leaves every key of the block as it is (all true, or all 0.0),
+// so the block needs no mask read. Empty (words null): every block runs.
+// skips: whether any block is hidden or whole, else the kernels run every block as without
+// the list (a mask without structure, where reading the list would only cost).
+struct MaskBlockList {
+  std::int32_t* skips = nullptr;
+  std::int32_t* words = nullptr;
+  std::int64_t st[3] = {0, 0, 0};
+  int key_blocks = 0;
+  __host__ __device__ const std::int32_t* at(int b, int h, int m) const {
+    return words + b * st[0] + h * st[1] + m * st[2];
+  }
+  // Entry i of the tile's list that starts at `counts` (at(b, h, m)).
+  __host__ __device__ const std::int32_t* entries(const std::int32_t* counts) const {
+    return counts + key_blocks + 1;
+  }
 };
 
 // Whether a call needs the general kernels (masks, dropout, mask gradient, or a scale <= 0,

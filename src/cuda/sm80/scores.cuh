@@ -204,6 +204,17 @@ __device__ __forceinline__ bool block_needs_bounds_check(const DeviceParams& p,
          (p.causal && static_cast<std::int64_t>(j0) + nj - 1 > i0 + p.causal_offset);
 }
 
+// Multiplies every score of a C tile by `factor`.
+template <int kM, int kN>
+__device__ __forceinline__ void scale_scores(float (&acc)[kM][kN][4], float factor) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m)
+#pragma unroll
+    for (int n = 0; n < kN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] *= factor;
+}
+
 // Whether a block needs per-element checks: bounds or causality (above), or a mask.
 __device__ __forceinline__ bool block_needs_check(const DeviceParams& p, const KeyRange& keys,
                                                   int i0, int ni, int j0, int nj) {

@@ -178,7 +178,17 @@ struct ForwardTraits {
   static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
   // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
   static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * kBarriers;
+  // The general kernel runs the key blocks an attn_mask leaves visible (MaskBlockList). Not at
+  // D = 128 yet: there any key block other than the loop's own count made ptxas spill 56-68
+  // bytes (NOTES.md, "Structured masks").
+  static constexpr bool kListedBlocks = kFeatures && kHeadDim != 128;
+  // With kListedBlocks, the producer publishes each block's entry of the list (its key block)
+  // in a ring of kEntries words after the barriers, written with the block's K (k_full). Twice
+  // the K/V stages, so that the consumers may read an entry until they release the K of the
+  // block two later, which the producer waits for before it writes the entry's word again.
+  static constexpr int kEntries = kListedBlocks ? 2 * kStages : 0;
+  static constexpr std::uint32_t kEntryOffset = kBarrierOffset + 8 * kBarriers;
+  static constexpr int kSmemBytes = kEntryOffset + 4 * kEntries;
   static_assert(fits_on_sm(kSmemBytes, kCtasPerSm));
   static_assert(kHeadDim % kChunkCols == 0 && kBlockN % 16 == 0);
 };
@@ -204,6 +214,10 @@ struct ForwardSmem {
   }
   __device__ __forceinline__ std::uint32_t bar(int i) const {
     return base + Tr::kBarrierOffset + 8 * i;
+  }
+  // The entry of the it-th block of the K/V ring (ForwardTraits::kEntries).
+  __device__ __forceinline__ std::uint32_t entry(int it) const {
+    return base + Tr::kEntryOffset + 4 * (it % Tr::kEntries);
   }
   static constexpr int kKV = 2 * Tr::kQStages;  // the first K/V barrier
   __device__ __forceinline__ std::uint32_t q_full(int qs) const { return bar(qs); }
@@ -373,6 +387,21 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     return Tile::at<Tr::kBlockM, Tr::kBlockN, Tr::kEndAligned>(p, index, num_m_blocks,
                                                                kFeatures && p.batch_inner);
   };
+  // The general kernel with an attn_mask's block list runs the listed blocks (MaskBlockList):
+  // of those the bounds leave, the list's first listed_count(tile), the tile's block nb being
+  // key block listed_entry(tile, nb) >> 1, whole if its low bit is set. The producer reads the
+  // entries and publishes each block's in shared memory (ForwardSmem::entry) for the consumers.
+  const bool listed =
+      Tr::kListedBlocks && maps.blocks.words != nullptr && __ldg(maps.blocks.skips) != 0;
+  const auto listed_counts = [&](const Tile& tile) {
+    return maps.blocks.at(tile.b, tile.h, tile.i0 / Tr::kBlockM);
+  };
+  const auto listed_count = [&](const Tile& tile) {
+    return __ldg(listed_counts(tile) + tile.num_n_blocks);
+  };
+  const auto listed_entry = [&](const Tile& tile, int nb) {
+    return __ldg(maps.blocks.entries(listed_counts(tile)) + nb);
+  };
   const bool mask_tiles = Tr::kMaskTiles && maps.mask.rows > 0;
   const auto mask_tile = [&](int s) {
     return MaskTile{sm.mask(s), maps.mask.rows, p.mask_kind == MaskKind::boolean ? 1 : 2};
@@ -424,10 +453,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     if (mask_tiles) prefetch_tensor_map(maps.mask.map);
     int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
     for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
-      const Tile tile = tile_at(t);
+      Tile tile = tile_at(t);
+      if (listed) tile.num_n_blocks = listed_count(tile);
+      // With a block list, each block's entry is read a block ahead: once a stage is free, its
+      // copies wait for no load from the list.
+      int entry = listed && tile.num_n_blocks > 0 ? listed_entry(tile, 0) : 0;
       for (int nb = 0; nb < tile.num_n_blocks; ++nb, ++it) {
-        const int s = stage_of<Tr>(it), row = nb * Tr::kBlockN;
+        const int s = stage_of<Tr>(it);
+        const int next = listed && nb + 1 < tile.num_n_blocks ? listed_entry(tile, nb + 1) : 0;
+        const int row = (listed ? entry >> 1 : nb) * Tr::kBlockN;
         mbar_wait(sm.k_empty(s), parity_of<Tr>(it) ^ 1);
+        if constexpr (Tr::kListedBlocks)  // k_full publishes it
+          st_shared_u32(sm.entry(it), listed ? entry : nb << 1);
         mbar_arrive_expect_tx(sm.k_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.k(s), maps.k, sm.k_full(s), row, tile.hk, tile.b);
         if (nb == 0) {  // Q after K(0): K(0) streams in while the last tile's Q is still read
@@ -448,6 +485,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
         load_tile<Tr::kChunks, Tr::kBlockN>(sm.v(s), maps.v, sm.v_full(s), row, tile.hk, tile.b);
+        entry = next;
       }
     }
     return;
@@ -507,8 +545,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
   int it = 0, q_round = 0;
   bool turns_balanced = false;  // PingPong::finish
   turn.start_cta();
+  // With a block list, the next tile's list length is loaded before this tile's output is
+  // stored: a tile that waited for that load first ran 7% slower on random masks.
+  int next_count = 0;
+  if (listed && snake_tile(0) < num_tiles) next_count = listed_count(tile_at(snake_tile(0)));
   for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
-    const Tile tile = tile_at(t);
+    Tile tile = tile_at(t);
+    if (listed) tile.num_n_blocks = next_count;
     const int n = tile.num_n_blocks;
     const bool final_tile = snake_tile(round + 1) >= num_tiles;  // the CTA's last
     turns_balanced = n > 0;
@@ -524,10 +567,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
 
     float sc[1][kN][4];              // S of the current block, then its probabilities
     std::uint32_t pf[1][kN / 2][4];  // P of the previous block as wgmma A fragments
-    // Masks block nb (the it-th block of the ring: `use`) and folds it into the running
+    // The key block of the tile's block nb, the it-th block of the K/V ring, and whether it is
+    // whole (MaskBlockList), from the entry the producer published with its K: read once K
+    // landed, so that the softmax does not wait for it.
+    struct KeyBlock {
+      int index;
+      bool whole;
+    };
+    const auto key_block = [&](int nb, int it) {
+      if constexpr (!Tr::kListedBlocks) return KeyBlock{nb, false};
+      const std::uint32_t entry = ld_shared_u32(sm.entry(it));
+      return KeyBlock{static_cast<int>(entry >> 1), (entry & 1) != 0};
+    };
+    // Masks key block kb (the it-th block of the ring: `use`) and folds it into the running
     // softmax; rescale is the factor for acc_o once the previous P V is in.
-    const auto softmax = [&](int nb, int use, float(&rescale)[1][2]) {
-      const int j0 = nb * Tr::kBlockN;
+    const auto softmax = [&](KeyBlock kb, int use, float(&rescale)[1][2]) {
+      const int j0 = kb.index * Tr::kBlockN;
       const KeyRange& keys = tile.keys;
       // Rows past Lq need no -inf: their Q rows are TMA's zeros and their output is never
       // stored, and rows are independent. So only the warpgroup's rows before Lq count for the
@@ -542,10 +597,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
           // Blocks that bounds and causality leave whole skip the per-element compare.
           const bool check =
               sm80::block_needs_bounds_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
-          with_tile_flags(p.mask_kind == MaskKind::boolean, check, [&](auto is_bool, auto checked) {
-            mask_query_rows_from_tile<is_bool.value, true, checked.value>(sc, masks, mt, tile_row0,
-                                                                          warp_row0, j0, lane);
-          });
+          // A whole block needs no mask read unless bounds or causality cut it: a bool mask's
+          // scores stay raw dot products, an additive one's only take the scale (deferred units).
+          if (check || !kb.whole)
+            with_tile_flags(p.mask_kind == MaskKind::boolean, check,
+                            [&](auto is_bool, auto checked) {
+                              mask_query_rows_from_tile<is_bool.value, true, checked.value>(
+                                  sc, masks, mt, tile_row0, warp_row0, j0, lane);
+                            });
+          else if (p.mask_kind != MaskKind::boolean)
+            sm80::scale_scores(sc, p.scale);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
         }
@@ -559,11 +620,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
                                                                       unit);
     };
     // Dropout on the probabilities, then P as the A operand of the next P V.
-    const auto to_operand = [&](int nb) {
+    const auto to_operand = [&](KeyBlock kb) {
       if constexpr (kFeatures)
         if (p.dropout)
-          sm80::apply_dropout<sm80::Rows::queries>(sc, p, tile.bh, warp_row0, nb * Tr::kBlockN,
-                                                   lane);
+          sm80::apply_dropout<sm80::Rows::queries>(sc, p, tile.bh, warp_row0,
+                                                   kb.index * Tr::kBlockN, lane);
       sm80::c_to_a<T>(pf, sc);
     };
 
@@ -583,6 +644,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     }
     if (own > 0) {  // block 0: S(0) alone
       mbar_wait(sm.k_full(stage_of<Tr>(it)), parity_of<Tr>(it));
+      const KeyBlock kb = key_block(0, it);
       turn.wait();
       wgmma_fence();
       gemm.scores(sc, qs, stage_of<Tr>(it));
@@ -592,8 +654,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       release(sm.k_empty(stage_of<Tr>(it)), lane);
       if (own == 1 && !kQHalf) release(sm.q_empty(qs), lane);
       float rescale[1][2];  // acc_o is still 0: nothing to rescale
-      softmax(0, it, rescale);
-      to_operand(0);
+      softmax(kb, it, rescale);
+      to_operand(kb);
       // Block nb issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1) back to back, then runs
       // block nb's softmax while the second product is still on the tensor cores (FA3's
       // intra-warpgroup overlap); the warpgroups take turns issuing (PingPong), so one's
@@ -602,6 +664,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       for (int nb = 1; nb < own; ++nb) {
         const int cur = it + nb;
         mbar_wait(sm.k_full(stage_of<Tr>(cur)), parity_of<Tr>(cur));
+        const KeyBlock kb = key_block(nb, cur);
         mbar_wait(sm.v_full(stage_of<Tr>(cur - 1)), parity_of<Tr>(cur - 1));
         turn.wait();
         wgmma_fence();
@@ -614,13 +677,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         // The tile's last read of Q is done (q_half: the output's stores still use the buffer).
         if (nb + 1 == own && !kQHalf) release(sm.q_empty(qs), lane);
         float rescale[1][2];
-        softmax(nb, cur, rescale);
+        softmax(kb, cur, rescale);
         wgmma_wait<0>();
         fence_operands(acc_o[0]);
         release(sm.v_empty(stage_of<Tr>(cur - 1)), lane);
         if (!Tr::kLazyRescale || sm80::warp_needs_rescale(rescale))
           sm80::rescale_rows(acc_o, rescale);
-        to_operand(nb);
+        to_operand(kb);
       }
       {  // the last block's P V
         const int last = it + own - 1;
@@ -653,6 +716,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       it += n;
       ++q_round;
     }
+    if (listed && !final_tile) next_count = listed_count(tile_at(snake_tile(round + 1)));
     store_output(tile, warp_row0, qs, acc_o, row_max, row_sum, unit);
   }
   turn.finish(turns_balanced);
@@ -694,13 +758,19 @@ void launch_forward(const DeviceParams& p, cudaStream_t stream) {
   const bool light_last =
       Tr::kEndAligned && !p.causal && num_m_blocks >= 2 && p.Lq % Tr::kBlockM != 0;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  // The general kernel runs the key blocks the mask leaves visible (MaskBlockList); the lists
+  // are written on the stream before it.
+  const MaskBlockList blocks = Tr::kListedBlocks
+                                   ? launch_mask_blocks(p, Tr::kBlockM, Tr::kBlockN, kBf16, stream)
+                                   : MaskBlockList{};
   const ForwardMaps maps{make_tile_map(p.q, kBf16, p.B, p.Hq, p.Lq, p.D, p.q_st, Tr::kBlockM),
                          make_tile_map(p.k, kBf16, p.B, p.Hk, p.Lk, p.D, p.k_st, Tr::kBlockN),
                          make_tile_map(p.v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.v_st, Tr::kBlockN),
                          Tr::kMaskTiles ? make_mask_map(p, Tr::kBlockM) : MaskTileMap{},
                          Tr::kOut != OutStaging::registers
                              ? make_tile_map(p.out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.out_st, 64)
-                             : CUtensorMap{}};
+                             : CUtensorMap{},
+                         blocks};
   const std::int64_t grid = std::min<std::int64_t>(
       num_tiles, static_cast<std::int64_t>(multiprocessors()) * Tr::kCtasPerSm);
   const auto launch = [&](auto ordered) {

@@ -16,11 +16,13 @@ struct MaskTileMap {
 
 // The tensor maps of a forward call and of a backward pass, passed to the kernels by value.
 // ForwardMaps::out: only for kernels that stage their output for TMA stores (ForwardTraits::kOut
-// other than registers; empty otherwise).
+// other than registers; empty otherwise). ForwardMaps::blocks: the mask's key blocks per query
+// tile, for the general kernel (empty otherwise).
 struct ForwardMaps {
   CUtensorMap q, k, v;
   MaskTileMap mask;
   CUtensorMap out;
+  MaskBlockList blocks;
 };
 // BackwardMaps::grad_k, grad_v: 64-row boxes for the dK/dV kernel's output stores (empty in
 // the dQ kernel's maps).
