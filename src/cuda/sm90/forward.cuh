@@ -575,9 +575,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       bool whole;
     };
     const auto key_block = [&](int nb, int it) {
-      if constexpr (!Tr::kListedBlocks) return KeyBlock{nb, false};
-      const std::uint32_t entry = ld_shared_u32(sm.entry(it));
-      return KeyBlock{static_cast<int>(entry >> 1), (entry & 1) != 0};
+      if constexpr (!Tr::kListedBlocks) {
+        return KeyBlock{nb, false};
+      } else {
+        const std::uint32_t entry = ld_shared_u32(sm.entry(it));
+        return KeyBlock{static_cast<int>(entry >> 1), (entry & 1) != 0};
+      }
     };
     // Masks key block kb (the it-th block of the ring: `use`) and folds it into the running
     // softmax; rescale is the factor for acc_o once the previous P V is in.
