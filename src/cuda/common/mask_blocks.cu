@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   }
   __syncthreads();
   if (warp != 0) return;
-  std::int32_t* counts = list.words + b * list.st[0] + h * list.st[1] + m * list.st[2];
-  std::int32_t* entries = counts + g.key_blocks + 1;
+  std::int32_t* counts = list.at(b, h, m);
+  std::int32_t* entries = list.entries(counts);
   int count = 0;
   bool skips = false;  // a block hidden or whole
   for (int kb0 = 0; kb0 < g.key_blocks; kb0 += 32) {

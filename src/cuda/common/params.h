@@ -105,11 +105,12 @@ struct MaskBlockList {
   std::int32_t* words = nullptr;
   std::int64_t st[3] = {0, 0, 0};
   int key_blocks = 0;
-  __host__ __device__ const std::int32_t* at(int b, int h, int m) const {
+  // The counts of tile (b, h, m) (mask_blocks.cu writes them, the forward reads them).
+  __host__ __device__ std::int32_t* at(int b, int h, int m) const {
     return words + b * st[0] + h * st[1] + m * st[2];
   }
-  // Entry i of the tile's list that starts at `counts` (at(b, h, m)).
-  __host__ __device__ const std::int32_t* entries(const std::int32_t* counts) const {
+  // The entries of the tile whose counts start at `counts` (at(b, h, m)).
+  __host__ __device__ std::int32_t* entries(std::int32_t* counts) const {
     return counts + key_blocks + 1;
   }
 };
