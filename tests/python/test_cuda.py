@@ -1612,14 +1612,13 @@ def test_hopper_structured_masks(dtype, D, kind, name):
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("D", [64, 256])
+@pytest.mark.parametrize("D", [64, 128, 256])
 def test_hopper_forward_never_reads_hidden_key_blocks(dtype, D):
     """The blocks a mask hides are skipped, not computed and zeroed: with NaN in the keys and
     values that the mask hides from every query (128..255: whole blocks at every block size),
     the forward's output is exactly that of finite values there (a computed block would give
     0 * NaN = NaN in P V). Also with dropout, whose draws must follow each block's real keys:
-    its keep mask, recovered from an unmasked call, drives the reference. Not at D = 128, whose
-    general kernel runs every block (ForwardTraits::kListedBlocks)."""
+    its keep mask, recovered from an unmasked call, drives the reference."""
     Lk = 256  # recover_keep_mask's identity v: Dv = Lk
     q, k, v = qkv(B=2, Hq=2, Lq=STRUCT_LQ, Lk=Lk, D=D, dtype=dtype, requires_grad=False)
     mask = torch.rand(2, 1, STRUCT_LQ, Lk) < 0.8

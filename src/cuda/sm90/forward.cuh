@@ -178,10 +178,11 @@ struct ForwardTraits {
   static constexpr std::uint32_t kBarrierOffset = kOutOffset + kOutBytes;
   // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
   static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
-  // The general kernel runs the key blocks an attn_mask leaves visible (MaskBlockList). Not at
-  // D = 128 yet: there any key block other than the loop's own count made ptxas spill 56-68
-  // bytes (NOTES.md, "Structured masks").
-  static constexpr bool kListedBlocks = kFeatures && kHeadDim != 128;
+  // The general kernel runs the key blocks an attn_mask leaves visible (MaskBlockList), and
+  // skips the mask reads of whole ones (kSkipsWholeBlocks) but at D = 128, where that branch
+  // made ptxas spill 52-56 bytes (NOTES.md, "Structured masks").
+  static constexpr bool kListedBlocks = kFeatures;
+  static constexpr bool kSkipsWholeBlocks = kListedBlocks && kHeadDim != 128;
   // With kListedBlocks, the producer publishes each block's entry of the list (its key block)
   // in a ring of kEntries words after the barriers, written with the block's K (k_full). Twice
   // the K/V stages, so that the consumers may read an entry until they release the K of the
@@ -602,13 +603,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
               sm80::block_needs_bounds_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
           // A whole block needs no mask read unless bounds or causality cut it: a bool mask's
           // scores stay raw dot products, an additive one's only take the scale (deferred units).
-          if (check || !kb.whole)
+          if (check || !Tr::kSkipsWholeBlocks || !kb.whole)
             with_tile_flags(p.mask_kind == MaskKind::boolean, check,
                             [&](auto is_bool, auto checked) {
                               mask_query_rows_from_tile<is_bool.value, true, checked.value>(
                                   sc, masks, mt, tile_row0, warp_row0, j0, lane);
                             });
-          else if (p.mask_kind != MaskKind::boolean)
+          else if (Tr::kSkipsWholeBlocks && p.mask_kind != MaskKind::boolean)
             sm80::scale_scores(sc, p.scale);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
