@@ -44,10 +44,12 @@ struct ForwardArgs {
   // + 1) so its kernels skip fully padded key blocks; without it they check every key. Ignored
   // by the CPU backend.
   TensorView key_range_scratch;
-  // CUDA only, optional, used with attn_mask: contiguous 4-byte scratch (a float32 tensor) of at
-  // least mask_block_scratch_words(...) elements. The Hopper forward writes there which key
-  // blocks of each query tile the mask leaves any key visible in, and skips the others; without
-  // it, it runs every block. Ignored elsewhere.
+  // CUDA only, optional, used with attn_mask: contiguous 4-byte scratch (a float32 tensor) of
+  // the size Python's _ops._mask_block_scratch (forward) or _ops._mask_step_scratch (the
+  // backward's single pass) gives. The Hopper forward writes there which key blocks of each
+  // query tile the mask leaves any key visible in, and the single-pass backward which query
+  // blocks of each key block, and they skip the others; without it, they run every block.
+  // Ignored elsewhere.
   TensorView mask_block_scratch;
 };
 

@@ -322,6 +322,21 @@ def _mask_block_scratch(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> Tenso
     return q.new_empty((words,), dtype=torch.float32)
 
 
+def _mask_step_scratch(q: Tensor, k: Tensor, attn_mask: Tensor) -> Tensor:
+    """Scratch for the Hopper single-pass backward's lists of the steps a 4-D ``attn_mask``
+    leaves (the core's MaskStepList), with which it skips the blocks the mask hides: for each
+    block of 128 keys of each (b, k/v head) the mask does not broadcast, a length and an entry
+    per (query head of the group, block of 64 queries, the smaller of the kernels' two), and a
+    flag. Only for calls ``dq_path`` sends to the single pass with dQ scratch."""
+    B, Hq, Lq = q.shape[:3]
+    Hk, Lk = k.shape[1], k.shape[2]
+    mask_b = B if attn_mask.shape[0] != 1 else 1
+    mask_hk = Hk if attn_mask.shape[1] != 1 else 1
+    per_list = 1 + (Hq // Hk) * -(-Lq // 64)
+    words = 1 + mask_b * mask_hk * -(-Lk // 128) * per_list
+    return q.new_empty((words,), dtype=torch.float32)
+
+
 def _single_pass_mask(mask: Tensor, q: Tensor, head_dim: int, mask_needs_grad: bool) -> bool:
     """Whether the Hopper single pass can take this 4-D attn_mask at this head dim (the larger
     of the kernels' two; up to 128): bool or q's dtype, with no gradient to compute, copied by
@@ -516,7 +531,7 @@ def _backward_impl(
     tensors = [t.detach() for t in (grad_out, q, k, v, out)]
     grads = [grad_q, grad_k, grad_v]
     kernel_mask, kernel_grad_mask, scratch = _detached(attn_mask), grad_mask, None
-    accum_scratch = None
+    accum_scratch = step_scratch = None
     if q.is_cuda:
         tensors = [_cuda_ready(t) for t in tensors]
         grads = [
@@ -531,6 +546,8 @@ def _backward_impl(
         )
         if path == "accumulated":
             accum_scratch = _grad_q_accum_scratch(q, d, dv)
+            if attn_mask is not None:
+                step_scratch = _mask_step_scratch(q, k, attn_mask)
         if mask_needs_grad:
             kernel_mask, kernel_grad_mask = _full_length_mask_grad(
                 attn_mask, grad_mask, Lq, k.shape[2]
@@ -551,6 +568,7 @@ def _backward_impl(
         grad_scratch=_dl(scratch),
         key_range_scratch=_dl(_key_range_scratch(q, key_padding_mask)),
         grad_q_accum_scratch=_dl(accum_scratch),
+        mask_block_scratch=_dl(step_scratch),
         stream=_stream(q),
     )
     if mask_needs_grad and kernel_grad_mask is not grad_mask:

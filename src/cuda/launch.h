@@ -36,6 +36,15 @@ void launch_key_ranges(const DeviceParams& p, cudaStream_t stream);
 MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block_keys, bool bf16,
                                  cudaStream_t stream);
 
+// Keys per block of a MaskStepList: the sm90 dK/dV kernel's keys per CTA.
+inline constexpr int kMaskStepKeys = 128;
+
+// Fills p.mask_blocks with the lists of steps (MaskStepList) of the sm90 dK/dV kernel over
+// blocks of kMaskStepKeys keys and `block_queries` queries, as launch_mask_blocks does; an
+// empty list (every step runs) also where the query blocks do not fit an entry's 16 bits.
+MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf16,
+                               cudaStream_t stream);
+
 // SIMT kernels (no tensor cores) for float32 inputs: any D, Dv <= 256, exact fp32 accumulation.
 // Backward computes delta itself and writes grad_q, grad_k, grad_v (and grad_mask if set).
 void simt_forward(const DeviceParams& p, cudaStream_t stream);

@@ -284,12 +284,14 @@ NB_MODULE(_memattn, m) {
          std::optional<double> scale, int num_threads,
          const std::optional<nb::ndarray<>>& grad_scratch,
          const std::optional<nb::ndarray<>>& key_range_scratch,
-         const std::optional<nb::ndarray<>>& grad_q_accum_scratch, std::uintptr_t stream) {
+         const std::optional<nb::ndarray<>>& grad_q_accum_scratch,
+         const std::optional<nb::ndarray<>>& mask_block_scratch, std::uintptr_t stream) {
         memattn::BackwardArgs a;
         a.fwd = forward_args(q, k, v, attn_mask, key_padding_mask);
         a.fwd.out = view_of(out, "out");
         a.fwd.lse = view_of(lse, "lse");
         a.fwd.key_range_scratch = view_of(key_range_scratch, "key_range_scratch");
+        a.fwd.mask_block_scratch = view_of(mask_block_scratch, "mask_block_scratch");
         set_options(a.fwd, is_causal, causal_alignment, dropout_p, dropout_seed, scale);
         a.grad_out = view_of(grad_out, "grad_out");
         a.grad_q = view_of(grad_q, "grad_q");
@@ -309,14 +311,16 @@ NB_MODULE(_memattn, m) {
       "is_causal"_a, "causal_alignment"_a, "dropout_p"_a, "dropout_seed"_a, "scale"_a.none(),
       "num_threads"_a, "grad_scratch"_a.none() = nb::none(),
       "key_range_scratch"_a.none() = nb::none(), "grad_q_accum_scratch"_a.none() = nb::none(),
-      "stream"_a = 0,
+      "mask_block_scratch"_a.none() = nb::none(), "stream"_a = 0,
       "Runs the backward pass into the caller's grad_q/grad_k/grad_v (and grad_attn_mask, "
       "float32, zero-filled, the 4-D shape of attn_mask, when the mask needs a gradient). CUDA "
       "calls need `grad_scratch`, float32 [B, Hq, Lq], take `key_range_scratch` as forward "
       "does, and are queued on `stream`; given `grad_q_accum_scratch` (float32, "
       ">= B*Hq*ceil(Lq/64)*64*(64 if max(D, Dv) <= 64 else 128)), the Hopper backward of calls "
-      "without attn_mask or dropout runs in one pass (dQ summed with atomic adds: last bits "
-      "vary run to run).");
+      "without dropout or a mask gradient runs in one pass (dQ summed with atomic adds: last "
+      "bits vary run to run); with an attn_mask, that pass also takes `mask_block_scratch`, "
+      "float32 on the same device, of the size Python's _ops._mask_step_scratch gives, to list "
+      "the blocks the mask leaves visible and skip the others.");
 
   m.def("build_info", [] {
     const auto info = memattn::build_info();

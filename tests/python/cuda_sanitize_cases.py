@@ -243,24 +243,31 @@ def case_mask_tiles(dtype):
 
 
 def case_structured_mask_blocks(dtype):
-    """Masks whose key blocks the Hopper forward skips or runs without mask reads (the block
-    lists of mask_blocks.cu): a causal bool mask and a per-batch one (one batch element sees
-    nothing, one a single key) with partial tiles and blocks (Lq = 150, Lk = 300), an additive
-    window mask with causal and key padding, every head-dim bucket."""
+    """Masks whose blocks the Hopper kernels skip or run without mask reads (the block lists of
+    mask_blocks.cu: the forward's key blocks, the single-pass backward's steps): a causal bool
+    mask and a per-batch one (one batch element sees nothing, one a single key) with partial
+    tiles and blocks (Lq = 150, Lk = 304: rows of whole 16-byte units, which the mask tiles
+    copy), an additive window mask with causal and key padding, a per-head mask under GQA 4:2,
+    every head-dim bucket."""
     i = torch.arange(150)[:, None]
-    j = torch.arange(300)[None, :]
-    per_batch = torch.ones(2, 1, 150, 300, dtype=torch.bool)
+    j = torch.arange(304)[None, :]
+    per_batch = torch.ones(2, 1, 150, 304, dtype=torch.bool)
     per_batch[1] = False
     per_batch[1, 0, 40, 200] = True
-    window = torch.zeros(150, 300).masked_fill((i - j).abs() > 60, -math.inf)
-    kpm = torch.zeros(2, 300, dtype=torch.bool)
+    window = torch.zeros(150, 304).masked_fill((i - j).abs() > 60, -math.inf)
+    per_head = torch.stack(
+        [(j <= i), (i - j).abs() <= 60, (j >= 200) & (i >= 0), (j < 0) & (i >= 0)]
+    )[None]
+    kpm = torch.zeros(2, 304, dtype=torch.bool)
     kpm[1, 250:] = True
     for D in (64, 128, 256):
-        q, k, v = _qkv(dtype, B=2, Hq=2, Lq=150, Lk=300, D=D)
+        q, k, v = _qkv(dtype, B=2, Hq=2, Lq=150, Lk=304, D=D)
         check_against_reference(Inputs(q, k, v, (j <= i).to(DEV)))
-        check_against_reference(Inputs(q, k, v, per_batch.to(DEV)), backward=False)
+        check_against_reference(Inputs(q, k, v, per_batch.to(DEV)))
         kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
         check_against_reference(Inputs(q, k, v, window.to(DEV, dtype), kwargs=kwargs))
+        q, k, v = _qkv(dtype, B=2, Hq=4, Hk=2, Lq=150, Lk=304, D=D)
+        check_against_reference(Inputs(q, k, v, per_head.to(DEV)))
 
 
 def case_mask_broadcast_over_batch(dtype):

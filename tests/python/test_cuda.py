@@ -1545,9 +1545,11 @@ def test_hopper_mask_broadcast_over_batch(dtype, D):
         check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
 
 
-# Structured masks at the kernels' block scale: Lq = 300, Lk = 520 leave partial query tiles and
-# key blocks at every tile shape (64- or 128-row tiles, 64- or 128-key blocks).
-STRUCT_LQ, STRUCT_LK = 300, 520
+# Structured masks at the kernels' block scale: Lq = 300, Lk = 528 leave partial query tiles and
+# key blocks at every tile shape (64- or 128-row tiles, 64- or 128-key blocks); a bool mask's
+# rows of 528 bytes are whole 16-byte units, so the mask tiles (and the single-pass backward)
+# take it.
+STRUCT_LQ, STRUCT_LK = 300, 528
 
 
 def _structured_bool_masks() -> dict:
@@ -1607,7 +1609,67 @@ def test_hopper_structured_masks(dtype, D, kind, name):
     kpm[-1, 100:] = True
     for alignment in ("top_left", "bottom_right"):
         kwargs = {"is_causal": True, "causal_alignment": alignment, "key_padding_mask": kpm.to(DEV)}
-        check_cuda(Inputs(q, k, v, mask, kwargs=kwargs), backward=False)
+        check_cuda(Inputs(q, k, v, mask, kwargs=kwargs))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_hopper_structured_masks_per_head_gqa(dtype, D):
+    """The single-pass backward's step lists (the core's MaskStepList) under GQA: each query
+    head of a k/v head's group has its own structure (a window, documents, nothing visible, a
+    random mask), and the list of a key block interleaves them; also causal, both alignments.
+    Forward and backward against float64."""
+    i = torch.arange(STRUCT_LQ)[:, None]
+    j = torch.arange(STRUCT_LK)[None, :]
+    masks = _structured_bool_masks()
+    per_head = torch.stack(
+        [
+            masks["window"],
+            masks["documents"],
+            torch.zeros(STRUCT_LQ, STRUCT_LK, dtype=torch.bool),
+            torch.rand(STRUCT_LQ, STRUCT_LK) < 0.5,
+            masks["causal"],
+            (j >= 256) & (i < 200),
+        ]
+    )[None].to(DEV)
+    q, k, v = qkv(B=2, Hq=6, Hk=2, Lq=STRUCT_LQ, Lk=STRUCT_LK, D=D, dtype=dtype)
+    check_cuda(Inputs(q, k, v, per_head))
+    for alignment in ("top_left", "bottom_right"):
+        kwargs = {"is_causal": True, "causal_alignment": alignment}
+        check_cuda(Inputs(q, k, v, per_head, kwargs=kwargs))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_hopper_backward_never_reads_hidden_query_blocks(dtype, D):
+    """The single-pass backward skips the steps a mask hides (MaskStepList), not computes and
+    zeroes them: with NaN in the queries and output gradients of rows that see no key
+    (128..255: whole query blocks at both step sizes), dK and dV are exactly those of finite
+    values there (a computed step would give 0 * NaN = NaN in dV += P^T dO), and those rows'
+    dQ is 0."""
+    q, k, v = qkv(B=2, Hq=2, Lq=STRUCT_LQ, Lk=STRUCT_LK, D=D, dtype=dtype, requires_grad=False)
+    mask = torch.rand(2, 1, STRUCT_LQ, STRUCT_LK) < 0.8
+    mask[:, :, 128:256] = False
+    mask = mask.to(DEV)
+    grad_out = torch.randn(q.shape, dtype=torch.float64).to(DEV, dtype)
+
+    def grads(q_, grad_out_):
+        q_ = q_.clone().requires_grad_(True)
+        k_, v_ = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        out = memattn.attention(q_, k_, v_, attn_mask=mask)
+        return torch.autograd.grad(out, (q_, k_, v_), grad_out_)
+
+    finite = grads(q, grad_out)
+    q_nan, grad_out_nan = q.clone(), grad_out.clone()
+    q_nan[:, :, 128:256] = math.nan
+    grad_out_nan[:, :, 128:256] = math.nan
+    got = grads(q_nan, grad_out_nan)
+    assert torch.equal(got[1], finite[1]) and torch.equal(got[2], finite[2])
+    assert torch.all(got[0][:, :, 128:256] == 0)
+    # dQ is summed with atomic adds: its last bits may differ between the two runs
+    torch.testing.assert_close(got[0], finite[0], rtol=0, atol=1e-2)
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")

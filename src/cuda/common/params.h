@@ -56,7 +56,8 @@ struct DeviceParams {
 
   // Optional, with attn_mask: 4-byte words of scratch (mask_block_words of them) for the lists
   // of key blocks that launch_mask_blocks writes before the sm90 general forward
-  // (MaskBlockList). Without it that kernel runs every block the bounds leave.
+  // (MaskBlockList), or of steps that launch_mask_steps writes before the sm90 single-pass
+  // backward (MaskStepList). Without it those kernels run every block the bounds leave.
   std::int32_t* mask_blocks = nullptr;
   std::int64_t mask_block_words = 0;
 
@@ -113,6 +114,24 @@ struct MaskBlockList {
   __host__ __device__ std::int32_t* entries(std::int32_t* counts) const {
     return counts + key_blocks + 1;
   }
+};
+
+// The backward's counterpart of MaskBlockList (launch_mask_steps, mask_blocks.cu): for each
+// block of `block_keys` keys of each (b, k/v head), the steps of the sm90 dK/dV kernel (query
+// head of the k/v head's group, block of `block_queries` queries) in which the attn_mask leaves
+// a key of the block visible to a query and causality leaves a pair, in the order that kernel
+// walks them (heads, then query blocks). The list of key block n of (b, hk) starts at
+// at(b, hk, n) = words + b st[0] + hk st[1] + n st[2] (0 along the dims the mask broadcasts):
+// its length, then the entries, (head - hk group) << 16 | query block. skips: whether the mask
+// hides any step that causality leaves, else the kernel walks every step as without the list.
+struct MaskStepList {
+  std::int32_t* skips = nullptr;
+  std::int32_t* words = nullptr;
+  std::int64_t st[3] = {0, 0, 0};
+  __host__ __device__ std::int32_t* at(int b, int hk, int n) const {
+    return words + b * st[0] + hk * st[1] + n * st[2];
+  }
+  static constexpr int kHeadShift = 16;  // entry bits of the query block, below the head's
 };
 
 // Whether a call needs the general kernels (masks, dropout, mask gradient, or a scale <= 0,

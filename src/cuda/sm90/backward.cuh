@@ -180,6 +180,9 @@ struct DkvTraits : BackwardShape {
   // the single pass's mask tile at D = 64 leaves no room for two (one copy for both warpgroups
   // spilled 12 bytes there).
   static constexpr bool kSharedStats = kFusedDq && kMasking == DkvMasking::lean;
+  // The steps an attn_mask leaves, listed (MaskStepList): in the single pass with mask tiles.
+  static constexpr bool kListedSteps = kFusedDq && kMasking == DkvMasking::tiles;
+  static_assert(kRows == kMaskStepKeys, "MaskStepList's key blocks are the CTA's keys");
   static constexpr int kStatsBuffers = kOwnMaskBarriers ? 1 : kStages;
   // Layout: K | V | Q[kStages] | dO[kStages] | dS^T[2] | dQ[kConsumers] | mask[kMaskStages] |
   // stats[kConsumers or 1][kStatsBuffers][lse2, delta][kBlockQ] | mbarriers.
@@ -266,31 +269,71 @@ struct KeyBlock : KeyBlockIndex {
 // the steps are the group's query heads h_begin .. h_end, and for each the query blocks of
 // kBlockQ rows from i_begin, the first that can see a key of the block (i >= j0 -
 // causal_offset). Every role walks them in the same order, counting steps (ring stage and
-// phase). A block whose keys are all padding has no steps (dK = dV = 0).
+// phase). A block whose keys are all padding has no steps (dK = dV = 0). Given a list of the
+// steps an attn_mask leaves (MaskStepList, `listed`), the CTA walks only those: `list` then
+// points at its entries, and `steps` counts them.
 template <int kRows, int kBlockQ>
 struct KeySteps {
   int b, hk, j0, h_begin, h_end;
   KeyRange keys;
   int i_begin;
+  const std::int32_t* list = nullptr;
+  int steps;
   // at: block.batch_head<kMasked>(p).
-  __device__ __forceinline__ KeySteps(const DeviceParams& p, const KeyBlock& block, BatchHead at)
+  __device__ __forceinline__ KeySteps(const DeviceParams& p, const KeyBlock& block, BatchHead at,
+                                      const MaskStepList& listed_steps = {}, bool listed = false)
       : b(at.b),
         hk(at.h),
         j0(block.n_block * kRows),
         h_begin(hk * p.group),
         h_end(h_begin + p.group),
         keys(key_range(p, b)),
-        i_begin(j0 < keys.end ? causal_query_begin(p, j0) / kBlockQ * kBlockQ : p.Lq) {}
-  // Runs step(h, i0) for the steps in that order. Not unrolled: unrolled, the producer thread's
-  // and the dQ writers' loops spilled at their 24 registers. (The consumers spell the loops out:
-  // as the body of a lambda their step compiled differently and spilled 28 bytes in the D = 64
-  // single pass.)
-  template <class Step>
-  __device__ __forceinline__ void for_each(const DeviceParams& p, Step&& step) const {
+        i_begin(j0 < keys.end ? causal_query_begin(p, j0) / kBlockQ * kBlockQ : p.Lq),
+        steps(p.group * ((p.Lq - i_begin + kBlockQ - 1) / kBlockQ)) {
+    if (listed) {
+      const std::int32_t* length = listed_steps.at(b, hk, block.n_block);
+      list = length + 1;
+      steps = i_begin < p.Lq ? __ldg(length) : 0;
+    }
+  }
+  struct Step {
+    int h, i0;
+  };
+  // The step of list entry e.
+  __device__ __forceinline__ Step listed_step(int e) const {
+    return {h_begin + (e >> MaskStepList::kHeadShift),
+            (e & ((1 << MaskStepList::kHeadShift) - 1)) * kBlockQ};
+  }
+  __device__ __forceinline__ int entry(int index) const { return __ldg(list + index); }
+  // The first step (where steps > 0) and, without a list, the step after s.
+  __device__ __forceinline__ Step first() const {
+    return list != nullptr ? listed_step(entry(0)) : Step{h_begin, i_begin};
+  }
+  __device__ __forceinline__ Step after(const DeviceParams& p, Step s) const {
+    return s.i0 + kBlockQ < p.Lq ? Step{s.h, s.i0 + kBlockQ} : Step{s.h + 1, i_begin};
+  }
+  // Runs step(h, i0, last) for the steps in that order (last: the CTA's last step). Not
+  // unrolled: unrolled, the producer thread's and the dQ writers' loops spilled at their 24
+  // registers. (The consumers spell the loop out: as the body of a lambda their step compiled
+  // differently and spilled 28 bytes in the D = 64 single pass.) A list's entries are read a
+  // step ahead.
+  template <class StepFn>
+  __device__ __forceinline__ void for_each(const DeviceParams& p, StepFn&& step) const {
+    if (list != nullptr) {
+      int e = steps > 0 ? entry(0) : 0;
+#pragma unroll 1
+      for (int index = 0; index < steps; ++index) {
+        const Step s = listed_step(e);
+        if (index + 1 < steps) e = entry(index + 1);
+        step(s.h, s.i0, index + 1 == steps);
+      }
+      return;
+    }
 #pragma unroll 1
     for (int h = h_begin; h < h_end; ++h)
 #pragma unroll 1
-      for (int i0 = i_begin; i0 < p.Lq; i0 += kBlockQ) step(h, i0);
+      for (int i0 = i_begin; i0 < p.Lq; i0 += kBlockQ)
+        step(h, i0, i0 + kBlockQ >= p.Lq && h + 1 == h_end);
   }
 };
 
@@ -317,7 +360,13 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
 
   constexpr bool kMasked = kMasking != DkvMasking::lean;
   const KeyBlock block(p, blockIdx.x, num_n_blocks);
-  const KeySteps<Tr::kRows, Tr::kBlockQ> cta(p, block, block.batch_head<kMasked>(p));
+  // The single pass with mask tiles walks only the steps its mask leaves (MaskStepList) where
+  // the mask hides any: not without dq_accum (direct_dq_backward), whose steps write each
+  // query row's dQ once, skipped rows included.
+  const bool listed = Tr::kListedSteps && maps.steps.words != nullptr && p.dq_accum != nullptr &&
+                      __ldg(maps.steps.skips) != 0;
+  using Steps = KeySteps<Tr::kRows, Tr::kBlockQ>;
+  const Steps cta(p, block, block.batch_head<kMasked>(p), maps.steps, listed);
   // attn_mask tiles (a mask TMA can copy; always in the tiles kernel) come with each step's Q
   // and dO.
   const bool mask_tiles = kMasked && maps.mask.rows > 0;
@@ -349,7 +398,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const auto write_dq_parts = [&] {
     if constexpr (kFusedDq) {  // (the two passes' kernels have no dQ parts: kQParts = 0 there)
       for (int g = 0; g < Tr::kConsumers; ++g) named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-      cta.for_each(p, [&](int h, int i0) {
+      cta.for_each(p, [&](int h, int i0, bool last) {
         const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
         const auto dst = [&](int g) -> float* {
           const int row0 = i0 + kChunkCols * (g % Tr::kQParts);
@@ -358,8 +407,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
                              : nullptr;
         };
         hand_dq_parts<0, Tr::kConsumers, Tr::kDqBytes>(
-            dst, [&](int g) { return sm.dq(g); }, i0 + Tr::kBlockQ >= p.Lq && h + 1 == cta.h_end,
-            lane);
+            dst, [&](int g) { return sm.dq(g); }, last, lane);
       });
       if (lane == 0) bulk_wait<0>();  // the last reduction, before the CTA's memory goes
     }
@@ -375,7 +423,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       load_tile<Tr::kChunks, Tr::kRows>(sm.k(), maps.k, sm.kv_full(), cta.j0, cta.hk, cta.b);
       load_tile<Tr::kChunks, Tr::kRows>(sm.v(), maps.v, sm.kv_full(), cta.j0, cta.hk, cta.b);
       int it = 0;
-      cta.for_each(p, [&](int h, int i0) {
+      cta.for_each(p, [&](int h, int i0, bool) {
         const int s = stage_of<Tr>(it);
         load_stage<Tr::kChunks, Tr::kBlockQ, Tr::kRows>(
             p, sm.step_empty(s), sm.step_full(s), parity_of<Tr>(it) ^ 1, mask_tile(s),
@@ -419,9 +467,11 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   const bool stats_row = wg_thread < kStatsRows;
   const int stats_row0 = kSharedStats ? kStatsRows * wg : 0;  // the step's first row loaded here
   const int stats_wg = kSharedStats ? 0 : wg;                 // whose buffers hold them
+  // The step ahead (whose row stats are loaded) and, with a list, the entry of the one after.
+  typename Steps::Step next = cta.steps > 0 ? cta.first() : typename Steps::Step{};
   sm80::RowStats next_stats{};
-  if (stats_row && cta.i_begin < p.Lq)
-    next_stats = sm80::row_stats(p, cta.b, cta.h_begin, cta.i_begin + stats_row0 + wg_thread);
+  if (stats_row && cta.steps > 0)
+    next_stats = sm80::row_stats(p, cta.b, next.h, next.i0 + stats_row0 + wg_thread);
   const auto store_stats = [&](int s) {
     if (stats_row) {
       sm.lse2(stats_wg, s)[stats_row0 + wg_thread] = next_stats.lse2;
@@ -434,148 +484,154 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
   }
   mbar_wait(sm.kv_full(), 0);
   // The steps of KeySteps::for_each, spelled out here (why: there).
-  int it = 0;
-  for (int h = cta.h_begin; h < cta.h_end; ++h)
-    for (int i0 = cta.i_begin; i0 < p.Lq; i0 += Tr::kBlockQ, ++it) {
-      const int s = stage_of<Tr>(it);
-      const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
-      if constexpr (!kSharedStats) {
-        // One buffer: the warpgroup's reads of the step before come first.
-        if constexpr (Tr::kStatsBuffers == 1) named_barrier_sync(1 + wg, 128);
-        store_stats(s);
-        named_barrier_sync(1 + wg, 128);
-      }
-      const bool last_block = i0 + Tr::kBlockQ >= p.Lq;
-      if (stats_row && !(last_block && h + 1 == cta.h_end))
-        next_stats =
-            sm80::row_stats(p, cta.b, last_block ? h + 1 : h,
-                            (last_block ? cta.i_begin : i0 + Tr::kBlockQ) + stats_row0 + wg_thread);
-      mbar_wait(sm.step_full(s), parity_of<Tr>(it));
-
-      // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
-      // tensor cores (not in the two passes' kernel: at D = 64 next to mask tiles the split
-      // spilled 72 bytes; nor in the single pass with D = 64 mask tiles: 4 bytes).
-      constexpr bool kOverlapP = kFusedDq && !(kMasked && kHeadDim <= 64);
-      float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
-      wgmma_fence();
-      gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
-      wgmma_commit();
-      gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
-      wgmma_commit();
-      constexpr int kPendingDp = kOverlapP ? 1 : 0;
-      wgmma_wait<kPendingDp>();
-      fence_operands(st[0]);
-      if constexpr (!kOverlapP) fence_operands(dpt[0]);
-
-      const ElementMasks<T> masks{p, cta.b, h, cta.keys};
-      const auto mask_from_tile = [&] {
-        // Blocks that bounds and causality leave whole skip the per-element compares.
-        const bool check =
-            sm80::block_needs_bounds_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
-        const MaskTile mt = mask_tile(s);
-        const int tile_key0 = key_row0 - cta.j0;
-        // Spelled out rather than through with_tile_flags (mask_tile.cuh, as the forward does):
-        // with the helper here and in the dQ kernel ptxas allocated registers differently and
-        // the D = 64 dQ kernel spilled 8 bytes; spelled out, the machine code is what was
-        // measured on the GPU.
-        if (p.mask_kind == MaskKind::boolean && check)
-          mask_key_rows_from_tile<true, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
-        else if (p.mask_kind == MaskKind::boolean)
-          mask_key_rows_from_tile<true, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
-        else if (check)
-          mask_key_rows_from_tile<false, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
-        else
-          mask_key_rows_from_tile<false, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
-      };
-      if constexpr (kMasking == DkvMasking::tiles) {
-        if constexpr (Tr::kOwnMaskBarriers) mbar_wait(sm.mask_full(), it & 1);
-        mask_from_tile();
-        if constexpr (Tr::kOwnMaskBarriers) release(sm.mask_empty(), lane);
-      } else if (mask_tiles) {
-        mask_from_tile();
-      } else {
-        const bool check = sm80::block_needs_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
-        sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
-      }
-      // P^T, then dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
-      const float* lse2 = sm.lse2(stats_wg, s);
-      const float* delta = sm.delta(stats_wg, s);
-      if constexpr (kOverlapP) {
-        key_row_probabilities(st, lse2, unit, lane);
-        wgmma_wait<0>();
-        fence_operands(dpt[0]);
-      }
-#pragma unroll
-      for (int n = 0; n < kQ; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = sm80::c_col(n, e, lane);
-          const float prob = kOverlapP ? st[0][n][e] : fast_exp2(st[0][n][e] * unit - lse2[col]);
-          float keep = 1.f;
-          if constexpr (kFeatures)
-            if (p.dropout)
-              keep = dropout_keeps(p, bh, i0 + col, key_row0 + sm80::c_row(0, e, lane))
-                         ? p.dropout_keep_scale
-                         : 0.f;
-          dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
-          st[0][n][e] = prob * keep;
-        }
-      std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
-      sm80::c_to_a<T>(dsf, dpt);
-      sm80::c_to_a<T>(pf, st);
-      if constexpr (kFusedDq) {
-        store_a_fragments<Tr::kRows, Tr::kBlockQ>(sm.ds_t(it % 2), 64 * wg + 16 * warp, dsf, lane);
-        fence_async_shared();  // the stores, before the barrier, for the other's dQ wgmma
-      }
-
-      wgmma_fence();
-      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
-      wgmma_commit();
-      if constexpr (kFusedDq) {
-        // dQ = dS K sums over all 128 keys, half of them from the other warpgroup's dS^T: wait
-        // for both halves (the same barrier tells a warpgroup that the other one finished its
-        // dQ product of two steps back, which read the buffer about to be overwritten, and
-        // publishes the next step's row stats). dK's product goes last, so the dQ part is
-        // written out while it runs (FA3's order).
-        if constexpr (kSharedStats) store_stats(stage_of<Tr>(it + 1));
-        named_barrier_sync(3, 256);
-        const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
-        float acc_dq[1][kChunkCols / 8][4];
-        wgmma_fence();
-        gemm_ss_mn<T, Tr::kRows>(acc_dq[0], sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
-                                 sm.k() + col_part * Tr::kRows * kRowBytes);
-        wgmma_commit();
-        gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_operands(acc_dq[0]);
-        fence_operands(acc_dv[0]);
-        const int dq_row0 = i0 + kChunkCols * q_part;
-        if (p.dq_accum == nullptr) {
-          // One key block (direct_dq_backward): this part is the whole dQ of its rows; written
-          // once, no scratch, no atomics.
-          sm80::store_rows<T>(static_cast<T*>(p.grad_q) + cta.b * p.grad_q_st.b + h * p.grad_q_st.h,
-                              p.grad_q_st.l, dq_row0 + 16 * warp, p.Lq, kChunkCols * col_part, p.D,
-                              acc_dq, p.scale, lane);
-        } else {
-          // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
-          // writer warp has handed the previous one to the copy engine.
-          named_barrier_sync(Tr::kDqEmpty + wg, Tr::kDqSync);
-#pragma unroll
-          for (int n = 0; n < kChunkCols / 8; ++n)
-            st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
-          fence_async_shared();
-          named_barrier_arrive(Tr::kDqFull + wg, Tr::kDqSync);
-        }
-      } else {
-        gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
-        wgmma_commit();
-      }
-      wgmma_wait<0>();
-      fence_operands(acc_dv[0]);
-      fence_operands(acc_dk[0]);
-      release(sm.step_empty(s), lane);
+#pragma unroll 1
+  for (int it = 0; it < cta.steps; ++it) {
+    const int s = stage_of<Tr>(it);
+    const int h = next.h, i0 = next.i0;
+    const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
+    if constexpr (!kSharedStats) {
+      // One buffer: the warpgroup's reads of the step before come first.
+      if constexpr (Tr::kStatsBuffers == 1) named_barrier_sync(1 + wg, 128);
+      store_stats(s);
+      named_barrier_sync(1 + wg, 128);
     }
+    // The next step, and its row stats loaded. A listed step's entry is loaded here and used
+    // once this step's first products are issued, which hide the load's latency.
+    const bool more = it + 1 < cta.steps;
+    const int next_entry = cta.list != nullptr && more ? cta.entry(it + 1) : 0;
+    const auto advance = [&](typename Steps::Step step) {
+      next = step;
+      if (stats_row)
+        next_stats = sm80::row_stats(p, cta.b, next.h, next.i0 + stats_row0 + wg_thread);
+    };
+    if (cta.list == nullptr && more) advance(cta.after(p, next));
+    mbar_wait(sm.step_full(s), parity_of<Tr>(it));
+
+    // S^T and dP^T in two groups. Single pass: P^T's exponentials run while dP^T is on the
+    // tensor cores (not in the two passes' kernel: at D = 64 next to mask tiles the split
+    // spilled 72 bytes; nor in the single pass with D = 64 mask tiles: 4 bytes).
+    constexpr bool kOverlapP = kFusedDq && !(kMasked && kHeadDim <= 64);
+    float st[1][kQ][4], dpt[1][kQ][4];  // S^T, dP^T for this warp's 16 keys x kBlockQ queries
+    wgmma_fence();
+    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(st[0], sm.k(), 64 * wg, sm.q(s), false);
+    wgmma_commit();
+    gemm_ss<T, Tr::kBlockQ, kHeadDim, Tr::kRows>(dpt[0], sm.v(), 64 * wg, sm.grad_out(s), false);
+    wgmma_commit();
+    if (cta.list != nullptr && more) advance(cta.listed_step(next_entry));
+    constexpr int kPendingDp = kOverlapP ? 1 : 0;
+    wgmma_wait<kPendingDp>();
+    fence_operands(st[0]);
+    if constexpr (!kOverlapP) fence_operands(dpt[0]);
+
+    const ElementMasks<T> masks{p, cta.b, h, cta.keys};
+    const auto mask_from_tile = [&] {
+      // Blocks that bounds and causality leave whole skip the per-element compares.
+      const bool check =
+          sm80::block_needs_bounds_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
+      const MaskTile mt = mask_tile(s);
+      const int tile_key0 = key_row0 - cta.j0;
+      // Spelled out rather than through with_tile_flags (mask_tile.cuh, as the forward does):
+      // with the helper here and in the dQ kernel ptxas allocated registers differently and
+      // the D = 64 dQ kernel spilled 8 bytes; spelled out, the machine code is what was
+      // measured on the GPU.
+      if (p.mask_kind == MaskKind::boolean && check)
+        mask_key_rows_from_tile<true, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
+      else if (p.mask_kind == MaskKind::boolean)
+        mask_key_rows_from_tile<true, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
+      else if (check)
+        mask_key_rows_from_tile<false, true>(st, masks, mt, tile_key0, key_row0, i0, lane);
+      else
+        mask_key_rows_from_tile<false, false>(st, masks, mt, tile_key0, key_row0, i0, lane);
+    };
+    if constexpr (kMasking == DkvMasking::tiles) {
+      if constexpr (Tr::kOwnMaskBarriers) mbar_wait(sm.mask_full(), it & 1);
+      mask_from_tile();
+      if constexpr (Tr::kOwnMaskBarriers) release(sm.mask_empty(), lane);
+    } else if (mask_tiles) {
+      mask_from_tile();
+    } else {
+      const bool check = sm80::block_needs_check(p, cta.keys, i0, Tr::kBlockQ, cta.j0, Tr::kRows);
+      sm80::mask_scores<sm80::Rows::keys, kFeatures>(st, masks, key_row0, i0, check, lane);
+    }
+    // P^T, then dS^T = P^T o (dP^T o Z - delta) and, for dV, P^T o Z (Z: dropout factors).
+    const float* lse2 = sm.lse2(stats_wg, s);
+    const float* delta = sm.delta(stats_wg, s);
+    if constexpr (kOverlapP) {
+      key_row_probabilities(st, lse2, unit, lane);
+      wgmma_wait<0>();
+      fence_operands(dpt[0]);
+    }
+#pragma unroll
+    for (int n = 0; n < kQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = sm80::c_col(n, e, lane);
+        const float prob = kOverlapP ? st[0][n][e] : fast_exp2(st[0][n][e] * unit - lse2[col]);
+        float keep = 1.f;
+        if constexpr (kFeatures)
+          if (p.dropout)
+            keep = dropout_keeps(p, bh, i0 + col, key_row0 + sm80::c_row(0, e, lane))
+                       ? p.dropout_keep_scale
+                       : 0.f;
+        dpt[0][n][e] = prob * (dpt[0][n][e] * keep - delta[col]);
+        st[0][n][e] = prob * keep;
+      }
+    std::uint32_t pf[1][kQ / 2][4], dsf[1][kQ / 2][4];
+    sm80::c_to_a<T>(dsf, dpt);
+    sm80::c_to_a<T>(pf, st);
+    if constexpr (kFusedDq) {
+      store_a_fragments<Tr::kRows, Tr::kBlockQ>(sm.ds_t(it % 2), 64 * wg + 16 * warp, dsf, lane);
+      fence_async_shared();  // the stores, before the barrier, for the other's dQ wgmma
+    }
+
+    wgmma_fence();
+    gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dv[0], pf, sm.grad_out(s));
+    wgmma_commit();
+    if constexpr (kFusedDq) {
+      // dQ = dS K sums over all 128 keys, half of them from the other warpgroup's dS^T: wait
+      // for both halves (the same barrier tells a warpgroup that the other one finished its
+      // dQ product of two steps back, which read the buffer about to be overwritten, and
+      // publishes the next step's row stats). dK's product goes last, so the dQ part is
+      // written out while it runs (FA3's order).
+      if constexpr (kSharedStats) store_stats(stage_of<Tr>(it + 1));
+      named_barrier_sync(3, 256);
+      const int q_part = wg % Tr::kQParts, col_part = wg / Tr::kQParts;
+      float acc_dq[1][kChunkCols / 8][4];
+      wgmma_fence();
+      gemm_ss_mn<T, Tr::kRows>(acc_dq[0], sm.ds_t(it % 2) + q_part * Tr::kRows * kRowBytes,
+                               sm.k() + col_part * Tr::kRows * kRowBytes);
+      wgmma_commit();
+      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(acc_dq[0]);
+      fence_operands(acc_dv[0]);
+      const int dq_row0 = i0 + kChunkCols * q_part;
+      if (p.dq_accum == nullptr) {
+        // One key block (direct_dq_backward): this part is the whole dQ of its rows; written
+        // once, no scratch, no atomics.
+        sm80::store_rows<T>(static_cast<T*>(p.grad_q) + cta.b * p.grad_q_st.b + h * p.grad_q_st.h,
+                            p.grad_q_st.l, dq_row0 + 16 * warp, p.Lq, kChunkCols * col_part, p.D,
+                            acc_dq, p.scale, lane);
+      } else {
+        // Stage the part (the layout of dq_accum_tile: conflict-free 16-byte stores) once the
+        // writer warp has handed the previous one to the copy engine.
+        named_barrier_sync(Tr::kDqEmpty + wg, Tr::kDqSync);
+#pragma unroll
+        for (int n = 0; n < kChunkCols / 8; ++n)
+          st_shared_v4(sm.dq(wg) + 16 * (128 * n + wg_thread), acc_dq[0][n]);
+        fence_async_shared();
+        named_barrier_arrive(Tr::kDqFull + wg, Tr::kDqSync);
+      }
+    } else {
+      gemm_rs<T, kHeadDim, Tr::kBlockQ>(acc_dk[0], dsf, sm.q(s));
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+    fence_operands(acc_dv[0]);
+    fence_operands(acc_dk[0]);
+    release(sm.step_empty(s), lane);
+  }
 
   // dK and dV go out through shared memory, as the forward's output does (NOTES.md, "Output by
   // TMA stores"): each warpgroup writes its 64 keys' rows as 16-bit values into the K and V
@@ -951,7 +1007,7 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       // Q of a step once its stage is free (the end of the step two back), then dO once the
       // step before has read it (its dV product).
       int it = 0;
-      cta.for_each(p, [&](int h, int i0) {
+      cta.for_each(p, [&](int h, int i0, bool) {
         const int s = stage_of<Tr>(it);
         mbar_wait(sm.q_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.q_full(s), Tr::kQBytes);
@@ -969,9 +1025,8 @@ __global__ void __launch_bounds__(BackwardShape::kThreads, 1)
       // buffer).
       const auto write = [&]<int g>() {
         named_barrier_arrive(Tr::kDqEmpty + g, Tr::kDqSync);
-        cta.for_each(p, [&](int h, int i0) {
+        cta.for_each(p, [&](int h, int i0, bool last_step) {
           const std::uint64_t bh = static_cast<std::uint64_t>(cta.b) * p.Hq + h;
-          const bool last_step = i0 + Tr::kBlockQ >= p.Lq && h + 1 == cta.h_end;
 #pragma unroll
           for (int c = 0; c < Tr::kDqParts; ++c)
             hand_dq_parts<g, 1, Tr::kDqBytes>(
@@ -1142,7 +1197,8 @@ void launch_backward_split_d(const DeviceParams& p, cudaStream_t stream) {
       make_tile_map(p.grad_out, kBf16, p.B, p.Hq, p.Lq, p.Dv, p.grad_out_st, Tr::kBlockQ),
       MaskTileMap{},
       make_tile_map(p.grad_k, kBf16, p.B, p.Hk, p.Lk, p.D, p.grad_k_st, Tr::kRows),
-      make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, Tr::kRows)};
+      make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, Tr::kRows),
+      MaskStepList{}};
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
   check_cuda(
       cudaMemsetAsync(p.dq_accum, 0,
@@ -1173,7 +1229,8 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
         outputs ? make_tile_map(p.grad_k, kBf16, p.B, p.Hk, p.Lk, p.D, p.grad_k_st, 64)
                 : CUtensorMap{},
         outputs ? make_tile_map(p.grad_v, kBf16, p.B, p.Hk, p.Lk, p.Dv, p.grad_v_st, 64)
-                : CUtensorMap{}};
+                : CUtensorMap{},
+        MaskStepList{}};
   };
   const std::int64_t q_tiles = static_cast<std::int64_t>(p.B) * p.Hq * dq_row_tiles(p.Lq);
   // The single pass sums dQ in the zeroed scratch, or without one (direct_dq_backward) writes
@@ -1188,11 +1245,14 @@ void launch_backward(const DeviceParams& p, cudaStream_t stream) {
     constexpr DkvMasking kMasking = decltype(masking)::value;
     using Kv = DkvTraits<kHeadDim, kMasking, kFusedDq>;
     const int num_n_blocks = (p.Lk + Kv::kRows - 1) / Kv::kRows;
+    BackwardMaps dkdv_maps = maps(Kv::kBlockQ, Kv::kRows, true);
+    if constexpr (Kv::kListedSteps)
+      if (dq_scratch) dkdv_maps.steps = launch_mask_steps(p, Kv::kBlockQ, kBf16, stream);
     launch_with_smem(
         &backward_dkdv_kernel<T, kHeadDim, kMasking, kFusedDq>,
         kFusedDq ? "memattn sm90 backward dK/dV/dQ kernel" : "memattn sm90 backward dK/dV kernel",
         static_cast<std::int64_t>(num_n_blocks) * p.B * p.Hk, Kv::kThreads, Kv::kSmemBytes, stream,
-        p, maps(Kv::kBlockQ, Kv::kRows, true), num_n_blocks);
+        p, dkdv_maps, num_n_blocks);
   };
   using Tiles = std::integral_constant<DkvMasking, DkvMasking::tiles>;
   if constexpr (!kFeatures)

@@ -30,6 +30,7 @@ struct BackwardMaps {
   CUtensorMap q, k, v, grad_out;
   MaskTileMap mask;
   CUtensorMap grad_k, grad_v;
+  MaskStepList steps;  // the dK/dV kernel's steps that the mask leaves (launch_mask_steps)
 };
 
 // A tensor map over a [B, H, L, D] tensor of 16-bit elements (fp16 or bf16; `bf16` picks which)
