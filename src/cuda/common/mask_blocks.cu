@@ -6,11 +6,13 @@
 // - MaskStepList (launch_mask_steps), before the single-pass backward: per key block of each
 //   (b, k/v head), the steps (query head, query block) with a visible pair.
 //
-// Both classify rectangles of the mask (a query block x a key block) the same way: one warp per
-// rectangle, hidden (every value false or -inf), whole (every value true or 0.0) or partial. A
-// warp reads two rows, then 16 rows at a time, and stops as soon as the rectangle is partial,
-// so a mask without structure (random values, a bias) costs a small part of a read of the mask,
-// and one with structure a read. Then warp 0 compacts the CTA's rectangles into its list.
+// Both classify rectangles of the mask (a query block x a key block) the same way: hidden
+// (every value false or -inf), whole (every value true or 0.0) or partial. A warp reads two
+// rows, then 16 rows at a time, and stops as soon as the rectangle is partial, so a mask without
+// structure (random values, a bias) costs a small part of a read of the mask, and one with
+// structure a read. A CTA's 32 warps take its rectangles in turn, several warps to a rectangle
+// (slices of its rows) where there are fewer rectangles than warps. Then warp 0 compacts the
+// CTA's rectangles into its list.
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -26,7 +28,7 @@ constexpr int kMaxWarps = 32;
 constexpr int kFirstRows = 2;     // rows read before the warp's first vote
 constexpr int kRowsPerStep = 16;  // rows read before each later vote
 constexpr int kMaxRectangles =
-    48 * 1024;  // a byte each in the 48 KB a launch gets without opting in
+    12 * 1024;  // a word each in the 48 KB a launch gets without opting in
 enum BlockClass : std::uint8_t { kHidden, kPartial, kWhole };
 
 // How a mask value of each kind hides or changes a score, on its bits.
@@ -52,7 +54,7 @@ template <class Values, int kBlockKeys>
 __device__ BlockClass classify(const DeviceParams& p, const typename Values::Word* rows0, int rows,
                                int j0, int cols, int lane) {
   bool visible = false, changed = false;  // this lane's values so far
-  // Reads kRows rows from r0 and says whether the rectangle is partial so far.
+  // Reads rows_per_step rows from r0 and says whether the rectangle is partial so far.
   const auto read_rows = [&](auto rows_per_step, int r0) {
 #pragma unroll
     for (int r = 0; r < decltype(rows_per_step)::value; ++r) {
@@ -90,32 +92,70 @@ __device__ int mask_block_rows(const DeviceParams& p, int block_rows, int row0) 
   return p.mask_st[2] != 0 ? min(block_rows, p.Lq - row0) : 1;
 }
 
+// What the slices of a rectangle saw, or-ed together per rectangle in shared memory.
+constexpr std::uint32_t kSeenVisible = 1, kSeenChanged = 2;
+__device__ BlockClass class_of(std::uint32_t seen) {
+  return (seen & kSeenVisible) == 0 ? kHidden : (seen & kSeenChanged) != 0 ? kPartial : kWhole;
+}
+
+// Classifies `count` rectangles with the CTA's warps into seen[0, count) (shared memory, class_of
+// reads them), where rectangle r is rows [0, rows) x keys [j0, j0 + cols) of the mask from
+// rows0 (rect(r) gives {rows0, rows, j0, cols}). Fewer rectangles than warps: each rectangle's
+// rows are split into slices, one warp each, so that small masks do not leave warps idle (a
+// [L, L] mask has few CTAs) and whole rectangles are read in parallel.
+template <class Values, int kBlockKeys, class Rect>
+__device__ void classify_rectangles(const DeviceParams& p, int count, const Rect& rect,
+                                    std::uint32_t* seen) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  for (int r = static_cast<int>(threadIdx.x); r < count; r += static_cast<int>(blockDim.x))
+    seen[r] = 0;
+  __syncthreads();
+  const int slices = count < warps ? warps / count : 1;
+  for (int w = warp; w < count * slices; w += warps) {
+    const int r = w % count, slice = w / count;
+    const auto [rows0, rows, j0, cols] = rect(r);
+    const int slice_rows = (rows + slices - 1) / slices, row0 = slice * slice_rows;
+    if (row0 >= rows) continue;
+    const BlockClass c = classify<Values, kBlockKeys>(p, rows0 + row0 * p.mask_st[2],
+                                                      min(slice_rows, rows - row0), j0, cols, lane);
+    if (lane == 0)
+      atomicOr(seen + r, (c != kHidden ? kSeenVisible : 0u) | (c != kWhole ? kSeenChanged : 0u));
+  }
+  __syncthreads();
+}
+
+template <class Word>
+struct Rectangle {
+  const Word* rows0;
+  int rows, j0, cols;
+};
+
 struct Geometry {
   int tile_rows, tiles, heads, key_blocks;  // tiles and heads: those the mask distinguishes
 };
 
-// MaskBlockList: one CTA per query tile of each (b, h) the mask distinguishes, a warp per key
-// block (up to 32 warps; more blocks are taken in turn).
+// MaskBlockList: one CTA per query tile of each (b, h) the mask distinguishes; its rectangles
+// are the tile's key blocks.
 template <class Values, int kBlockKeys>
 __global__ void __launch_bounds__(32 * kMaxWarps)
     mask_blocks_kernel(const __grid_constant__ DeviceParams p, MaskBlockList list, Geometry g) {
   using Word = typename Values::Word;
-  extern __shared__ std::uint8_t classes[];  // [g.key_blocks]
+  extern __shared__ std::uint32_t seen[];  // [g.key_blocks]
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int warps = static_cast<int>(blockDim.x) / 32;
   const int m = static_cast<int>(blockIdx.x % g.tiles);
   const int bh = static_cast<int>(blockIdx.x / g.tiles);
   const int h = bh % g.heads, b = bh / g.heads;
   const int row0 = p.mask_st[2] != 0 ? m * g.tile_rows : 0;
   const Word* rows0 = mask_rows<Word>(p, b, h, row0);
   const int rows = mask_block_rows(p, g.tile_rows, row0);
-  for (int kb = warp; kb < g.key_blocks; kb += warps) {
-    const int j0 = kb * kBlockKeys;
-    const BlockClass c =
-        classify<Values, kBlockKeys>(p, rows0, rows, j0, min(kBlockKeys, p.Lk - j0), lane);
-    if (lane == 0) classes[kb] = c;
-  }
-  __syncthreads();
+  classify_rectangles<Values, kBlockKeys>(
+      p, g.key_blocks,
+      [&](int kb) {
+        const int j0 = kb * kBlockKeys;
+        return Rectangle<Word>{rows0, rows, j0, min(kBlockKeys, p.Lk - j0)};
+      },
+      seen);
   if (warp != 0) return;
   std::int32_t* counts = list.at(b, h, m);
   std::int32_t* entries = list.entries(counts);
@@ -124,7 +164,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   for (int kb0 = 0; kb0 < g.key_blocks; kb0 += 32) {
     const int kb = kb0 + lane;
     const bool block = kb < g.key_blocks;
-    const BlockClass c = block ? static_cast<BlockClass>(classes[kb]) : kHidden;
+    const BlockClass c = block ? class_of(seen[kb]) : kHidden;
     const std::uint32_t listed = __ballot_sync(0xffffffffu, c != kHidden);
     skips |= __any_sync(0xffffffffu, block && c != kPartial);
     const int before = count + __popc(listed & ((1u << lane) - 1));
@@ -146,29 +186,27 @@ struct StepGeometry {
   int mask_query_blocks;            // query blocks the mask distinguishes (query_blocks or 1)
 };
 
-// MaskStepList: one CTA per key block of each (b, k/v head) the mask distinguishes, a warp per
-// rectangle (query head of the group, query block) that the mask distinguishes, in turn.
+// MaskStepList: one CTA per key block of each (b, k/v head) the mask distinguishes; its
+// rectangles are the (query head of the group, query block) pairs that the mask distinguishes.
 template <class Values, int kBlockKeys>
 __global__ void __launch_bounds__(32 * kMaxWarps)
     mask_steps_kernel(const __grid_constant__ DeviceParams p, MaskStepList list, StepGeometry g) {
   using Word = typename Values::Word;
-  extern __shared__ std::uint8_t classes[];  // [mask_heads][mask_query_blocks]
+  extern __shared__ std::uint32_t seen[];  // [mask_heads][mask_query_blocks]
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int warps = static_cast<int>(blockDim.x) / 32;
   const int n = static_cast<int>(blockIdx.x % g.key_blocks);
   const int bhk = static_cast<int>(blockIdx.x / g.key_blocks);
   const int hk = bhk % g.heads, b = bhk / g.heads;
   const int j0 = n * kBlockKeys, cols = min(kBlockKeys, p.Lk - j0);
-  const int rectangles = g.mask_heads * g.mask_query_blocks;
-  for (int r = warp; r < rectangles; r += warps) {
-    const int hg = r / g.mask_query_blocks, qb = r % g.mask_query_blocks;
-    const int row0 = p.mask_st[2] != 0 ? qb * g.block_queries : 0;
-    const Word* rows0 = mask_rows<Word>(p, b, hk * p.group + hg, row0);
-    const BlockClass c = classify<Values, kBlockKeys>(
-        p, rows0, mask_block_rows(p, g.block_queries, row0), j0, cols, lane);
-    if (lane == 0) classes[r] = c;
-  }
-  __syncthreads();
+  classify_rectangles<Values, kBlockKeys>(
+      p, g.mask_heads * g.mask_query_blocks,
+      [&](int r) {
+        const int hg = r / g.mask_query_blocks, qb = r % g.mask_query_blocks;
+        const int row0 = p.mask_st[2] != 0 ? qb * g.block_queries : 0;
+        return Rectangle<Word>{mask_rows<Word>(p, b, hk * p.group + hg, row0),
+                               mask_block_rows(p, g.block_queries, row0), j0, cols};
+      },
+      seen);
   if (warp != 0) return;
   std::int32_t* length = list.at(b, hk, n);
   std::int32_t* entries = length + 1;
@@ -181,10 +219,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
     const int s = s0 + lane;
     const int hg = s / g.query_blocks, qb = s % g.query_blocks;
     const bool step = s < steps && qb >= qb_begin;
-    const BlockClass c =
-        step ? static_cast<BlockClass>(classes[(g.mask_heads == 1 ? 0 : hg) * g.mask_query_blocks +
-                                               (g.mask_query_blocks == 1 ? 0 : qb)])
-             : kHidden;
+    const BlockClass c = step ? class_of(seen[(g.mask_heads == 1 ? 0 : hg) * g.mask_query_blocks +
+                                              (g.mask_query_blocks == 1 ? 0 : qb)])
+                              : kHidden;
     const std::uint32_t listed = __ballot_sync(0xffffffffu, c != kHidden);
     skips |= __any_sync(0xffffffffu, step && c == kHidden);
     if (c != kHidden)
@@ -228,18 +265,13 @@ std::int32_t* prepare_scratch(const DeviceParams& p, std::int64_t words, const c
   return p.mask_blocks + 1;
 }
 
-int warps_for(std::int64_t rectangles) {
-  return rectangles < kMaxWarps ? static_cast<int>(rectangles) : kMaxWarps;
-}
-
 template <int kBlockKeys>
 void launch_blocks(const DeviceParams& p, const MaskBlockList& list, const Geometry& g,
                    std::int64_t ctas, bool bf16, cudaStream_t stream) {
   for_mask_values(p, bf16, [&](auto values) {
     using Values = typename decltype(values)::type;
     mask_blocks_kernel<Values, kBlockKeys>
-        <<<static_cast<unsigned>(ctas), 32 * warps_for(g.key_blocks), g.key_blocks, stream>>>(
-            p, list, g);
+        <<<static_cast<unsigned>(ctas), 32 * kMaxWarps, 4 * g.key_blocks, stream>>>(p, list, g);
   });
   check_launch("mask_blocks_kernel");
 }
@@ -290,7 +322,7 @@ MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf
   g.heads = p.mask_st[1] != 0 ? p.Hk : 1;
   g.mask_heads = p.mask_st[1] != 0 ? p.group : 1;
   g.mask_query_blocks = p.mask_st[2] != 0 ? g.query_blocks : 1;
-  // Entries hold the query block in kHeadShift bits; the classes take a byte each.
+  // Entries hold the query block in kHeadShift bits; the classes take a word each.
   if (g.query_blocks >= (1 << MaskStepList::kHeadShift) ||
       static_cast<std::int64_t>(g.mask_heads) * g.mask_query_blocks > kMaxRectangles)
     return list;
@@ -306,8 +338,7 @@ MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf
   for_mask_values(p, bf16, [&](auto values) {
     using Values = typename decltype(values)::type;
     mask_steps_kernel<Values, kBlockKeys>
-        <<<static_cast<unsigned>(ctas), 32 * warps_for(rectangles), rectangles, stream>>>(p, list,
-                                                                                          g);
+        <<<static_cast<unsigned>(ctas), 32 * kMaxWarps, 4 * rectangles, stream>>>(p, list, g);
   });
   check_launch("mask_steps_kernel");
   return list;

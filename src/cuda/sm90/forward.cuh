@@ -179,10 +179,11 @@ struct ForwardTraits {
   // per Q buffer q full and q empty, then per K/V stage k/v/mask full and k/v/mask empty
   static constexpr int kBarriers = 2 * kQStages + 6 * kStages;
   // The general kernel runs the key blocks an attn_mask leaves visible (MaskBlockList), and
-  // skips the mask reads of whole ones (kSkipsWholeBlocks) but at D = 128, where that branch
-  // made ptxas spill 52-56 bytes (NOTES.md, "Structured masks").
+  // skips the mask reads of whole ones; of whole bool blocks not at D = 128
+  // (kSkipsWholeBoolBlocks), where that branch made ptxas spill 52-56 bytes (NOTES.md,
+  // "Structured masks").
   static constexpr bool kListedBlocks = kFeatures;
-  static constexpr bool kSkipsWholeBlocks = kListedBlocks && kHeadDim != 128;
+  static constexpr bool kSkipsWholeBoolBlocks = kListedBlocks && kHeadDim != 128;
   // With kListedBlocks, the producer publishes each block's entry of the list (its key block)
   // in a ring of kEntries words after the barriers, written with the block's K (k_full). Twice
   // the K/V stages, so that the consumers may read an entry until they release the K of the
@@ -452,6 +453,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
     prefetch_tensor_map(maps.k);
     prefetch_tensor_map(maps.v);
     if (mask_tiles) prefetch_tensor_map(maps.mask.map);
+    // Whole blocks whose consumers read no mask (kSkipsWholeBoolBlocks for bool masks) where
+    // neither causality nor key padding may cut them.
+    const bool skips_whole_tiles =
+        (Tr::kSkipsWholeBoolBlocks || p.mask_kind != MaskKind::boolean) && !p.causal &&
+        p.key_padding == nullptr;
     int it = 0, q_round = 0;  // K/V blocks and Q tiles loaded so far
     for (std::int64_t round = 0, t = snake_tile(0); t < num_tiles; t = snake_tile(++round)) {
       Tile tile = tile_at(t);
@@ -479,9 +485,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
         if (mask_tiles) {
           const MaskTile mt = mask_tile(s);
           mbar_wait(sm.mask_empty(s), parity_of<Tr>(it) ^ 1);
-          mbar_arrive_expect_tx(sm.mask_full(s), mt.bytes<Tr::kBlockN>());
-          mt.load<Tr::kBlockN>(maps.mask.map, sm.mask_full(s), tile.i0, row, mask_h(p, tile.h),
-                               mask_b(p, tile.b));
+          // A whole block's tile is not read where no bound or causality cuts the tile (the
+          // consumers' checks then hold for both warpgroups' rows): its stage only completes.
+          if (listed && (entry & 1) != 0 && skips_whole_tiles && tile.i0 + Tr::kBlockM <= p.Lq &&
+              row + Tr::kBlockN <= p.Lk) {
+            mbar_arrive(sm.mask_full(s));
+          } else {
+            mbar_arrive_expect_tx(sm.mask_full(s), mt.bytes<Tr::kBlockN>());
+            mt.load<Tr::kBlockN>(maps.mask.map, sm.mask_full(s), tile.i0, row, mask_h(p, tile.h),
+                                 mask_b(p, tile.b));
+          }
         }
         mbar_wait(sm.v_empty(s), parity_of<Tr>(it) ^ 1);
         mbar_arrive_expect_tx(sm.v_full(s), Tr::kKVBytes);
@@ -601,15 +614,16 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
           // Blocks that bounds and causality leave whole skip the per-element compare.
           const bool check =
               sm80::block_needs_bounds_check(p, keys, wg_row0, live_rows, j0, Tr::kBlockN);
-          // A whole block needs no mask read unless bounds or causality cut it: a bool mask's
-          // scores stay raw dot products, an additive one's only take the scale (deferred units).
-          if (check || !Tr::kSkipsWholeBlocks || !kb.whole)
-            with_tile_flags(p.mask_kind == MaskKind::boolean, check,
-                            [&](auto is_bool, auto checked) {
-                              mask_query_rows_from_tile<is_bool.value, true, checked.value>(
-                                  sc, masks, mt, tile_row0, warp_row0, j0, lane);
-                            });
-          else if (Tr::kSkipsWholeBlocks && p.mask_kind != MaskKind::boolean)
+          // A whole block needs no mask read unless bounds or causality cut it: an additive
+          // mask's scores only take the scale (deferred units), a bool one's stay raw dot
+          // products.
+          const bool is_bool = p.mask_kind == MaskKind::boolean;
+          if (check || !kb.whole || (is_bool && !Tr::kSkipsWholeBoolBlocks))
+            with_tile_flags(is_bool, check, [&](auto bool_mask, auto checked) {
+              mask_query_rows_from_tile<bool_mask.value, true, checked.value>(
+                  sc, masks, mt, tile_row0, warp_row0, j0, lane);
+            });
+          else if (!is_bool)
             sm80::scale_scores(sc, p.scale);
         } else {
           sm80::mask_scores<sm80::Rows::queries, kFeatures>(sc, masks, warp_row0, j0, true, lane);
