@@ -62,9 +62,9 @@ def attention(
             floating point (q's dtype or float32), **added** to the scaled scores. Broadcast
             dims are read with stride 0, never expanded. A float mask that requires grad gets
             its gradient (summed over its broadcast dims), e.g. a learned position bias.
-            On Hopper GPUs the forward at head dims 64 and 256 skips the key blocks such a mask
-            hides entirely (False / -inf), so a causal, sliding-window or document mask costs
-            about the attention it keeps.
+            On Hopper GPUs the forward, and the backward of a bool or q-dtype mask without a
+            gradient or dropout, skip the blocks such a mask hides entirely (False / -inf), so
+            a causal, sliding-window or document mask costs about the attention it keeps.
         key_padding_mask: optional bool ``[B, Lk]``, **True = padding** (that key is
             ignored for every query of the batch entry). Cheaper than an equivalent
             ``[B, 1, 1, Lk]`` attn_mask.
