@@ -31,7 +31,7 @@ void launch_key_ranges(const DeviceParams& p, cudaStream_t stream);
 // `tile_rows` rows and key blocks of `block_keys` keys (64 or 128) of p's attn_mask (bf16: a
 // 16-bit additive mask is bfloat16, not float16), and returns where they are; returns an empty
 // list (every block runs) without p.mask_blocks or with more key blocks than one CTA's shared
-// memory holds a byte each of. Throws memattn::Error where p.mask_block_words are fewer than
+// memory holds a word each of. Throws memattn::Error where p.mask_block_words are fewer than
 // the lists need.
 MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block_keys, bool bf16,
                                  cudaStream_t stream);

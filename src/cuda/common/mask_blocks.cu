@@ -265,6 +265,11 @@ std::int32_t* prepare_scratch(const DeviceParams& p, std::int64_t words, const c
   return p.mask_blocks + 1;
 }
 
+// Whether p asks for lists at all: scratch given, a mask, and attention to classify.
+bool wants_lists(const DeviceParams& p) {
+  return p.mask_blocks != nullptr && p.mask_kind != MaskKind::none && p.Lq > 0 && p.Lk > 0;
+}
+
 template <int kBlockKeys>
 void launch_blocks(const DeviceParams& p, const MaskBlockList& list, const Geometry& g,
                    std::int64_t ctas, bool bf16, cudaStream_t stream) {
@@ -281,8 +286,7 @@ void launch_blocks(const DeviceParams& p, const MaskBlockList& list, const Geome
 MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block_keys, bool bf16,
                                  cudaStream_t stream) {
   MaskBlockList list;
-  if (p.mask_blocks == nullptr || p.mask_kind == MaskKind::none || p.Lq == 0 || p.Lk == 0)
-    return list;
+  if (!wants_lists(p)) return list;
   if (block_keys != 64 && block_keys != 128)
     throw Error(ErrorKind::invalid_value, "launch_mask_blocks: block_keys " +
                                               std::to_string(block_keys) +
@@ -313,8 +317,7 @@ MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf
                                cudaStream_t stream) {
   constexpr int kBlockKeys = kMaskStepKeys;
   MaskStepList list;
-  if (p.mask_blocks == nullptr || p.mask_kind == MaskKind::none || p.Lq == 0 || p.Lk == 0)
-    return list;
+  if (!wants_lists(p)) return list;
   StepGeometry g;
   g.block_queries = block_queries;
   g.query_blocks = (p.Lq + block_queries - 1) / block_queries;
