@@ -1615,6 +1615,34 @@ def test_hopper_structured_masks(dtype, D, kind, name):
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("layout", ["rows_520", "key_stride_2", "start_offset", "aligned"])
+def test_hopper_structured_masks_any_layout(dtype, D, layout):
+    """The classification of structured masks reads 16 bytes per lane where every mask row starts
+    on a 16-byte boundary with contiguous keys, one value per lane otherwise: causal and document
+    masks (bool and additive) whose rows are not whole 16-byte units (Lk = 520), whose keys are
+    strided, or whose start is off a 16-byte boundary give the same results (float64 reference,
+    forward and backward) as the aligned layout; bool, q's dtype and float32."""
+    Lk = 520 if layout == "rows_520" else STRUCT_LK
+    i = torch.arange(STRUCT_LQ)[:, None]
+    j = torch.arange(Lk)[None, :]
+    documents = torch.bucketize(i, torch.tensor([90, 230])) == torch.bucketize(
+        j, torch.tensor([100, 350])
+    )
+    q, k, v = qkv(B=2, Hq=2, Lq=STRUCT_LQ, Lk=Lk, D=D, dtype=dtype)
+    for visible in (j <= i, documents):
+        additive = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)
+        for mask in (visible.to(DEV), additive.to(DEV, dtype), additive.to(DEV)):
+            if layout == "key_stride_2":
+                mask = mask.repeat_interleave(2, dim=-1)[..., ::2]
+            elif layout == "start_offset":
+                mask = torch.cat([mask[:, :1], mask], dim=-1)[:, 1:]
+                assert mask.data_ptr() % 16 != 0
+            check_cuda(Inputs(q, k, v, mask))
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
 def test_hopper_structured_masks_per_head_gqa(dtype, D):
     """The single-pass backward's step lists (the core's MaskStepList) under GQA: each query
     head of a k/v head's group has its own structure (a window, documents, nothing visible, a

@@ -24,25 +24,36 @@
 namespace memattn::cuda {
 namespace {
 
-constexpr int kMaxWarps = 32;
+constexpr int kMaxWarps = 16;
 constexpr int kFirstRows = 2;     // rows read before the warp's first vote
 constexpr int kRowsPerStep = 16;  // rows read before each later vote
 constexpr int kMaxRectangles =
     12 * 1024;  // a word each in the 48 KB a launch gets without opting in
 enum BlockClass : std::uint8_t { kHidden, kPartial, kWhole };
 
-// How a mask value of each kind hides or changes a score, on its bits.
+// How a mask value of each kind hides or changes a score, on its bits: one value (Word), or
+// the values packed in a 32-bit word (the 16-byte loads of aligned masks).
 struct BoolValues {
   using Word = std::uint8_t;
   __device__ static bool hides(Word w) { return w == 0; }
   __device__ static bool changes(Word w) { return w == 0; }
+  __device__ static bool any_visible(std::uint32_t v) { return v != 0; }
+  __device__ static bool any_changes(std::uint32_t v) { return __vcmpeq4(v, 0) != 0; }
 };
 // Additive masks: -inf hides, anything but +-0.0 changes (NaN too: it is neither).
 template <class W, W kNegInf, W kMagnitude>
 struct AdditiveValues {
   using Word = W;
+  static constexpr int kPerWord = 4 / static_cast<int>(sizeof(W));
+  static constexpr std::uint32_t kNegInfs = kPerWord == 2 ? kNegInf * 0x10001u : kNegInf;
+  static constexpr std::uint32_t kMagnitudes = kPerWord == 2 ? kMagnitude * 0x10001u : kMagnitude;
   __device__ static bool hides(Word w) { return w == kNegInf; }
   __device__ static bool changes(Word w) { return (w & kMagnitude) != 0; }
+  __device__ static bool any_visible(std::uint32_t v) {
+    if constexpr (kPerWord == 2) return __vcmpne2(v, kNegInfs) != 0;
+    return v != kNegInfs;
+  }
+  __device__ static bool any_changes(std::uint32_t v) { return (v & kMagnitudes) != 0; }
 };
 using HalfValues = AdditiveValues<std::uint16_t, 0xfc00u, 0x7fffu>;
 using Bf16Values = AdditiveValues<std::uint16_t, 0xff80u, 0x7fffu>;
@@ -50,21 +61,44 @@ using FloatValues = AdditiveValues<std::uint32_t, 0xff800000u, 0x7fffffffu>;
 
 // The class of the mask's rectangle rows [0, rows) x keys [j0, j0 + cols) from `rows0` (the
 // mask at its (b, h) and first row), cols <= kBlockKeys, read by one warp (every lane gets it).
+// `vector`: the mask's rows start on 16-byte boundaries with contiguous keys
+// (Geometry::vector_rows), so a full-width rectangle is read 16 bytes per lane, several rows per
+// warp instruction; otherwise one value per lane.
 template <class Values, int kBlockKeys>
 __device__ BlockClass classify(const DeviceParams& p, const typename Values::Word* rows0, int rows,
-                               int j0, int cols, int lane) {
+                               int j0, int cols, bool vector, int lane) {
+  using Word = typename Values::Word;
+  constexpr int kLanesPerRow = kBlockKeys * static_cast<int>(sizeof(Word)) / 16;
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;
+  static_assert(kLanesPerRow >= 1 && kLanesPerRow <= 32);
+  vector = vector && cols == kBlockKeys;
   bool visible = false, changed = false;  // this lane's values so far
   // Reads rows_per_step rows from r0 and says whether the rectangle is partial so far.
   const auto read_rows = [&](auto rows_per_step, int r0) {
+    constexpr int kRows = decltype(rows_per_step)::value;
+    if (vector) {
 #pragma unroll
-    for (int r = 0; r < decltype(rows_per_step)::value; ++r) {
+      for (int r = lane / kLanesPerRow; r < kRows; r += kRowsPerLoad) {
+        if (r0 + r < rows) {
+          const uint4 v = *reinterpret_cast<const uint4*>(
+              rows0 + (r0 + r) * p.mask_st[2] + j0 + 16 / sizeof(Word) * (lane % kLanesPerRow));
+          visible |= Values::any_visible(v.x) || Values::any_visible(v.y) ||
+                     Values::any_visible(v.z) || Values::any_visible(v.w);
+          changed |= Values::any_changes(v.x) || Values::any_changes(v.y) ||
+                     Values::any_changes(v.z) || Values::any_changes(v.w);
+        }
+      }
+    } else {
 #pragma unroll
-      for (int c0 = 0; c0 < kBlockKeys; c0 += 32) {
-        const int c = c0 + lane;
-        if (r0 + r < rows && c < cols) {
-          const auto w = rows0[(r0 + r) * p.mask_st[2] + (j0 + c) * p.mask_st[3]];
-          visible |= !Values::hides(w);
-          changed |= Values::changes(w);
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int c0 = 0; c0 < kBlockKeys; c0 += 32) {
+          const int c = c0 + lane;
+          if (r0 + r < rows && c < cols) {
+            const auto w = rows0[(r0 + r) * p.mask_st[2] + (j0 + c) * p.mask_st[3]];
+            visible |= !Values::hides(w);
+            changed |= Values::changes(w);
+          }
         }
       }
     }
@@ -105,7 +139,7 @@ __device__ BlockClass class_of(std::uint32_t seen) {
 // [L, L] mask has few CTAs) and whole rectangles are read in parallel.
 template <class Values, int kBlockKeys, class Rect>
 __device__ void classify_rectangles(const DeviceParams& p, int count, const Rect& rect,
-                                    std::uint32_t* seen) {
+                                    bool vector_rows, std::uint32_t* seen) {
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int warps = static_cast<int>(blockDim.x) / 32;
   for (int r = static_cast<int>(threadIdx.x); r < count; r += static_cast<int>(blockDim.x))
@@ -117,8 +151,8 @@ __device__ void classify_rectangles(const DeviceParams& p, int count, const Rect
     const auto [rows0, rows, j0, cols] = rect(r);
     const int slice_rows = (rows + slices - 1) / slices, row0 = slice * slice_rows;
     if (row0 >= rows) continue;
-    const BlockClass c = classify<Values, kBlockKeys>(p, rows0 + row0 * p.mask_st[2],
-                                                      min(slice_rows, rows - row0), j0, cols, lane);
+    const BlockClass c = classify<Values, kBlockKeys>(
+        p, rows0 + row0 * p.mask_st[2], min(slice_rows, rows - row0), j0, cols, vector_rows, lane);
     if (lane == 0)
       atomicOr(seen + r, (c != kHidden ? kSeenVisible : 0u) | (c != kWhole ? kSeenChanged : 0u));
   }
@@ -131,8 +165,21 @@ struct Rectangle {
   int rows, j0, cols;
 };
 
+// Whether every row of p's mask starts on a 16-byte boundary with contiguous keys, so that
+// rectangles (whose first keys are multiples of 64) can be read in 16-byte loads.
+bool vector_rows(const DeviceParams& p) {
+  const int word_bytes = p.mask_kind == MaskKind::boolean        ? 1
+                         : p.mask_kind == MaskKind::additive_f32 ? 4
+                                                                 : 2;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(p.mask) % 16 == 0;
+  bool whole_units = true;
+  for (int d = 0; d < 3; ++d) whole_units = whole_units && p.mask_st[d] * word_bytes % 16 == 0;
+  return aligned && whole_units && p.mask_st[3] == 1;
+}
+
 struct Geometry {
   int tile_rows, tiles, heads, key_blocks;  // tiles and heads: those the mask distinguishes
+  bool vector_rows;
 };
 
 // MaskBlockList: one CTA per query tile of each (b, h) the mask distinguishes; its rectangles
@@ -155,7 +202,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
         const int j0 = kb * kBlockKeys;
         return Rectangle<Word>{rows0, rows, j0, min(kBlockKeys, p.Lk - j0)};
       },
-      seen);
+      g.vector_rows, seen);
   if (warp != 0) return;
   std::int32_t* counts = list.at(b, h, m);
   std::int32_t* entries = list.entries(counts);
@@ -184,6 +231,7 @@ struct StepGeometry {
   int heads;                        // k/v heads the mask distinguishes (Hk or 1)
   int mask_heads;                   // query heads per k/v head the mask distinguishes (group or 1)
   int mask_query_blocks;            // query blocks the mask distinguishes (query_blocks or 1)
+  bool vector_rows;
 };
 
 // MaskStepList: one CTA per key block of each (b, k/v head) the mask distinguishes; its
@@ -206,7 +254,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
         return Rectangle<Word>{mask_rows<Word>(p, b, hk * p.group + hg, row0),
                                mask_block_rows(p, g.block_queries, row0), j0, cols};
       },
-      seen);
+      g.vector_rows, seen);
   if (warp != 0) return;
   std::int32_t* length = list.at(b, hk, n);
   std::int32_t* entries = length + 1;
@@ -293,6 +341,7 @@ MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block
                                               " (the kernels' blocks are 64 or 128 keys)");
   Geometry g;
   g.tile_rows = tile_rows;
+  g.vector_rows = vector_rows(p);
   g.key_blocks = (p.Lk + block_keys - 1) / block_keys;
   if (g.key_blocks > kMaxRectangles) return list;
   g.tiles = p.mask_st[2] != 0 ? (p.Lq + tile_rows - 1) / tile_rows : 1;
@@ -320,6 +369,7 @@ MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf
   if (!wants_lists(p)) return list;
   StepGeometry g;
   g.block_queries = block_queries;
+  g.vector_rows = vector_rows(p);
   g.query_blocks = (p.Lq + block_queries - 1) / block_queries;
   g.key_blocks = (p.Lk + kBlockKeys - 1) / kBlockKeys;
   g.heads = p.mask_st[1] != 0 ? p.Hk : 1;
