@@ -1147,13 +1147,16 @@ def test_hopper_runs_the_sm90_kernels(dtype, monkeypatch):
 @pytest.mark.skipif(not _is_hopper(), reason="the sm90 kernels run on compute capability 9.0")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    ("D", "Dv"), [(128, 128), (100, 100), (128, 64), (256, 256), (256, 160)], ids=str
+    ("D", "Dv"),
+    [(64, 64), (40, 40), (64, 48), (128, 128), (100, 100), (128, 64), (256, 256), (256, 160)],
+    ids=str,
 )
 def test_hopper_staged_output_across_many_tiles(dtype, D, Dv):
-    """The sm90 forward at D = 128 and 256 writes each tile's output through shared memory and
-    TMA stores (ForwardTraits::kOut): the lean D = 128 kernel through a staging tile of its own
-    next to two Q buffers, D = 256 and the masked (general) D = 128 kernel through each
-    warpgroup's half of the tile's Q buffer. More tiles than CTAs, so every CTA reuses its
+    """The sm90 forward writes each tile's output through shared memory and TMA stores
+    (ForwardTraits::kOut): the lean D = 64 (64-row tiles here; the wide tiles in
+    test_hopper_wide_tiles_d64) and D = 128 kernels through a staging tile of their own (D = 128
+    next to two Q buffers), D = 256 and the masked (general) D = 128 kernel through each
+    warpgroup's half of the tile's Q buffer; the general D = 64 kernel from registers. More tiles than CTAs, so every CTA reuses its
     staging rows and Q buffers; a partial last query tile (rows past Lq are not written); value
     head dims whose last 64-column chunk is partial or absent; a fully padded batch entry (tiles
     no key is visible to, written from registers: zeros, lse -inf); a bool mask (the general
@@ -1181,7 +1184,8 @@ def test_hopper_wide_tiles_d64(dtype, D):
     and (non-causal) at least 256 tiles of 192 rows run the sm90 forward on 192-row tiles of
     three consumer warpgroups (launch.h, sm90_wide_tiles; explain names the kernel
     ".../d64/wide"), which end at Lq: Lq = 1100 =
-    5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0; those light
+    5 * 192 + 140 leaves a first query tile that starts 52 rows before row 0 (its first
+    warpgroup stores its output from registers, the others through TMA); those light
     tiles come after all full ones (tile_order.h, light_tiles_last), Lq = 1152 = 6 * 192 has
     none. More tiles than CTAs (a CTA reuses its Q buffer); Lk = 1000 a partial last key block;
     GQA; a fully padded batch entry (tiles without key blocks between a CTA's other tiles) and a

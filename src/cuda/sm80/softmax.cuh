@@ -103,9 +103,18 @@ __device__ __forceinline__ float& lse_at(const DeviceParams& p, int b, int h, in
   return p.lse[b * p.lse_st.b + h * p.lse_st.h + i * p.lse_st.l];
 }
 
+// The sum of row (m, r) of the thread's rows: from the quad's partial sums row_sum, or with
+// kSumsInAcc from acc's last 8 columns, which then hold the rows' whole sums (the P V product
+// summed them; forward.cuh).
+template <bool kSumsInAcc, int kM, int kD>
+__device__ __forceinline__ float row_total(const float (&acc)[kM][kD][4],
+                                           const float (&row_sum)[kM][2], int m, int r) {
+  if constexpr (kSumsInAcc) return acc[m][kD - 1][2 * r];
+  return quad_sum(row_sum[m][r]);
+}
+
 // out = acc / sum (0 for fully masked rows) and lse for the warp's rows starting at query row0
-// of (b, h). row_sum: the partial sums of the thread's rows, or with kSumsInAcc unused: acc's last
-// 8 columns then hold the rows' whole sums (the P V product summed them; forward.cuh).
+// of (b, h). row_sum: the partial sums of the thread's rows, unused with kSumsInAcc (row_total).
 template <class T, bool kSumsInAcc, int kM, int kD>
 __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int h, int row0,
                                               const float (&acc)[kM][kD][4],
@@ -117,7 +126,7 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sum = kSumsInAcc ? acc[m][kD - 1][2 * r] : quad_sum(row_sum[m][r]);
+      const float sum = row_total<kSumsInAcc>(acc, row_sum, m, r);
       const int i = row0 + c_row(m, 2 * r, lane);
       // rows before 0 (the sm90 forward's tiles that end at Lq) or past Lq: no output
       if (static_cast<unsigned>(i) >= static_cast<unsigned>(p.Lq)) continue;
@@ -136,8 +145,9 @@ __device__ __forceinline__ void store_out_lse(const DeviceParams& p, int b, int 
 
 // store_out_lse's lse, with the output's scale 1 / sum per thread row returned in inv, for
 // kernels that write the output themselves.
-template <int kM>
+template <bool kSumsInAcc, int kM, int kD>
 __device__ __forceinline__ void store_lse(const DeviceParams& p, int b, int h, int row0,
+                                          const float (&acc)[kM][kD][4],
                                           const float (&row_max)[kM][2],
                                           const float (&row_sum)[kM][2], float unit, int lane,
                                           float (&inv)[kM][2]) {
@@ -145,7 +155,7 @@ __device__ __forceinline__ void store_lse(const DeviceParams& p, int b, int h, i
   for (int m = 0; m < kM; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(row_sum[m][r]);
+      const float sum = row_total<kSumsInAcc>(acc, row_sum, m, r);
       inv[m][r] = out_scale(sum);
       const int i = row0 + c_row(m, 2 * r, lane);
       if (static_cast<unsigned>(i) < static_cast<unsigned>(p.Lq) && (lane & 3) == 0)  // as above

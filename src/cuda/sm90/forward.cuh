@@ -151,24 +151,29 @@ struct ForwardTraits {
   static constexpr std::uint32_t kMaskBytes =
       kMaskTiles ? MaskTile::capacity<kBlockM, kBlockN>() : 0;
   // Where a tile's output waits for its TMA stores (forward_kernel's store_output; NOTES.md,
-  // "Output by TMA stores"): a tile of its own at D = 128 without mask tiles; the warpgroup's
+  // "Output by TMA stores"): a tile of its own without mask tiles at D <= 128; the warpgroup's
   // half of the tile's Q buffer where that does not fit (D = 256: a 64 KB tile; D = 128 next to
-  // mask tiles), which holds the Q buffer until the stores have read it; nowhere at D = 64,
-  // whose second CTA per multiprocessor hides the epilogue's stores from registers.
-  static constexpr OutStaging kOut = kHeadDim == 64                   ? OutStaging::registers
-                                     : kHeadDim == 128 && !kMaskTiles ? OutStaging::own_tile
+  // mask tiles), which holds the Q buffer until the stores have read it. At D = 64 only on the
+  // standard 64-row tiles (2% faster at L = 512, NOTES.md, o7); the others store from registers:
+  // the general kernel (its mask tiles leave no room next to two CTAs per multiprocessor), the
+  // three-CTA tiles (narrow, short_keys: staging spilled 28-40 bytes at their 136 registers) and
+  // the wide tiles (staged, 1-2% slower on their rows; and their first tile of a bh starts
+  // before row 0, where a TMA store faults with an illegal instruction).
+  static constexpr bool kOutFromRegisters =
+      kHeadDim == 64 && (kFeatures || kShape != TileShape::standard);
+  static constexpr OutStaging kOut = kOutFromRegisters                ? OutStaging::registers
+                                     : kHeadDim <= 128 && !kMaskTiles ? OutStaging::own_tile
                                                                       : OutStaging::q_half;
   static constexpr bool kStageOut = kOut == OutStaging::own_tile;
+  // TMA stores take no rows before row 0 (tiles that end at Lq store from registers).
+  static_assert(!kEndAligned || kOut == OutStaging::registers);
   static constexpr std::uint32_t kOutBytes = kStageOut ? kBlockM * kHeadDim * 2 : 0;
-  // Staged outputs divide by the FADD sums (store_lse); the tensor-core sums are read by the
-  // register path only (store_out_lse's kSumsInAcc).
-  static_assert(!kSumsOnTensorCores || kOut == OutStaging::registers);
   // Q buffers: with two, the producer loads the next tile's Q while the consumers still read
-  // this one's, so a tile's first product need not wait for its Q. Where the output is staged
-  // (it fits there: 224 KB); not at D = 64, which more shared memory per CTA has made slower
-  // every time (NOTES.md, s7, s13, s14), nor for the wide tiles, where two Q buffers and turns
-  // across tiles measured 1-4% slower (NOTES.md, w3).
-  static constexpr int kQStages = kStageOut ? 2 : 1;
+  // this one's, so a tile's first product need not wait for its Q. At D = 128 where the output
+  // is staged (it fits there: 224 KB); not at D = 64, which more shared memory per CTA has made
+  // slower every time (NOTES.md, s7, s13, s14), nor for the wide tiles, where two Q buffers and
+  // turns across tiles measured 1-4% slower (NOTES.md, w3).
+  static constexpr int kQStages = kStageOut && kHeadDim == 128 ? 2 : 1;
   // Layout: Q[kQStages] | K[kStages] | (V | ones)[kStages] | mask[kStages] | out | mbarriers;
   // every tile 1024-byte aligned.
   static constexpr std::uint32_t kKVOffset = kQStages * kQBytes;
@@ -533,7 +538,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kCtasPerSm)
       return;
     }
     float inv[1][2];
-    sm80::store_lse(p, tile.b, tile.h, warp_row0, row_max, row_sum, unit, lane, inv);
+    sm80::store_lse<Tr::kSumsOnTensorCores>(p, tile.b, tile.h, warp_row0, acc_o, row_max, row_sum,
+                                            unit, lane, inv);
     sm80::rescale_rows(acc_o, inv);
     std::uint32_t of[1][kD / 2][4];
     sm80::c_to_a<T>(of, acc_o);
