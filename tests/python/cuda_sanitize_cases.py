@@ -119,10 +119,12 @@ def case_key_padding_only_block_skipping(dtype):
 
 def case_many_tiles_per_cta(dtype):
     """More query tiles than the Hopper forward's persistent grid has CTAs (240 at D = 128), so
-    each CTA reuses its output staging rows (ForwardTraits::kOut): the lean D = 128 kernel's own
-    staging tile, then the Q buffer's halves of D = 256 and of the masked (general) D = 128
-    kernel, next to its mask tiles (bool, then 16-bit) over the CTA's tiles of two key
-    blocks; a partial last tile."""
+    each CTA reuses its output staging rows (ForwardTraits::kOut): the lean D = 64 (64-row
+    tiles, 264 CTAs) and D = 128 kernels' own staging tiles, then the Q buffer's halves of
+    D = 256 and of the masked (general) D = 128 kernel, next to its mask tiles (bool, then
+    16-bit) over the CTA's tiles of two key blocks; a partial last tile."""
+    q, k, v = _qkv(dtype, B=2, Hq=40, Lq=300, Lk=130, D=64)
+    check_against_reference(Inputs(q, k, v))
     q, k, v = _qkv(dtype, B=2, Hq=40, Lq=300, Lk=130, D=128)
     check_against_reference(Inputs(q, k, v))
     check_against_reference(Inputs(q, k, v, _bool_mask((300, 130))))
@@ -248,7 +250,8 @@ def case_structured_mask_blocks(dtype):
     mask and a per-batch one (one batch element sees nothing, one a single key) with partial
     tiles and blocks (Lq = 150, Lk = 304: rows of whole 16-byte units, which the mask tiles
     copy), an additive window mask with causal and key padding, a per-head mask under GQA 4:2,
-    every head-dim bucket."""
+    every head-dim bucket; a causal mask with strided keys (classified one value per lane, not
+    in 16-byte loads)."""
     i = torch.arange(150)[:, None]
     j = torch.arange(304)[None, :]
     per_batch = torch.ones(2, 1, 150, 304, dtype=torch.bool)
@@ -263,6 +266,8 @@ def case_structured_mask_blocks(dtype):
     for D in (64, 128, 256):
         q, k, v = _qkv(dtype, B=2, Hq=2, Lq=150, Lk=304, D=D)
         check_against_reference(Inputs(q, k, v, (j <= i).to(DEV)))
+        strided = (j <= i).to(DEV).repeat_interleave(2, dim=-1)[..., ::2]
+        check_against_reference(Inputs(q, k, v, strided))
         check_against_reference(Inputs(q, k, v, per_batch.to(DEV)))
         kwargs = {"key_padding_mask": kpm.to(DEV), "is_causal": True}
         check_against_reference(Inputs(q, k, v, window.to(DEV, dtype), kwargs=kwargs))
