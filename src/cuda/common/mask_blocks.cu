@@ -10,9 +10,10 @@
 // (every value false or -inf), whole (every value true or 0.0) or partial. A warp reads two
 // rows, then 16 rows at a time, and stops as soon as the rectangle is partial, so a mask without
 // structure (random values, a bias) costs a small part of a read of the mask, and one with
-// structure a read. A CTA's 32 warps take its rectangles in turn, several warps to a rectangle
-// (slices of its rows) where there are fewer rectangles than warps. Then warp 0 compacts the
-// CTA's rectangles into its list.
+// structure a read (16 bytes per lane where the mask's rows allow, else one value per lane). A
+// CTA's 16 warps take its rectangles in turn, several warps to a rectangle (slices of its rows)
+// where there are fewer rectangles than warps. Then warp 0 compacts the CTA's rectangles into
+// its list.
 #include <cstdint>
 #include <string>
 #include <type_traits>
