@@ -63,8 +63,9 @@ using FloatValues = AdditiveValues<std::uint32_t, 0xff800000u, 0x7fffffffu>;
 // The class of the mask's rectangle rows [0, rows) x keys [j0, j0 + cols) from `rows0` (the
 // mask at its (b, h) and first row), cols <= kBlockKeys, read by one warp (every lane gets it).
 // `vector`: the mask's rows start on 16-byte boundaries with contiguous keys
-// (Geometry::vector_rows), so a full-width rectangle is read 16 bytes per lane, several rows per
-// warp instruction; otherwise one value per lane.
+// (mask_rows_16_byte_aligned; rectangles start at multiples of 64 keys), so a full-width
+// rectangle is read 16 bytes per lane, several rows per warp instruction; otherwise one value
+// per lane.
 template <class Values, int kBlockKeys>
 __device__ BlockClass classify(const DeviceParams& p, const typename Values::Word* rows0, int rows,
                                int j0, int cols, bool vector, int lane) {
@@ -165,18 +166,6 @@ struct Rectangle {
   const Word* rows0;
   int rows, j0, cols;
 };
-
-// Whether every row of p's mask starts on a 16-byte boundary with contiguous keys, so that
-// rectangles (whose first keys are multiples of 64) can be read in 16-byte loads.
-bool vector_rows(const DeviceParams& p) {
-  const int word_bytes = p.mask_kind == MaskKind::boolean        ? 1
-                         : p.mask_kind == MaskKind::additive_f32 ? 4
-                                                                 : 2;
-  const bool aligned = reinterpret_cast<std::uintptr_t>(p.mask) % 16 == 0;
-  bool whole_units = true;
-  for (int d = 0; d < 3; ++d) whole_units = whole_units && p.mask_st[d] * word_bytes % 16 == 0;
-  return aligned && whole_units && p.mask_st[3] == 1;
-}
 
 struct Geometry {
   int tile_rows, tiles, heads, key_blocks;  // tiles and heads: those the mask distinguishes
@@ -342,7 +331,7 @@ MaskBlockList launch_mask_blocks(const DeviceParams& p, int tile_rows, int block
                                               " (the kernels' blocks are 64 or 128 keys)");
   Geometry g;
   g.tile_rows = tile_rows;
-  g.vector_rows = vector_rows(p);
+  g.vector_rows = mask_rows_16_byte_aligned(p);
   g.key_blocks = (p.Lk + block_keys - 1) / block_keys;
   if (g.key_blocks > kMaxRectangles) return list;
   g.tiles = p.mask_st[2] != 0 ? (p.Lq + tile_rows - 1) / tile_rows : 1;
@@ -370,7 +359,7 @@ MaskStepList launch_mask_steps(const DeviceParams& p, int block_queries, bool bf
   if (!wants_lists(p)) return list;
   StepGeometry g;
   g.block_queries = block_queries;
-  g.vector_rows = vector_rows(p);
+  g.vector_rows = mask_rows_16_byte_aligned(p);
   g.query_blocks = (p.Lq + block_queries - 1) / block_queries;
   g.key_blocks = (p.Lk + kBlockKeys - 1) / kBlockKeys;
   g.heads = p.mask_st[1] != 0 ? p.Hk : 1;

@@ -147,4 +147,30 @@ inline bool has_features(const DeviceParams& p) {
          p.grad_mask != nullptr;
 }
 
+// Bytes per value of a mask kind (0 without a mask).
+inline int mask_value_bytes(MaskKind kind) {
+  switch (kind) {
+    case MaskKind::boolean:
+      return 1;
+    case MaskKind::additive:
+      return 2;
+    case MaskKind::additive_f32:
+      return 4;
+    case MaskKind::none:
+      break;
+  }
+  return 0;
+}
+// Whether every row of p's attn_mask starts on a 16-byte boundary with contiguous keys (base
+// aligned, strides of dims 0-2 whole 16-byte units; broadcast dims have stride 0): what the
+// sm90 mask tiles' TMA copies and the classification's 16-byte loads need.
+inline bool mask_rows_16_byte_aligned(const DeviceParams& p) {
+  const int bytes = mask_value_bytes(p.mask_kind);
+  if (bytes == 0 || p.mask_st[3] != 1 || reinterpret_cast<std::uintptr_t>(p.mask) % 16 != 0)
+    return false;
+  for (int d = 0; d < 3; ++d)
+    if (p.mask_st[d] * bytes % 16 != 0) return false;
+  return true;
+}
+
 }  // namespace memattn::cuda

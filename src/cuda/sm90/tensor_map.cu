@@ -64,11 +64,9 @@ CUtensorMap make_tile_map(const void* data, bool bf16, int B, int H, int L, int 
 
 MaskTileMap make_mask_map(const DeviceParams& p, int block_rows) {
   MaskTileMap tiles;
-  const int elem = p.mask_kind == MaskKind::boolean ? 1 : p.mask_kind == MaskKind::additive ? 2 : 0;
-  if (elem == 0 || p.mask_st[3] != 1 || reinterpret_cast<std::uintptr_t>(p.mask) % 16 != 0)
-    return tiles;
-  for (int d = 0; d < 3; ++d)
-    if (p.mask_st[d] * elem % 16 != 0) return tiles;
+  // bool and 16-bit masks only (float32 ones keep the per-element reads)
+  const int elem = mask_value_bytes(p.mask_kind);
+  if (elem > 2 || !mask_rows_16_byte_aligned(p)) return tiles;
   // Broadcast dims (stride 0) become size-1 dims read at coordinate 0; their stride is never
   // stepped along, so any multiple of 16 bytes will do.
   const auto extent = [&](int d, int size) -> cuuint64_t { return p.mask_st[d] != 0 ? size : 1; };
